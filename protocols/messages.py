@@ -1,0 +1,256 @@
+"""Wire messages between the device (SDK) and the gateway.
+
+Every message is a pydantic v2 model defined here once; transports serialise them as JSON and
+nothing else builds them by hand. The flow of one speculative session:
+
+    OpenSession  ->  SessionOpened        the gateway prefills the prompt into a session KV cache
+    VerifyRequest -> VerifyResult         repeated: k draft tokens in, accepted count + next token out
+    CloseSession ->  SessionClosed
+
+Only new tokens travel after the open: a verify names the position its first draft token would
+occupy, so a stale or replayed request is refused instead of corrupting the session.
+
+`GenerateRequest` -> a stream of `GenerateChunk` is the `cloud` mode: the gateway's model alone.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = 1
+
+# Hard ceilings the schema enforces on its own; a gateway's configured limits may be lower.
+MAX_DRAFT_TOKENS = 64
+MAX_PROMPT_TOKENS = 32_768
+MAX_SPARSE_SUPPORT = 256
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = PROTOCOL_VERSION
+
+    @model_validator(mode="after")
+    def _known_version(self) -> "_Message":
+        if self.version != PROTOCOL_VERSION:
+            raise ValueError(
+                f"protocol version {self.version} is not supported (this side speaks {PROTOCOL_VERSION})"
+            )
+        return self
+
+
+class SamplingParams(BaseModel):
+    """How the target samples. temperature 0 means greedy (then top_p and seed are unused)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(0.0, ge=0.0, le=10.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class SparseDist(BaseModel):
+    """A probability distribution given by its support: `probs[i]` is the probability of `ids[i]`.
+
+    The drafter samples from exactly this distribution (its own, truncated to a few hundred of
+    the likeliest tokens and renormalised), so the gateway can compute the lossless residual
+    max(0, p - q) without the drafter's full vocabulary travelling.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ids: list[TokenId] = Field(min_length=1, max_length=MAX_SPARSE_SUPPORT)
+    probs: list[Probability] = Field(min_length=1, max_length=MAX_SPARSE_SUPPORT)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SparseDist":
+        if len(self.ids) != len(self.probs):
+            raise ValueError(f"ids ({len(self.ids)}) and probs ({len(self.probs)}) differ in length")
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError("ids must be distinct")
+        total = sum(self.probs)
+        if abs(total - 1.0) > 1e-3:
+            raise ValueError(f"probs must sum to 1, not {total:.6f}")
+        return self
+
+
+class OpenSession(_Message):
+    """Start a session: the prompt (as target-tokenizer token ids) is prefilled on the gateway.
+
+    `tokenizer_fingerprint` is the drafter's; the gateway refuses the session when it differs
+    from its own target's, because token ids would then mean different strings.
+    """
+
+    type: Literal["open"] = "open"
+    prompt_tokens: list[TokenId] = Field(min_length=1, max_length=MAX_PROMPT_TOKENS)
+    tokenizer_fingerprint: str = Field(min_length=8, max_length=128)
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = Field(256, ge=1, le=32_768)
+    model: str | None = Field(None, description="target model name; the gateway's default if omitted")
+
+
+class SessionOpened(_Message):
+    type: Literal["opened"] = "opened"
+    session_id: str
+    position: int = Field(description="where the first draft token goes: the prompt length")
+    model: str
+    eos_token_ids: list[int]
+    expires_in_s: float
+
+
+class VerifyRequest(_Message):
+    """k draft tokens for positions `position` .. `position + k - 1`.
+
+    `draft_probs[i]` is the drafter's probability of `draft_tokens[i]` (informative under greedy,
+    used by the accept rule under sampling). Under sampling `draft_dists[i]` is the full (sparse)
+    distribution draft token i was sampled from; it is required there for the residual.
+    """
+
+    type: Literal["verify"] = "verify"
+    session_id: str = Field(min_length=1, max_length=128)
+    position: int = Field(ge=1)
+    draft_tokens: list[TokenId] = Field(max_length=MAX_DRAFT_TOKENS)
+    draft_probs: list[Probability] = Field(max_length=MAX_DRAFT_TOKENS)
+    draft_dists: list[SparseDist] | None = Field(None, max_length=MAX_DRAFT_TOKENS)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "VerifyRequest":
+        k = len(self.draft_tokens)
+        if len(self.draft_probs) != k:
+            raise ValueError(f"draft_probs has {len(self.draft_probs)} entries for {k} draft tokens")
+        if self.draft_dists is not None:
+            if len(self.draft_dists) != k:
+                raise ValueError(f"draft_dists has {len(self.draft_dists)} entries for {k} draft tokens")
+            for i, (tok, dist) in enumerate(zip(self.draft_tokens, self.draft_dists)):
+                if tok not in dist.ids:
+                    raise ValueError(f"draft token {i} ({tok}) is outside the support of its draft_dists entry")
+        return self
+
+
+class VerifyResult(_Message):
+    """`accepted` draft tokens were kept; `next_token` follows them (the target's correction, or a
+    bonus token when every draft was accepted). `tokens` is exactly what to append: the accepted
+    drafts plus `next_token`, cut at end-of-sequence or the token budget."""
+
+    type: Literal["verified"] = "verified"
+    session_id: str
+    accepted: int = Field(ge=0)
+    next_token: int | None
+    tokens: list[int]
+    position: int = Field(description="the sequence length after appending `tokens`")
+    finished: bool
+    finish_reason: Literal["eos", "length"] | None = None
+
+
+class CloseSession(_Message):
+    type: Literal["close"] = "close"
+    session_id: str = Field(min_length=1, max_length=128)
+
+
+class SessionClosed(_Message):
+    type: Literal["closed"] = "closed"
+    session_id: str
+    generated_tokens: int
+
+
+class GenerateRequest(_Message):
+    """`cloud` mode: the gateway's model generates alone and streams the tokens.
+
+    The prompt is either token ids in the target's tokenizer (with its fingerprint), or chat
+    messages that the gateway renders with its own model's chat template; the streamed chunks
+    carry text, so a device needs no copy of the target's tokenizer.
+    """
+
+    type: Literal["generate"] = "generate"
+    prompt_tokens: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_PROMPT_TOKENS)
+    tokenizer_fingerprint: str | None = Field(None, min_length=8, max_length=128)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    sampling: SamplingParams = SamplingParams()
+    max_new_tokens: int = Field(256, ge=1, le=32_768)
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "GenerateRequest":
+        if (self.prompt_tokens is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt_tokens (with tokenizer_fingerprint) or messages")
+        if self.prompt_tokens is not None and self.tokenizer_fingerprint is None:
+            raise ValueError("prompt_tokens need the tokenizer_fingerprint they were made with")
+        return self
+
+
+class GenerateChunk(_Message):
+    type: Literal["chunk"] = "chunk"
+    tokens: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: Literal["eos", "length"] | None = None
+
+
+class GatewayInfo(_Message):
+    type: Literal["info"] = "info"
+    model: str
+    tokenizer_fingerprint: str
+    eos_token_ids: list[int]
+    vocab_size: int
+    max_draft_tokens: int
+    max_prompt_tokens: int
+    max_new_tokens: int
+
+
+ErrorCode = Literal[
+    "bad_request",
+    "unknown_session",
+    "wrong_position",
+    "tokenizer_mismatch",
+    "too_large",
+    "unknown_model",
+    "session_finished",
+    "capacity",
+    "internal",
+]
+
+
+class ErrorReply(_Message):
+    """What the gateway answers instead of a result; `code` is stable, `message` is for people."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    detail: dict | list | None = None
+
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_DRAFT_TOKENS",
+    "MAX_PROMPT_TOKENS",
+    "SamplingParams",
+    "ChatMessage",
+    "SparseDist",
+    "OpenSession",
+    "SessionOpened",
+    "VerifyRequest",
+    "VerifyResult",
+    "CloseSession",
+    "SessionClosed",
+    "GenerateRequest",
+    "GenerateChunk",
+    "GatewayInfo",
+    "ErrorReply",
+    "ErrorCode",
+]

@@ -1,0 +1,276 @@
+"""The gateway's core, free of HTTP: messages in, messages (or GatewayError) out.
+
+The FastAPI app (`app.py`) and the in-process transport both call this object, so every
+transport sees the same behaviour. Model work runs on one worker thread: torch already uses every
+core for one forward pass, and a single worker keeps the event loop free for I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..local_runtime.engine import DEFAULT_TIE_MARGIN, Engine, generate_alone
+from ..local_runtime.models import LoadedModel, load_model
+from ..local_runtime.sampling import logits_to_probs
+from ..local_runtime.speculative import verify_sampled
+from ..local_runtime.text import IncrementalDecoder
+from ..protocols.errors import GatewayError, gateway_error
+from ..protocols.messages import (
+    CloseSession,
+    GatewayInfo,
+    GenerateChunk,
+    GenerateRequest,
+    OpenSession,
+    SessionClosed,
+    SessionOpened,
+    VerifyRequest,
+    VerifyResult,
+)
+from .sessions import Session, SessionStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GatewayLimits:
+    max_sessions: int = 64
+    session_ttl_s: float = 300.0
+    max_draft_tokens: int = 32
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 4096
+    max_body_bytes: int = 1_000_000
+
+
+class Gateway:
+    def __init__(
+        self,
+        model: str | LoadedModel = "smollm2-135m",
+        limits: GatewayLimits | None = None,
+        *,
+        tie_margin: float = DEFAULT_TIE_MARGIN,
+    ) -> None:
+        self.lm = model if isinstance(model, LoadedModel) else load_model(model)
+        self.limits = limits or GatewayLimits()
+        self.tie_margin = tie_margin
+        self.sessions = SessionStore(self.limits.max_sessions, self.limits.session_ttl_s)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
+        self.stats = {"opened": 0, "verifies": 0, "drafted": 0, "accepted": 0, "errors": 0, "tie_recomputes": 0}
+
+    @property
+    def model_name(self) -> str:
+        return self.lm.name
+
+    def info(self) -> GatewayInfo:
+        return GatewayInfo(
+            model=self.lm.name,
+            tokenizer_fingerprint=self.lm.tokenizer.fingerprint,
+            eos_token_ids=self.lm.tokenizer.eos_token_ids,
+            vocab_size=self.lm.vocab_size,
+            max_draft_tokens=self.limits.max_draft_tokens,
+            max_prompt_tokens=self.limits.max_prompt_tokens,
+            max_new_tokens=self.limits.max_new_tokens,
+        )
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)
+
+    # -- checks shared by open and generate ----------------------------------------------------
+
+    def _check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.lm.name:
+            raise gateway_error("unknown_model", f"this gateway serves '{self.lm.name}', not '{requested}'")
+
+    def _check_prompt(self, tokens: list[int], fingerprint: str, max_new_tokens: int) -> None:
+        mine = self.lm.tokenizer.fingerprint
+        if fingerprint != mine:
+            raise gateway_error(
+                "tokenizer_mismatch",
+                f"the request's tokenizer (fingerprint {fingerprint}) is not the target model "
+                f"'{self.lm.name}''s (fingerprint {mine}): token ids would mean different text. "
+                "Pair the target with a drafter that shares its tokenizer.",
+                detail={"expected": mine, "got": fingerprint},
+            )
+        if len(tokens) > self.limits.max_prompt_tokens:
+            raise gateway_error(
+                "too_large", f"prompt of {len(tokens)} tokens exceeds this gateway's limit of {self.limits.max_prompt_tokens}"
+            )
+        if max_new_tokens > self.limits.max_new_tokens:
+            raise gateway_error(
+                "too_large", f"max_new_tokens {max_new_tokens} exceeds this gateway's limit of {self.limits.max_new_tokens}"
+            )
+        self._check_ids(tokens, "prompt_tokens")
+
+    def _check_ids(self, tokens: list[int], what: str) -> None:
+        vocab = self.lm.vocab_size
+        bad = [t for t in tokens if t >= vocab]
+        if bad:
+            raise gateway_error("bad_request", f"{what} holds ids outside the target's vocabulary of {vocab}: {bad[:5]}")
+
+    # -- the speculative session ---------------------------------------------------------------
+
+    async def open(self, req: OpenSession) -> SessionOpened:
+        self._check_model(req.model)
+        self._check_prompt(req.prompt_tokens, req.tokenizer_fingerprint, req.max_new_tokens)
+        engine = Engine(self.lm, tie_margin=self.tie_margin)
+        engine.append(req.prompt_tokens)
+        session = Session(
+            id=self.sessions.new_id(),
+            engine=engine,
+            sampling=req.sampling,
+            max_new_tokens=req.max_new_tokens,
+            prompt_len=len(req.prompt_tokens),
+            rng=np.random.default_rng(req.sampling.seed),
+        )
+        self.sessions.add(session)
+        if len(req.prompt_tokens) > 1:
+            # prefill everything but the last token: each verify starts by feeding it
+            async with session.lock:
+                await self._run(engine.compute, len(req.prompt_tokens) - 1)
+        self.stats["opened"] += 1
+        return SessionOpened(
+            session_id=session.id,
+            position=session.position,
+            model=self.lm.name,
+            eos_token_ids=self.lm.tokenizer.eos_token_ids,
+            expires_in_s=self.limits.session_ttl_s,
+        )
+
+    async def verify(self, req: VerifyRequest) -> VerifyResult:
+        session = self.sessions.get(req.session_id)
+        if len(req.draft_tokens) > self.limits.max_draft_tokens:
+            raise gateway_error(
+                "too_large", f"{len(req.draft_tokens)} draft tokens exceed this gateway's limit of {self.limits.max_draft_tokens}"
+            )
+        self._check_ids(req.draft_tokens, "draft_tokens")
+        if not session.sampling.greedy and req.draft_tokens and req.draft_dists is None:
+            raise gateway_error("bad_request", "a sampling session needs draft_dists with every draft block")
+        async with session.lock:
+            if session.finished:
+                raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
+            if req.position != session.position:
+                raise gateway_error(
+                    "wrong_position",
+                    f"verify for position {req.position}, but session '{session.id}' is at position {session.position}",
+                    detail={"expected": session.position, "got": req.position},
+                )
+            result = await self._run(self._verify_sync, session, req)
+        if result.finished:
+            # a finished session's cache is of no further use; free it now rather than at expiry
+            self.sessions.discard(session.id)
+        self.stats["verifies"] += 1
+        self.stats["drafted"] += len(req.draft_tokens)
+        self.stats["accepted"] += result.accepted
+        return result
+
+    def _verify_sync(self, session: Session, req: VerifyRequest) -> VerifyResult:
+        engine, sampling = session.engine, session.sampling
+        start = session.position
+        draft = list(req.draft_tokens)
+        k = len(draft)
+        ties_before = engine.tie_recomputes
+        engine.append(draft)
+        rows = engine.compute()[-(k + 1) :]  # one forward over [last token, drafts]: k + 1 rows
+        if sampling.greedy:
+            n = 0
+            while True:
+                choice = engine.greedy_token(rows[n], start + n)
+                if n < k and draft[n] == choice:
+                    n += 1
+                    continue
+                next_token = choice
+                break
+        else:
+            p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
+            q = np.zeros((k, p.shape[1]), dtype=np.float64)
+            for i, dist in enumerate(req.draft_dists or []):
+                q[i, dist.ids] = dist.probs
+            n, next_token = verify_sampled(draft, q, p, session.rng.random(k), float(session.rng.random()))
+
+        # cut what is emitted at end-of-sequence or at the token budget
+        eos = set(self.lm.tokenizer.eos_token_ids)
+        emitted, reason = [], None
+        for tok in [*draft[:n], next_token]:
+            emitted.append(tok)
+            session.generated += 1
+            if tok in eos:
+                reason = "eos"
+                break
+            if session.generated >= session.max_new_tokens:
+                reason = "length"
+                break
+        self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
+        keep = min(n, len(emitted))
+        engine.truncate(start + keep)
+        engine.append(emitted[keep:])
+        session.finished = reason is not None
+        return VerifyResult(
+            session_id=session.id,
+            accepted=n,
+            next_token=next_token,
+            tokens=emitted,
+            position=session.position,
+            finished=session.finished,
+            finish_reason=reason,
+        )
+
+    async def close_session(self, req: CloseSession) -> SessionClosed:
+        session = self.sessions.pop(req.session_id)
+        return SessionClosed(session_id=session.id, generated_tokens=session.generated)
+
+    # -- cloud mode ------------------------------------------------------------------------------
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Validate now (so errors surface before streaming starts), then stream."""
+        self._check_model(req.model)
+        if req.messages is not None:
+            tok = self.lm.tokenizer
+            prompt = tok.chat([m.model_dump() for m in req.messages]) if tok.chat else tok.prompt_tokens(
+                "\n".join(m.content for m in req.messages), chat=False
+            )
+            fingerprint = tok.fingerprint
+        else:
+            prompt, fingerprint = list(req.prompt_tokens), req.tokenizer_fingerprint
+        self._check_prompt(prompt, fingerprint, req.max_new_tokens)
+        return self._generate_stream(prompt, req)
+
+    async def _generate_stream(self, prompt: list[int], req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        s = req.sampling
+        tokens = generate_alone(
+            self.lm,
+            prompt,
+            req.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=s.seed,
+            tie_margin=self.tie_margin,
+        )
+        decoder = IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.eos_token_ids)
+        eos = set(self.lm.tokenizer.eos_token_ids)
+        done = object()
+        count = 0
+        while True:
+            tok = await self._run(next, tokens, done)
+            if tok is done:
+                yield GenerateChunk(tokens=[], text=decoder.flush(), finished=True, finish_reason="length")
+                return
+            count += 1
+            if tok in eos:
+                yield GenerateChunk(tokens=[tok], text=decoder.flush(), finished=True, finish_reason="eos")
+                return
+            text = decoder.push([tok])
+            if count >= req.max_new_tokens:
+                yield GenerateChunk(tokens=[tok], text=text + decoder.flush(), finished=True, finish_reason="length")
+                return
+            yield GenerateChunk(tokens=[tok], text=text)
+
+
+__all__ = ["Gateway", "GatewayLimits", "GatewayError"]

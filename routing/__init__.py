@@ -1,0 +1,1 @@
+"""Routers: per query (difficulty) and per token (reward/confidence), and policy files."""

@@ -1,0 +1,183 @@
+"""The `tandem` command line. Every `--json` output is one JSON object on stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..protocols.errors import TandemError
+from .client import DEFAULT_DRAFT_LEN, DEFAULT_DRAFTER, DEFAULT_TARGET, Client
+
+app = typer.Typer(help="tandem: a device model drafts, a cloud model verifies.", no_args_is_help=True, add_completion=False)
+gateway_app = typer.Typer(help="Run the cloud gateway.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (ratios measured side by side in one run).", no_args_is_help=True)
+models_app = typer.Typer(help="Models tandem knows.", no_args_is_help=True)
+app.add_typer(gateway_app, name="gateway")
+app.add_typer(bench_app, name="bench")
+app.add_typer(models_app, name="models")
+
+err = Console(stderr=True)
+
+
+class ModeChoice(str, Enum):
+    local = "local"
+    cloud = "cloud"
+    speculative = "speculative"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _usage_table(record) -> Table:
+    u = record.usage
+    table = Table(title=f"usage ({record.mode})", show_header=False, box=None)
+    rows = [
+        ("tokens", len(record.tokens)),
+        ("local tokens (drafted)", u.local_tokens),
+        ("accepted drafts", u.accepted_tokens),
+        ("cloud tokens", u.cloud_tokens),
+        ("rounds", u.rounds),
+        ("acceptance", f"{u.acceptance_rate:.1%}" if u.tested_tokens else "-"),
+        ("bytes up / down", f"{u.bytes_up:,} / {u.bytes_down:,}"),
+        ("wall", f"{u.wall_s:.2f} s ({len(record.tokens) / u.wall_s:.1f} tok/s)" if u.wall_s else "-"),
+        ("fallbacks", u.fallbacks),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Argument(..., help="The user prompt (rendered with each model's chat template)."),
+    mode: ModeChoice = typer.Option(ModeChoice.speculative, help="Who generates."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="Device model: a registered name, a path, NAME:int8."),
+    target: Optional[str] = typer.Option(None, help=f"Cloud model (in-process gateway; default {DEFAULT_TARGET})."),
+    gateway: str = typer.Option("inproc", help="'inproc' (a gateway in this process) or the gateway's URL."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None),
+    draft_len: int = typer.Option(DEFAULT_DRAFT_LEN, min=0, max=64, help="Tokens drafted per verify round."),
+    raw: bool = typer.Option(False, help="Complete the prompt as raw text, without a chat template."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+) -> None:
+    """Generate text; streams it to stdout as it is accepted (the usage table goes to stderr)."""
+
+    async def run():
+        async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=draft_len) as client:
+            gen = client.stream(
+                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not raw
+            )
+            async for piece in gen:
+                if not as_json:
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            return gen.record
+
+    try:
+        record = asyncio.run(run())
+    except TandemError as exc:
+        _fail(str(exc))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps({"text": record.text, "mode": record.mode, "usage": record.usage.to_dict(),
+                          "tokens": len(record.tokens), "finish_reason": record.finish_reason}))
+    else:
+        sys.stdout.write("\n")
+        err.print(_usage_table(record))
+
+
+@gateway_app.command("serve")
+def gateway_serve(
+    config: Optional[Path] = typer.Option(None, help="Gateway config file (YAML)."),
+    model: Optional[str] = typer.Option(None, help=f"Target model (default {DEFAULT_TARGET})."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+) -> None:
+    """Serve the gateway over HTTP (uvicorn)."""
+    from ..remote_gateway.app import serve
+    from ..remote_gateway.config import load_config
+    from ..remote_gateway.service import Gateway
+
+    try:
+        cfg = load_config(config)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), code=2)
+    cfg = cfg.model_copy(update={k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None})
+    try:
+        gw = Gateway(cfg.model, cfg.limits())
+    except TandemError as exc:
+        _fail(str(exc))
+    err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port}")
+    serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+
+
+@bench_app.command("speculative")
+def bench_speculative_cmd(
+    drafter: str = typer.Option(DEFAULT_DRAFTER),
+    target: str = typer.Option(DEFAULT_TARGET),
+    prompts: Optional[Path] = typer.Option(None, help="Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."),
+    limit: int = typer.Option(10, min=1, help="Prompts to run, spread evenly over the file."),
+    max_new_tokens: int = typer.Option(64, min=1),
+    draft_len: int = typer.Option(DEFAULT_DRAFT_LEN, min=0, max=64),
+    gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
+    from .bench import bench_speculative, load_prompts
+
+    try:
+        prompt_list = load_prompts(prompts, limit)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), code=2)
+
+    def progress(i, n, rec):
+        err.print(f"[{i}/{n}] {len(rec.tokens)} tokens, {rec.usage.rounds} rounds, acceptance {rec.usage.acceptance_rate:.0%}")
+
+    try:
+        result = asyncio.run(
+            bench_speculative(
+                drafter=drafter, target=target, prompts=prompt_list, max_new_tokens=max_new_tokens,
+                draft_len=draft_len, gateway=gateway, progress=progress,
+            )
+        )
+    except TandemError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        table = Table(title="bench speculative")
+        table.add_column("metric")
+        table.add_column("value")
+        for k, v in result.items():
+            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        Console().print(table)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Registered model names (paths and NAME:int8 work too)."""
+    from ..local_runtime.models import known_models
+
+    for name, about in known_models().items():
+        print(f"{name:16s} {about}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

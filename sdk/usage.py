@@ -1,0 +1,52 @@
+"""Usage: what one generation cost, on the device and in the cloud. Values add up."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class Usage:
+    local_tokens: int = 0  # tokens the device model produced (drafts, or the whole output in local mode)
+    cloud_tokens: int = 0  # tokens the cloud model chose itself (corrections, bonus tokens, cloud mode)
+    accepted_tokens: int = 0  # drafted tokens the cloud model accepted
+    tested_tokens: int = 0  # drafted tokens the target actually judged (accepted + the first rejected)
+    rounds: int = 0  # verify round trips (or 1 for a cloud stream)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    wall_s: float = 0.0
+    fallbacks: int = 0  # times the cloud was unreachable and the device carried on alone
+
+    def __add__(self, other: "Usage") -> "Usage":
+        return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.tested_tokens if self.tested_tokens else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Round:
+    """One verify round: k drafted, n accepted (the target added one more token)."""
+
+    k: int
+    accepted: int
+    emitted: int
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+
+
+@dataclass
+class GenerationRecord:
+    mode: str
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    usage: Usage = field(default_factory=Usage)
+    rounds: list[Round] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+__all__ = ["Usage", "Round", "GenerationRecord"]

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@contextmanager
+def serve_in_thread(app):
+    """A real uvicorn server on 127.0.0.1 (a free port), in a background thread."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_target():
+    from tandem.local_runtime.models import load_model
+
+    return load_model("tiny-llama", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gateway(tiny_target):
+    from tandem.remote_gateway.service import Gateway
+
+    gw = Gateway(tiny_target)
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_gateway):
+    from tandem.remote_gateway.app import create_app
+
+    with serve_in_thread(create_app(tiny_gateway)) as url:
+        yield url
+
+
+def run(coro):
+    return asyncio.run(coro)
