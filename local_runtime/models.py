@@ -52,10 +52,23 @@ class Tokenizer:
     eos_token_ids: list[int]
     chat: Callable[[list[dict]], list[int]] | None = None
     bos_token_id: int | None = None
+    special_ids: frozenset[int] = frozenset()  # control tokens: never part of generated text
     fingerprint: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.fingerprint = tokenizer_fingerprint(self.vocab, self.eos_token_ids, self.bos_token_id)
+        self.special_ids = frozenset(self.special_ids) | set(self.eos_token_ids)
+
+    @property
+    def eot_token_id(self) -> int:
+        """The token that ends an answer: the chat turn's end marker where there is one."""
+        return self.eos_token_ids[-1] if self._eot is None else self._eot
+
+    _eot: int | None = None
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The text of generated ids, control tokens left out."""
+        return self.decode([i for i in ids if i not in self.special_ids])
 
     def prompt_tokens(self, prompt: str, chat: bool = True) -> list[int]:
         """Token ids for a user prompt: through the chat template when there is one."""
@@ -250,10 +263,12 @@ def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     elif gen_eos:
         eos.update(int(e) for e in gen_eos)
     # chat models end a turn with a special token that is not always declared as EOS
+    eot = None
     for marker in ("<end_of_turn>", "<|im_end|>", "<|eot_id|>"):
         tid = tok.convert_tokens_to_ids(marker)
         if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
             eos.add(tid)
+            eot = tid
 
     chat = None
     if tok.chat_template is not None:
@@ -264,14 +279,17 @@ def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
                 out = out["input_ids"]
             return [int(t) for t in out]
 
-    return Tokenizer(
+    wrapped = Tokenizer(
         encode=lambda text: tok.encode(text, add_special_tokens=False),
         decode=lambda ids: tok.decode(list(ids), skip_special_tokens=False),
         vocab=tok.get_vocab(),
         eos_token_ids=sorted(eos),
         chat=chat,
         bos_token_id=tok.bos_token_id if getattr(tok, "add_bos_token", False) else None,
+        special_ids=frozenset(int(i) for i in tok.all_special_ids),
     )
+    wrapped._eot = eot
+    return wrapped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +313,7 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
         vocab=vocab,
         eos_token_ids=[eos],
         bos_token_id=bos,
+        special_ids=frozenset({bos, eos}),
     )
 
 

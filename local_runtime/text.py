@@ -38,6 +38,11 @@ class IncrementalDecoder:
         self._emitted = text
         return new
 
+    def pending_text(self) -> str:
+        """Decoded text not emitted yet (an incomplete character, as U+FFFD)."""
+        text = self._decode(self._ids)
+        return text[len(self._emitted) :] if text.startswith(self._emitted) else text
+
     @property
     def text(self) -> str:
         return self._emitted

@@ -8,10 +8,24 @@ import httpx
 from pydantic import ValidationError
 
 from .errors import TransportError, from_reply, gateway_error
-from .messages import CloseSession, ErrorReply, GatewayInfo, GenerateChunk, GenerateRequest, OpenSession, VerifyRequest
+from .messages import (
+    CloseSession,
+    ErrorReply,
+    GatewayInfo,
+    GenerateChunk,
+    GenerateRequest,
+    OpenSession,
+    VerifyRequest,
+    VerifyTextRequest,
+)
 from .transport import REPLY_TYPE, Reply, Request, Transport
 
-_PATHS = {OpenSession: "/v1/sessions", VerifyRequest: "/v1/sessions/verify", CloseSession: "/v1/sessions/close"}
+_PATHS = {
+    OpenSession: "/v1/sessions",
+    VerifyRequest: "/v1/sessions/verify",
+    VerifyTextRequest: "/v1/sessions/verify_text",
+    CloseSession: "/v1/sessions/close",
+}
 
 
 class HttpTransport(Transport):

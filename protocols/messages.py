@@ -90,25 +90,51 @@ class SparseDist(BaseModel):
         return self
 
 
-class OpenSession(_Message):
-    """Start a session: the prompt (as target-tokenizer token ids) is prefilled on the gateway.
+class _Prompt(_Message):
+    """A prompt in one of three forms: token ids in the target's tokenizer (with the fingerprint
+    of the tokenizer that made them), chat messages the gateway renders with its own model's chat
+    template, or raw text the gateway tokenizes itself. The last two need no shared tokenizer."""
 
-    `tokenizer_fingerprint` is the drafter's; the gateway refuses the session when it differs
-    from its own target's, because token ids would then mean different strings.
-    """
-
-    type: Literal["open"] = "open"
-    prompt_tokens: list[TokenId] = Field(min_length=1, max_length=MAX_PROMPT_TOKENS)
-    tokenizer_fingerprint: str = Field(min_length=8, max_length=128)
+    prompt_tokens: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_PROMPT_TOKENS)
+    tokenizer_fingerprint: str | None = Field(None, min_length=8, max_length=128)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
+    prompt_text: str | None = Field(None, min_length=1, max_length=400_000)
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int = Field(256, ge=1, le=32_768)
     model: str | None = Field(None, description="target model name; the gateway's default if omitted")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> "_Prompt":
+        given = [n for n in ("prompt_tokens", "messages", "prompt_text") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of prompt_tokens, messages or prompt_text (got {given or 'none'})")
+        if self.prompt_tokens is not None and self.tokenizer_fingerprint is None:
+            raise ValueError("prompt_tokens need the tokenizer_fingerprint they were made with")
+        return self
+
+    @property
+    def text_space(self) -> bool:
+        """True when the prompt is text: the device and the target need not share a tokenizer."""
+        return self.prompt_tokens is None
+
+
+class OpenSession(_Prompt):
+    """Start a session: the prompt is prefilled into a KV cache on the gateway.
+
+    With `prompt_tokens` the session verifies token ids (`VerifyRequest`) and the fingerprint must
+    equal the target's, because token ids would otherwise mean different strings. With
+    `messages` or `prompt_text` it verifies text (`VerifyTextRequest`): the device and the target
+    may use different tokenizers.
+    """
+
+    type: Literal["open"] = "open"
 
 
 class SessionOpened(_Message):
     type: Literal["opened"] = "opened"
     session_id: str
-    position: int = Field(description="where the first draft token goes: the prompt length")
+    position: int = Field(description="token sessions: the prompt length; text sessions: 0 (characters generated)")
+    text_space: bool = False
     model: str
     eos_token_ids: list[int]
     expires_in_s: float
@@ -158,6 +184,39 @@ class VerifyResult(_Message):
     finish_reason: Literal["eos", "length"] | None = None
 
 
+class VerifyTextRequest(_Message):
+    """Text-space verify, for a drafter whose tokenizer differs from the target's.
+
+    `draft_text` is what the drafter proposes after the `text_offset` characters generated so far
+    (it may end mid-word; it must not end mid-character). `draft_eos` says the drafter ended its
+    answer right after it. The gateway re-tokenises the text with the target's tokenizer, checks
+    the resulting tokens in one forward pass, and answers with the target's own text.
+    """
+
+    type: Literal["verify_text"] = "verify_text"
+    session_id: str = Field(min_length=1, max_length=128)
+    text_offset: int = Field(ge=0)
+    draft_text: str = Field(max_length=8192)
+    draft_eos: bool = False
+    draft_tokens: int = Field(0, ge=0, le=MAX_DRAFT_TOKENS, description="drafter tokens behind draft_text (accounting)")
+
+
+class VerifyTextResult(_Message):
+    """`text` is what to append to the generated text: the accepted part of the draft as the
+    target tokenised it, then the target's next token. `candidates` target tokens were tested,
+    `accepted` of them kept; `tokens` are the target token ids appended."""
+
+    type: Literal["verified_text"] = "verified_text"
+    session_id: str
+    text: str
+    accepted: int = Field(ge=0)
+    candidates: int = Field(ge=0)
+    tokens: list[int]
+    text_offset: int = Field(description="characters generated after appending `text`")
+    finished: bool
+    finish_reason: Literal["eos", "length"] | None = None
+
+
 class CloseSession(_Message):
     type: Literal["close"] = "close"
     session_id: str = Field(min_length=1, max_length=128)
@@ -169,29 +228,11 @@ class SessionClosed(_Message):
     generated_tokens: int
 
 
-class GenerateRequest(_Message):
-    """`cloud` mode: the gateway's model generates alone and streams the tokens.
-
-    The prompt is either token ids in the target's tokenizer (with its fingerprint), or chat
-    messages that the gateway renders with its own model's chat template; the streamed chunks
-    carry text, so a device needs no copy of the target's tokenizer.
-    """
+class GenerateRequest(_Prompt):
+    """`cloud` mode: the gateway's model generates alone and streams the tokens and their text,
+    so a device needs no copy of the target's tokenizer."""
 
     type: Literal["generate"] = "generate"
-    prompt_tokens: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_PROMPT_TOKENS)
-    tokenizer_fingerprint: str | None = Field(None, min_length=8, max_length=128)
-    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
-    sampling: SamplingParams = SamplingParams()
-    max_new_tokens: int = Field(256, ge=1, le=32_768)
-    model: str | None = None
-
-    @model_validator(mode="after")
-    def _one_prompt(self) -> "GenerateRequest":
-        if (self.prompt_tokens is None) == (self.messages is None):
-            raise ValueError("give exactly one of prompt_tokens (with tokenizer_fingerprint) or messages")
-        if self.prompt_tokens is not None and self.tokenizer_fingerprint is None:
-            raise ValueError("prompt_tokens need the tokenizer_fingerprint they were made with")
-        return self
 
 
 class GenerateChunk(_Message):
@@ -246,6 +287,8 @@ __all__ = [
     "SessionOpened",
     "VerifyRequest",
     "VerifyResult",
+    "VerifyTextRequest",
+    "VerifyTextResult",
     "CloseSession",
     "SessionClosed",
     "GenerateRequest",

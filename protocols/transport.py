@@ -28,13 +28,20 @@ from .messages import (
     SessionOpened,
     VerifyRequest,
     VerifyResult,
+    VerifyTextRequest,
+    VerifyTextResult,
 )
 
-Request = Union[OpenSession, VerifyRequest, CloseSession]
-Reply = Union[SessionOpened, VerifyResult, SessionClosed]
+Request = Union[OpenSession, VerifyRequest, VerifyTextRequest, CloseSession]
+Reply = Union[SessionOpened, VerifyResult, VerifyTextResult, SessionClosed]
 R = TypeVar("R", bound=BaseModel)
 
-REPLY_TYPE: dict[type, type] = {OpenSession: SessionOpened, VerifyRequest: VerifyResult, CloseSession: SessionClosed}
+REPLY_TYPE: dict[type, type] = {
+    OpenSession: SessionOpened,
+    VerifyRequest: VerifyResult,
+    VerifyTextRequest: VerifyTextResult,
+    CloseSession: SessionClosed,
+}
 
 
 class Transport(ABC):
@@ -69,6 +76,7 @@ class GatewayHandler(Protocol):
 
     async def open(self, req: OpenSession) -> SessionOpened: ...
     async def verify(self, req: VerifyRequest) -> VerifyResult: ...
+    async def verify_text(self, req: VerifyTextRequest) -> VerifyTextResult: ...
     async def close_session(self, req: CloseSession) -> SessionClosed: ...
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
     def info(self) -> GatewayInfo: ...
@@ -101,6 +109,7 @@ class InProcessTransport(Transport):
         handler = {
             OpenSession: self.gateway.open,
             VerifyRequest: self.gateway.verify,
+            VerifyTextRequest: self.gateway.verify_text,
             CloseSession: self.gateway.close_session,
         }[type(msg)]
         return self._back(await handler(received))

@@ -4,6 +4,7 @@
     GET  /v1/info                  model, tokenizer fingerprint, limits      -> GatewayInfo
     POST /v1/sessions              OpenSession                               -> SessionOpened
     POST /v1/sessions/verify       VerifyRequest                             -> VerifyResult
+    POST /v1/sessions/verify_text  VerifyTextRequest (cross-tokenizer)       -> VerifyTextResult
     POST /v1/sessions/close        CloseSession                              -> SessionClosed
     POST /v1/generate              GenerateRequest -> NDJSON stream of GenerateChunk
 
@@ -31,6 +32,8 @@ from ..protocols.messages import (
     SessionOpened,
     VerifyRequest,
     VerifyResult,
+    VerifyTextRequest,
+    VerifyTextResult,
 )
 from .service import Gateway
 
@@ -95,6 +98,10 @@ def create_app(gateway: Gateway) -> FastAPI:
     @app.post("/v1/sessions/verify", response_model=VerifyResult, responses=responses)
     async def verify(req: VerifyRequest) -> VerifyResult:
         return await gateway.verify(req)
+
+    @app.post("/v1/sessions/verify_text", response_model=VerifyTextResult, responses=responses)
+    async def verify_text(req: VerifyTextRequest) -> VerifyTextResult:
+        return await gateway.verify_text(req)
 
     @app.post("/v1/sessions/close", response_model=SessionClosed, responses=responses)
     async def close(req: CloseSession) -> SessionClosed:

@@ -31,6 +31,8 @@ from ..protocols.messages import (
     SessionOpened,
     VerifyRequest,
     VerifyResult,
+    VerifyTextRequest,
+    VerifyTextResult,
 )
 from .sessions import Session, SessionStore
 
@@ -117,28 +119,53 @@ class Gateway:
 
     # -- the speculative session ---------------------------------------------------------------
 
-    async def open(self, req: OpenSession) -> SessionOpened:
+    def _prompt(self, req: OpenSession | GenerateRequest) -> list[int]:
+        """The prompt as target token ids, whichever form it came in, after every check."""
         self._check_model(req.model)
-        self._check_prompt(req.prompt_tokens, req.tokenizer_fingerprint, req.max_new_tokens)
+        tok = self.lm.tokenizer
+        if req.prompt_tokens is not None:
+            prompt, fingerprint = list(req.prompt_tokens), req.tokenizer_fingerprint
+        else:
+            if req.messages is not None:
+                messages = [m.model_dump() for m in req.messages]
+                prompt = tok.chat(messages) if tok.chat else tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
+            else:
+                prompt = tok.prompt_tokens(req.prompt_text, chat=False)
+            fingerprint = tok.fingerprint
+        self._check_prompt(prompt, fingerprint, req.max_new_tokens)
+        return prompt
+
+    async def open(self, req: OpenSession) -> SessionOpened:
+        prompt = self._prompt(req)
+        if req.text_space and not req.sampling.greedy:
+            raise gateway_error(
+                "bad_request",
+                "sampling (temperature > 0) is not supported in text-space sessions, where drafter and target "
+                "tokenizers differ: no lossless cross-vocabulary sampling rule is implemented. Use temperature 0, "
+                "or a drafter that shares the target's tokenizer.",
+            )
         engine = Engine(self.lm, tie_margin=self.tie_margin)
-        engine.append(req.prompt_tokens)
+        engine.append(prompt)
         session = Session(
             id=self.sessions.new_id(),
             engine=engine,
             sampling=req.sampling,
             max_new_tokens=req.max_new_tokens,
-            prompt_len=len(req.prompt_tokens),
+            prompt_len=len(prompt),
             rng=np.random.default_rng(req.sampling.seed),
+            text_space=req.text_space,
+            decoder=IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.special_ids),
         )
         self.sessions.add(session)
-        if len(req.prompt_tokens) > 1:
+        if len(prompt) > 1:
             # prefill everything but the last token: each verify starts by feeding it
             async with session.lock:
-                await self._run(engine.compute, len(req.prompt_tokens) - 1)
+                await self._run(engine.compute, len(prompt) - 1)
         self.stats["opened"] += 1
         return SessionOpened(
             session_id=session.id,
-            position=session.position,
+            position=0 if session.text_space else session.position,
+            text_space=session.text_space,
             model=self.lm.name,
             eos_token_ids=self.lm.tokenizer.eos_token_ids,
             expires_in_s=self.limits.session_ttl_s,
@@ -146,40 +173,96 @@ class Gateway:
 
     async def verify(self, req: VerifyRequest) -> VerifyResult:
         session = self.sessions.get(req.session_id)
-        if len(req.draft_tokens) > self.limits.max_draft_tokens:
-            raise gateway_error(
-                "too_large", f"{len(req.draft_tokens)} draft tokens exceed this gateway's limit of {self.limits.max_draft_tokens}"
-            )
+        if session.text_space:
+            raise gateway_error("bad_request", f"session '{session.id}' verifies text: send verify_text requests")
+        self._check_draft_len(len(req.draft_tokens), "draft tokens")
         self._check_ids(req.draft_tokens, "draft_tokens")
         if not session.sampling.greedy and req.draft_tokens and req.draft_dists is None:
             raise gateway_error("bad_request", "a sampling session needs draft_dists with every draft block")
+        return await self._locked_verify(session, req.position, session.position, self._verify_tokens, req)
+
+    async def verify_text(self, req: VerifyTextRequest) -> VerifyTextResult:
+        session = self.sessions.get(req.session_id)
+        if not session.text_space:
+            raise gateway_error("bad_request", f"session '{session.id}' verifies token ids: send verify requests")
+        return await self._locked_verify(session, req.text_offset, len(session.text), self._verify_text, req)
+
+    def _check_draft_len(self, n: int, what: str) -> None:
+        if n > self.limits.max_draft_tokens:
+            raise gateway_error("too_large", f"{n} {what} exceed this gateway's limit of {self.limits.max_draft_tokens}")
+
+    async def _locked_verify(self, session: Session, claimed: int, actual: int, fn, req):
         async with session.lock:
             if session.finished:
                 raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
-            if req.position != session.position:
+            if claimed != actual:
                 raise gateway_error(
                     "wrong_position",
-                    f"verify for position {req.position}, but session '{session.id}' is at position {session.position}",
-                    detail={"expected": session.position, "got": req.position},
+                    f"verify for position {claimed}, but session '{session.id}' is at position {actual}",
+                    detail={"expected": actual, "got": claimed},
                 )
-            result = await self._run(self._verify_sync, session, req)
+            result = await self._run(fn, session, req)
         if result.finished:
             # a finished session's cache is of no further use; free it now rather than at expiry
             self.sessions.discard(session.id)
         self.stats["verifies"] += 1
-        self.stats["drafted"] += len(req.draft_tokens)
         self.stats["accepted"] += result.accepted
         return result
 
-    def _verify_sync(self, session: Session, req: VerifyRequest) -> VerifyResult:
-        engine, sampling = session.engine, session.sampling
-        start = session.position
+    def _verify_tokens(self, session: Session, req: VerifyRequest) -> VerifyResult:
+        sampling = session.sampling
         draft = list(req.draft_tokens)
-        k = len(draft)
+        if sampling.greedy:
+            n, next_token, emitted, reason = self._verify_block(session, draft)
+        else:
+            def accept(rows):
+                p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
+                q = np.zeros((len(draft), p.shape[1]), dtype=np.float64)
+                for i, dist in enumerate(req.draft_dists or []):
+                    q[i, dist.ids] = dist.probs
+                return verify_sampled(draft, q, p, session.rng.random(len(draft)), float(session.rng.random()))
+
+            n, next_token, emitted, reason = self._verify_block(session, draft, accept)
+        return VerifyResult(
+            session_id=session.id, accepted=n, next_token=next_token, tokens=emitted,
+            position=session.position, finished=session.finished, finish_reason=reason,
+        )
+
+    def _verify_text(self, session: Session, req: VerifyTextRequest) -> VerifyTextResult:
+        tok = self.lm.tokenizer
+        if session.text_pending:
+            # the target is mid-character (a multi-byte character split over tokens): the draft,
+            # which starts after the last whole character, cannot be lined up; let the target finish it
+            candidates = []
+        else:
+            candidates = tok.encode(req.draft_text) if req.draft_text else []
+            if req.draft_eos:
+                candidates.append(tok.eot_token_id)
+            # a draft may tokenise to more target tokens than it had drafter tokens; bound the pass
+            candidates = candidates[: max(1, 2 * self.limits.max_draft_tokens)]
+        self.stats["drafted"] += len(candidates)
+        n, _, emitted, reason = self._verify_block(session, candidates)
+        before = session.text
+        session.decoder.push(emitted)
+        if session.finished:
+            session.decoder.flush()
+        session.text = session.decoder.text
+        session.text_pending = len(session.decoder.pending_text()) > 0
+        return VerifyTextResult(
+            session_id=session.id, text=session.text[len(before):], accepted=n, candidates=len(candidates),
+            tokens=emitted, text_offset=len(session.text), finished=session.finished, finish_reason=reason,
+        )
+
+    def _verify_block(self, session: Session, draft: list[int], accept=None) -> tuple[int, int, list[int], str | None]:
+        """One target forward over [last token, *draft]; accept a prefix (greedy unless `accept`
+        is given), append the target's next token, cut at EOS / the budget, roll the cache back.
+        Returns (accepted, next token, tokens appended, finish reason)."""
+        engine = session.engine
+        start, k = session.position, len(draft)
         ties_before = engine.tie_recomputes
         engine.append(draft)
-        rows = engine.compute()[-(k + 1) :]  # one forward over [last token, drafts]: k + 1 rows
-        if sampling.greedy:
+        rows = engine.compute()[-(k + 1) :]  # k + 1 rows: the distributions at each draft and after
+        if accept is None:
             n = 0
             while True:
                 choice = engine.greedy_token(rows[n], start + n)
@@ -189,13 +272,11 @@ class Gateway:
                 next_token = choice
                 break
         else:
-            p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
-            q = np.zeros((k, p.shape[1]), dtype=np.float64)
-            for i, dist in enumerate(req.draft_dists or []):
-                q[i, dist.ids] = dist.probs
-            n, next_token = verify_sampled(draft, q, p, session.rng.random(k), float(session.rng.random()))
+            n, next_token = accept(rows)
+        self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
+        if not session.text_space:
+            self.stats["drafted"] += k
 
-        # cut what is emitted at end-of-sequence or at the token budget
         eos = set(self.lm.tokenizer.eos_token_ids)
         emitted, reason = [], None
         for tok in [*draft[:n], next_token]:
@@ -207,20 +288,11 @@ class Gateway:
             if session.generated >= session.max_new_tokens:
                 reason = "length"
                 break
-        self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
         keep = min(n, len(emitted))
         engine.truncate(start + keep)
         engine.append(emitted[keep:])
         session.finished = reason is not None
-        return VerifyResult(
-            session_id=session.id,
-            accepted=n,
-            next_token=next_token,
-            tokens=emitted,
-            position=session.position,
-            finished=session.finished,
-            finish_reason=reason,
-        )
+        return n, next_token, emitted, reason
 
     async def close_session(self, req: CloseSession) -> SessionClosed:
         session = self.sessions.pop(req.session_id)
@@ -230,17 +302,7 @@ class Gateway:
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Validate now (so errors surface before streaming starts), then stream."""
-        self._check_model(req.model)
-        if req.messages is not None:
-            tok = self.lm.tokenizer
-            prompt = tok.chat([m.model_dump() for m in req.messages]) if tok.chat else tok.prompt_tokens(
-                "\n".join(m.content for m in req.messages), chat=False
-            )
-            fingerprint = tok.fingerprint
-        else:
-            prompt, fingerprint = list(req.prompt_tokens), req.tokenizer_fingerprint
-        self._check_prompt(prompt, fingerprint, req.max_new_tokens)
-        return self._generate_stream(prompt, req)
+        return self._generate_stream(self._prompt(req), req)
 
     async def _generate_stream(self, prompt: list[int], req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         s = req.sampling
@@ -253,7 +315,7 @@ class Gateway:
             seed=s.seed,
             tie_margin=self.tie_margin,
         )
-        decoder = IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.eos_token_ids)
+        decoder = IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.special_ids)
         eos = set(self.lm.tokenizer.eos_token_ids)
         done = object()
         count = 0

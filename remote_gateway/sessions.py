@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..local_runtime.engine import Engine
+from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import gateway_error
 from ..protocols.messages import SamplingParams
 
@@ -27,6 +28,10 @@ class Session:
     max_new_tokens: int
     prompt_len: int
     rng: np.random.Generator
+    text_space: bool = False  # verifies text from a drafter with another tokenizer
+    decoder: IncrementalDecoder | None = None  # the generated text, as it becomes certain
+    text: str = ""  # text-space sessions: the generated text both sides agree on
+    text_pending: bool = False  # the last tokens end inside a multi-byte character
     generated: int = 0
     finished: bool = False
     last_used: float = field(default_factory=time.monotonic)
