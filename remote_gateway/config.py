@@ -14,7 +14,7 @@ from .service import GatewayLimits
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("smollm2-135m", description="target model: a registered name, a path, NAME:int8")
+    model: str = Field("gemma3-270m", description="target model: a registered name, a path, NAME:int8")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = Field("info", pattern="^(critical|error|warning|info|debug)$")

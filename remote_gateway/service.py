@@ -52,7 +52,7 @@ class GatewayLimits:
 class Gateway:
     def __init__(
         self,
-        model: str | LoadedModel = "smollm2-135m",
+        model: str | LoadedModel = "gemma3-270m",
         limits: GatewayLimits | None = None,
         *,
         tie_margin: float = DEFAULT_TIE_MARGIN,

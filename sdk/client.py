@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 Mode = Literal["local", "cloud", "speculative"]
 MODES: tuple[str, ...] = ("local", "cloud", "speculative")
 
-DEFAULT_DRAFTER = "smollm2-135m:int8"
-DEFAULT_TARGET = "smollm2-135m"
+DEFAULT_DRAFTER = "smollm2-135m"
+DEFAULT_TARGET = "gemma3-270m"
 DEFAULT_DRAFT_LEN = 4
 
 

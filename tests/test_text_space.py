@@ -161,20 +161,22 @@ def _resync_client(tok_model):
     return c
 
 
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("tiny-llama@smollm2-135m", progress=False)
+
+
+@pytest.fixture(scope="module")
+def gemma_gateway():
+    gw = Gateway(load_model("tiny-llama-b@gemma3-270m", progress=False))
+    yield gw
+    gw.close()
+
+
 @pytest.mark.slow
 class TestRealTokenizers:
     """Boundary cases with the real SmolLM2 (byte-level BPE) and Gemma 3 (SentencePiece with
     byte fallback) tokenizers."""
-
-    @pytest.fixture(scope="class")
-    def smol(self):
-        return load_model("tiny-llama@smollm2-135m", progress=False)
-
-    @pytest.fixture(scope="class")
-    def gemma_gateway(self):
-        gw = Gateway(load_model("tiny-llama-b@gemma3-270m", progress=False))
-        yield gw
-        gw.close()
 
     @pytest.mark.parametrize(
         "committed, proposed_text, expect_kept",
