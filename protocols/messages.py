@@ -195,6 +195,7 @@ class VerifyTextRequest(_Message):
 
     type: Literal["verify_text"] = "verify_text"
     session_id: str = Field(min_length=1, max_length=128)
+    position: int = Field(ge=0, description="target tokens generated so far (the sum of `tokens` received)")
     text_offset: int = Field(ge=0)
     draft_text: str = Field(max_length=8192)
     draft_eos: bool = False
@@ -212,6 +213,7 @@ class VerifyTextResult(_Message):
     accepted: int = Field(ge=0)
     candidates: int = Field(ge=0)
     tokens: list[int]
+    position: int = Field(description="target tokens generated after appending `tokens`")
     text_offset: int = Field(description="characters generated after appending `text`")
     finished: bool
     finish_reason: Literal["eos", "length"] | None = None

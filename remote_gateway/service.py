@@ -62,7 +62,7 @@ class Gateway:
         self.tie_margin = tie_margin
         self.sessions = SessionStore(self.limits.max_sessions, self.limits.session_ttl_s)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
-        self.stats = {"opened": 0, "verifies": 0, "drafted": 0, "accepted": 0, "errors": 0, "tie_recomputes": 0}
+        self.stats = {"opened": 0, "verifies": 0, "drafted": 0, "accepted": 0, "errors": 0, "tie_recomputes": 0, "replays": 0}
 
     @property
     def model_name(self) -> str:
@@ -185,14 +185,25 @@ class Gateway:
         session = self.sessions.get(req.session_id)
         if not session.text_space:
             raise gateway_error("bad_request", f"session '{session.id}' verifies token ids: send verify requests")
-        return await self._locked_verify(session, req.text_offset, len(session.text), self._verify_text, req)
+        if req.position == session.generated and req.text_offset != len(session.text):
+            raise gateway_error(
+                "wrong_position",
+                f"text_offset {req.text_offset} does not match the {len(session.text)} characters generated in session '{session.id}'",
+                detail={"expected": len(session.text), "got": req.text_offset},
+            )
+        return await self._locked_verify(session, req.position, session.generated, self._verify_text, req)
 
     def _check_draft_len(self, n: int, what: str) -> None:
         if n > self.limits.max_draft_tokens:
             raise gateway_error("too_large", f"{n} {what} exceed this gateway's limit of {self.limits.max_draft_tokens}")
 
     async def _locked_verify(self, session: Session, claimed: int, actual: int, fn, req):
+        key = _replay_key(req)
         async with session.lock:
+            if session.last_verify is not None and session.last_verify[0] == key:
+                # the same verify again (its reply was lost): answer it again, advance nothing
+                self.stats["replays"] += 1
+                return session.last_verify[1]
             if session.finished:
                 raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
             if claimed != actual:
@@ -202,9 +213,11 @@ class Gateway:
                     detail={"expected": actual, "got": claimed},
                 )
             result = await self._run(fn, session, req)
+            session.last_verify = (key, result)
         if result.finished:
-            # a finished session's cache is of no further use; free it now rather than at expiry
-            self.sessions.discard(session.id)
+            # a finished session's cache is of no further use: free it now, keeping only the
+            # last reply in case it was lost and the verify is retried
+            self.sessions.finish(session.id)
         self.stats["verifies"] += 1
         self.stats["accepted"] += result.accepted
         return result
@@ -250,7 +263,8 @@ class Gateway:
         session.text_pending = len(session.decoder.pending_text()) > 0
         return VerifyTextResult(
             session_id=session.id, text=session.text[len(before):], accepted=n, candidates=len(candidates),
-            tokens=emitted, text_offset=len(session.text), finished=session.finished, finish_reason=reason,
+            tokens=emitted, position=session.generated, text_offset=len(session.text),
+            finished=session.finished, finish_reason=reason,
         )
 
     def _verify_block(self, session: Session, draft: list[int], accept=None) -> tuple[int, int, list[int], str | None]:
@@ -336,3 +350,11 @@ class Gateway:
 
 
 __all__ = ["Gateway", "GatewayLimits", "GatewayError"]
+
+
+def _replay_key(req: VerifyRequest | VerifyTextRequest) -> tuple:
+    """What identifies a verify: its position and its drafts (a position is never verified twice
+    with the same drafts unless a reply was lost and the request retried)."""
+    if isinstance(req, VerifyTextRequest):
+        return ("text", req.position, req.text_offset, req.draft_text, req.draft_eos)
+    return ("tokens", req.position, tuple(req.draft_tokens))

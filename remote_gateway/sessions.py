@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import OrderedDict
 import time
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class Session:
     text_pending: bool = False  # the last tokens end inside a multi-byte character
     generated: int = 0
     finished: bool = False
+    last_verify: tuple | None = None  # (request key, reply) of the last verify applied
     last_used: float = field(default_factory=time.monotonic)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -47,6 +49,7 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self._sessions: dict[str, Session] = {}
+        self._finished: OrderedDict[str, Session] = OrderedDict()  # recently finished, for retries
         self.expired = 0
 
     def __len__(self) -> int:
@@ -66,7 +69,7 @@ class SessionStore:
 
     def get(self, session_id: str) -> Session:
         self.sweep()
-        session = self._sessions.get(session_id)
+        session = self._sessions.get(session_id) or self._finished.get(session_id)
         if session is None:
             raise gateway_error(
                 "unknown_session", f"no session '{session_id}' on this gateway (closed, expired or never opened)"
@@ -76,11 +79,19 @@ class SessionStore:
 
     def pop(self, session_id: str) -> Session:
         session = self.get(session_id)
-        del self._sessions[session_id]
+        self._sessions.pop(session_id, None)
+        self._finished.pop(session_id, None)
         return session
 
-    def discard(self, session_id: str) -> None:
-        self._sessions.pop(session_id, None)
+    def finish(self, session_id: str, keep: int = 256) -> None:
+        """Drop a finished session's KV cache now; remember its last reply a while for retries."""
+        session = self._sessions.pop(session_id, None)
+        if session is None:
+            return
+        session.engine.reset()
+        self._finished[session_id] = session
+        while len(self._finished) > keep:
+            self._finished.popitem(last=False)
 
     def sweep(self) -> None:
         """Drop sessions idle for longer than the TTL (their caches are the gateway's memory)."""
@@ -88,6 +99,8 @@ class SessionStore:
         for sid in [sid for sid, s in self._sessions.items() if s.last_used < cutoff and not s.lock.locked()]:
             del self._sessions[sid]
             self.expired += 1
+        for sid in [sid for sid, s in self._finished.items() if s.last_used < cutoff]:
+            del self._finished[sid]
 
 
 __all__ = ["Session", "SessionStore"]

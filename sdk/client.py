@@ -366,7 +366,7 @@ class Client:
                 t0 = time.perf_counter()
                 result = await transport.request(
                     VerifyTextRequest(
-                        session_id=opened.session_id, text_offset=len(committed), draft_text=draft_text,
+                        session_id=opened.session_id, position=len(rec.tokens), text_offset=len(committed), draft_text=draft_text,
                         draft_eos=eos, draft_tokens=len(proposed),
                     )
                 )

@@ -84,7 +84,9 @@ async def _text_session(gateway, prompt, n, drafts):
     committed, ids = "", []
     accepted = 0
     for make in drafts:
-        r = await t.request(VerifyTextRequest(session_id=opened.session_id, text_offset=len(committed), draft_text=make(committed)))
+        r = await t.request(
+            VerifyTextRequest(session_id=opened.session_id, position=len(ids), text_offset=len(committed), draft_text=make(committed))
+        )
         committed += r.text
         ids += r.tokens
         accepted += r.accepted
@@ -124,7 +126,9 @@ def test_text_position_is_checked(tiny_gateway):
         from tandem.protocols.errors import WrongPositionError
 
         with pytest.raises(WrongPositionError):
-            await t.request(VerifyTextRequest(session_id=opened.session_id, text_offset=3, draft_text="x"))
+            await t.request(VerifyTextRequest(session_id=opened.session_id, position=0, text_offset=3, draft_text="x"))
+        with pytest.raises(WrongPositionError):
+            await t.request(VerifyTextRequest(session_id=opened.session_id, position=2, text_offset=0, draft_text="x"))
         await t.request(CloseSession(session_id=opened.session_id))
 
     run(go())
