@@ -106,6 +106,29 @@ def expected_tokens_per_round(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+
+
+
+def optimal_draft_len(alpha: float, draft_s: float, round_s: float, k_max: int, k_min: int = 1) -> int:
+    """The draft length k that maximises expected tokens per second:
+
+        k* = argmax_k  E(alpha, k) / (k * draft_s + round_s),   E = (1 - alpha^(k+1)) / (1 - alpha)
+
+    draft_s is the device's time per drafted token; round_s the fixed cost of a verify round (the
+    network round trip plus the gateway's forward pass). A slow link (large round_s) or a good
+    drafter (alpha near 1) pushes k up; a poor drafter pushes it down to k_min. Ties go to the
+    smaller k (less wasted drafting).
+    """
+    if k_max < k_min:
+        raise ValueError(f"k_max ({k_max}) < k_min ({k_min})")
+    best_k, best_rate = k_min, -1.0
+    for k in range(k_min, k_max + 1):
+        rate = expected_tokens_per_round(alpha, k) / (k * draft_s + round_s)
+        if rate > best_rate * (1 + 1e-12):
+            best_k, best_rate = k, rate
+    return best_k
+
+
 __all__ = [
     "verify_greedy",
     "accept_probability",
@@ -113,4 +136,5 @@ __all__ = [
     "sample_index",
     "verify_sampled",
     "expected_tokens_per_round",
+    "optimal_draft_len",
 ]

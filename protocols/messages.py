@@ -99,6 +99,11 @@ class _Prompt(_Message):
     tokenizer_fingerprint: str | None = Field(None, min_length=8, max_length=128)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=256)
     prompt_text: str | None = Field(None, min_length=1, max_length=400_000)
+    resume_text: str | None = Field(
+        None, max_length=400_000,
+        description="text already generated for this prompt (by an earlier session, or by the device "
+        "while the gateway was unreachable): the new session continues after it",
+    )
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int = Field(256, ge=1, le=32_768)
     model: str | None = Field(None, description="target model name; the gateway's default if omitted")
