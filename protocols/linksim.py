@@ -134,6 +134,10 @@ class LinkProxy:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._reset_all)
 
+    def restore(self) -> None:
+        """End an outage now (scripted outage windows still apply)."""
+        self._down_until = 0.0
+
     def _reset_all(self) -> None:
         for w in list(self._conns):
             self.stats.resets += 1

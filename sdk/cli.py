@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..protocols.errors import TandemError
-from .client import DEFAULT_DRAFT_LEN, DEFAULT_DRAFTER, DEFAULT_TARGET, Client
+from .client import DEFAULT_DRAFTER, DEFAULT_TARGET, Client
 
 app = typer.Typer(help="tandem: a device model drafts, a cloud model verifies.", no_args_is_help=True, add_completion=False)
 gateway_app = typer.Typer(help="Run the cloud gateway.", no_args_is_help=True)
@@ -36,6 +36,14 @@ class ModeChoice(str, Enum):
 def _fail(message: str, code: int = 1) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
+
+
+def _draft_len(value: str):
+    if value == "auto":
+        return "auto"
+    if value.isdigit() and 0 <= int(value) <= 64:
+        return int(value)
+    _fail(f"--draft-len must be 'auto' or a number from 0 to 64, not '{value}'", code=2)
 
 
 def _usage_table(record) -> Table:
@@ -68,14 +76,16 @@ def generate(
     temperature: float = typer.Option(0.0, min=0.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None),
-    draft_len: int = typer.Option(DEFAULT_DRAFT_LEN, min=0, max=64, help="Tokens drafted per verify round."),
+    draft_len: str = typer.Option("auto", help="Tokens drafted per verify round: a number, or 'auto' (from live acceptance and round-trip time)."),
     raw: bool = typer.Option(False, help="Complete the prompt as raw text, without a chat template."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Generate text; streams it to stdout as it is accepted (the usage table goes to stderr)."""
 
+    k = _draft_len(draft_len)
+
     async def run():
-        async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=draft_len) as client:
+        async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=k) as client:
             gen = client.stream(
                 prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not raw
             )
@@ -131,7 +141,7 @@ def bench_speculative_cmd(
     prompts: Optional[Path] = typer.Option(None, help="Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."),
     limit: int = typer.Option(10, min=1, help="Prompts to run, spread evenly over the file."),
     max_new_tokens: int = typer.Option(64, min=1),
-    draft_len: int = typer.Option(DEFAULT_DRAFT_LEN, min=0, max=64),
+    draft_len: int = typer.Option(4, min=0, max=64, help="Fixed draft length (the theory column assumes it)."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

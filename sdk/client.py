@@ -20,19 +20,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Literal
 
-from ..protocols.errors import TandemError, TokenizerMismatchError
-from ..protocols.messages import (
-    ChatMessage,
-    CloseSession,
-    GenerateRequest,
-    OpenSession,
-    SamplingParams,
-    SparseDist,
-    VerifyRequest,
-    VerifyTextRequest,
-)
+from ..protocols.errors import TandemError, TransportError
+from ..protocols.messages import ChatMessage, GenerateRequest, SamplingParams
 from ..protocols.transport import GatewayHandler, InProcessTransport, Transport
-from .usage import GenerationRecord, Round, Usage
+from .usage import GenerationRecord, Usage
 
 if TYPE_CHECKING:
     from ..local_runtime.models import LoadedModel
@@ -42,7 +33,6 @@ MODES: tuple[str, ...] = ("local", "cloud", "speculative")
 
 DEFAULT_DRAFTER = "smollm2-135m"
 DEFAULT_TARGET = "gemma3-270m"
-DEFAULT_DRAFT_LEN = 4
 
 
 class Generation:
@@ -96,20 +86,41 @@ class Client:
         gateway: str | Transport | GatewayHandler = "inproc",
         target: str | None = None,
         mode: Mode = "speculative",
-        draft_len: int = DEFAULT_DRAFT_LEN,
+        draft_len: int | Literal["auto"] = "auto",
+        max_draft_len: int = 16,
         timeout_s: float = 120.0,
+        retries: int = 2,
+        fallback: Literal["local", "error"] = "local",
+        rejoin_every: int = 16,
+        probe_timeout_s: float = 2.0,
+        pipeline: bool | None = None,
         api_key: str | None = None,
         progress: bool = True,
     ) -> None:
+        """`draft_len` is a fixed k, or "auto": chosen each round from live acceptance, drafting
+        speed and round-trip time (up to `max_draft_len`). `timeout_s` is every request's deadline;
+        a request that fails in transit is retried `retries` times (verifies are idempotent).
+        `fallback="local"` lets the device go on alone when the gateway is unreachable, trying to
+        rejoin every `rejoin_every` tokens (each try waits at most `probe_timeout_s`); "error"
+        raises instead. `pipeline` drafts the next block while a verify is in flight (default: on
+        for a remote gateway, off in-process where both would share the same cores)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
-        if not 0 <= draft_len <= 64:
-            raise ValueError(f"draft_len must be within 0..64, got {draft_len}")
+        if draft_len != "auto" and not 0 <= int(draft_len) <= 64:
+            raise ValueError(f"draft_len must be 'auto' or within 0..64, got {draft_len}")
+        if fallback not in ("local", "error"):
+            raise ValueError(f"fallback must be 'local' or 'error', got '{fallback}'")
         # a name loads lazily; an already loaded model is used as it is
         self.drafter_name = drafter if isinstance(drafter, str) or drafter is None else drafter.name
         self.target_name = target
         self.mode = mode
         self.draft_len = draft_len
+        self.max_draft_len = max_draft_len
+        self.retries = retries
+        self.fallback = fallback
+        self.rejoin_every = rejoin_every
+        self.probe_timeout_s = probe_timeout_s
+        self._pipeline = pipeline
         self.progress = progress
         self._gateway_spec = gateway
         self._timeout_s = timeout_s
@@ -142,6 +153,12 @@ class Client:
             else:
                 self._transport = InProcessTransport(spec)
         return self._transport
+
+    @property
+    def pipelining(self) -> bool:
+        if self._pipeline is not None:
+            return self._pipeline
+        return not isinstance(self.transport, InProcessTransport)
 
     @property
     def drafter(self):
@@ -177,7 +194,7 @@ class Client:
         top_p: float = 1.0,
         seed: int | None = None,
         chat: bool = True,
-        draft_len: int | None = None,
+        draft_len: int | Literal["auto"] | None = None,
     ) -> Generation:
         mode = mode or self.mode
         if mode not in MODES:
@@ -245,179 +262,20 @@ class Client:
     async def _shares_tokenizer(self) -> bool:
         """Whether drafter and target tokenize alike (verify token ids) or not (verify text)."""
         if self._same_tokenizer is None:
-            info = await self.transport.info()
+            try:
+                info = await self.transport.info()
+            except TransportError:
+                return True  # unknown: token space; the fallback takes over if the gateway stays away
             self._same_tokenizer = info.tokenizer_fingerprint == self.drafter.tokenizer.fingerprint
         return self._same_tokenizer
 
     async def _run_speculative(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
-        if await self._shares_tokenizer():
-            runner = self._run_speculative_tokens
-        else:
-            runner = self._run_speculative_text
-        async for piece in runner(rec, prompt, chat, sampling, max_new_tokens, draft_len):
+        from .speculative import SpeculativeRun
+
+        run = SpeculativeRun(self, rec, prompt, chat, sampling, max_new_tokens, draft_len)
+        loop = run.run_tokens() if await self._shares_tokenizer() else run.run_text()
+        async for piece in loop:
             yield piece
-
-    async def _run_speculative_tokens(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
-        import torch
-
-        from ..local_runtime.engine import Engine
-        from ..local_runtime.text import IncrementalDecoder
-
-        lm = self.drafter
-        tok = lm.tokenizer
-        transport = self.transport
-        prompt_tokens = tok.prompt_tokens(prompt, chat)
-        up, down = transport.bytes_up, transport.bytes_down
-        usage = rec.usage
-        opened = await transport.request(
-            OpenSession(
-                prompt_tokens=prompt_tokens, tokenizer_fingerprint=tok.fingerprint, sampling=sampling,
-                max_new_tokens=max_new_tokens, model=self.target_name,
-            )
-        )
-        engine = Engine(lm)
-        engine.append(prompt_tokens)
-        decoder = IncrementalDecoder(tok.decode, skip_ids=opened.eos_token_ids)
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        pos = opened.position
-        try:
-            while True:
-                k = max(0, min(draft_len, max_new_tokens - len(rec.tokens) - 1))
-                draft = await asyncio.to_thread(
-                    engine.draft, k, temperature=sampling.temperature, top_p=sampling.top_p, generator=generator
-                )
-                dists = None if draft.dists is None else [SparseDist(ids=i, probs=p) for i, p in draft.dists]
-                t0 = time.perf_counter()
-                result = await transport.request(
-                    VerifyRequest(
-                        session_id=opened.session_id, position=pos, draft_tokens=draft.tokens,
-                        draft_probs=draft.probs, draft_dists=dists,
-                    )
-                )
-                verify_s = time.perf_counter() - t0
-                keep = min(result.accepted, len(result.tokens))
-                engine.truncate(pos + keep)
-                engine.append(result.tokens[keep:])
-                pos = result.position
-                rec.tokens.extend(result.tokens)
-                rec.rounds.append(Round(k, result.accepted, len(result.tokens), draft.seconds, verify_s))
-                usage.rounds += 1
-                usage.local_tokens += k
-                usage.accepted_tokens += keep
-                usage.cloud_tokens += len(result.tokens) - keep
-                usage.tested_tokens += result.accepted + (1 if result.accepted < k else 0)
-                if piece := decoder.push(result.tokens):
-                    yield piece
-                if result.finished:
-                    rec.finish_reason = result.finish_reason
-                    break
-        finally:
-            if rec.finish_reason is None:
-                # stopped early (error or the caller broke off): free the gateway's cache now
-                try:
-                    await transport.request(CloseSession(session_id=opened.session_id))
-                except TandemError:
-                    pass
-            usage.bytes_up += transport.bytes_up - up
-            usage.bytes_down += transport.bytes_down - down
-        if tail := decoder.flush():
-            yield tail
-
-    async def _run_speculative_text(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
-        """Speculation across tokenizers: the device drafts in its own tokens, sends the text, and
-        the gateway verifies it against the target's tokenisation. Both sides agree on the
-        generated *text*; the device re-synchronises its cache to each accepted text (keeping its
-        drafted tokens up to the last one that still fits, re-tokenising the rest)."""
-        from ..local_runtime.engine import Engine
-
-        if not sampling.greedy:
-            raise TokenizerMismatchError(
-                f"drafter '{self.drafter.name}' and the gateway's model use different tokenizers; speculative "
-                "sampling across tokenizers is not supported (no lossless cross-vocabulary rule is implemented). "
-                "Use temperature 0, mode 'cloud', or a drafter that shares the target's tokenizer."
-            )
-        tok = self.drafter.tokenizer
-        transport = self.transport
-        up, down = transport.bytes_up, transport.bytes_down
-        usage = rec.usage
-        opened = await transport.request(
-            OpenSession(
-                messages=[ChatMessage(role="user", content=prompt)] if chat else None,
-                prompt_text=None if chat else prompt,
-                sampling=sampling, max_new_tokens=max_new_tokens, model=self.target_name,
-            )
-        )
-        engine = Engine(self.drafter)
-        base = tok.prompt_tokens(prompt, chat)
-        engine.append(base)
-        gen: list[int] = []  # the drafter's tokens for `committed`
-        committed = ""
-        try:
-            while True:
-                draft = await asyncio.to_thread(engine.draft, draft_len)
-                # a control token ends the draft; the drafter's end-of-answer becomes a proposal to stop
-                cut = next((i for i, t in enumerate(draft.tokens) if t in tok.special_ids), len(draft.tokens))
-                eos = cut < len(draft.tokens) and draft.tokens[cut] in tok.eos_token_ids
-                proposed = draft.tokens[:cut]
-                text = tok.decode(gen + proposed)
-                draft_text = text[len(committed) :] if text.startswith(committed) else tok.decode(proposed)
-                if draft_text.endswith("\ufffd"):  # never propose half a character
-                    draft_text, eos = draft_text.rstrip("\ufffd"), False
-                t0 = time.perf_counter()
-                result = await transport.request(
-                    VerifyTextRequest(
-                        session_id=opened.session_id, position=len(rec.tokens), text_offset=len(committed), draft_text=draft_text,
-                        draft_eos=eos, draft_tokens=len(proposed),
-                    )
-                )
-                verify_s = time.perf_counter() - t0
-                committed += result.text
-                gen = self._resync(engine, len(base), gen, proposed, committed)
-
-                kept = min(result.accepted, len(result.tokens))
-                rec.tokens.extend(result.tokens)
-                rec.rounds.append(Round(result.candidates, result.accepted, len(result.tokens), draft.seconds, verify_s))
-                usage.rounds += 1
-                usage.local_tokens += len(draft.tokens)
-                usage.accepted_tokens += kept
-                usage.cloud_tokens += len(result.tokens) - kept
-                usage.tested_tokens += result.accepted + (1 if result.accepted < result.candidates else 0)
-                if result.text:
-                    yield result.text
-                if result.finished:
-                    rec.finish_reason = result.finish_reason
-                    break
-        finally:
-            if rec.finish_reason is None:
-                try:
-                    await transport.request(CloseSession(session_id=opened.session_id))
-                except TandemError:
-                    pass
-            usage.bytes_up += transport.bytes_up - up
-            usage.bytes_down += transport.bytes_down - down
-
-    def _resync(self, engine, base: int, gen: list[int], proposed: list[int], committed: str) -> list[int]:
-        """Roll the drafter back to the last of its tokens whose text is still a prefix of the
-        committed text, and append the rest of that text re-tokenised. Returns the new `gen`."""
-        tok = self.drafter.tokenizer
-        j = len(proposed)
-        while j > 0:
-            text = tok.decode(gen + proposed[:j])
-            if committed.startswith(text) and not text.endswith("\ufffd"):
-                break
-            j -= 1
-        keep = gen + proposed[:j]
-        rest = committed[len(tok.decode(keep)) :]
-        extra = tok.encode(rest) if rest else []
-        engine.truncate(base + len(keep))
-        engine.append(extra)
-        new_gen = keep + extra
-        if tok.decode(new_gen) != committed:
-            # this text does not survive a split re-tokenisation: take the whole text afresh
-            new_gen = tok.encode(committed)
-            engine.truncate(base)
-            engine.append(new_gen)
-        return new_gen
 
 
 class SyncClient:

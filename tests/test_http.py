@@ -4,7 +4,7 @@ import httpx
 import pytest
 
 from tandem.local_runtime.engine import generate_alone
-from tandem.protocols.errors import GatewayError, TransportError, UnknownSessionError, WrongPositionError
+from tandem.protocols.errors import TransportError, UnknownSessionError, WrongPositionError
 from tandem.protocols.http import HttpTransport
 from tandem.protocols.messages import CloseSession, OpenSession, VerifyRequest
 from tandem.sdk import Client, SyncClient

@@ -160,11 +160,6 @@ def test_sampling_across_tokenizers_is_refused_clearly(tiny_gateway, pair_drafte
         run(go())
 
 
-def _resync_client(tok_model):
-    c = Client(drafter=tok_model, gateway=InProcessTransport(object()))
-    return c
-
-
 @pytest.fixture(scope="module")
 def smol():
     return load_model("tiny-llama@smollm2-135m", progress=False)
@@ -194,13 +189,14 @@ class TestRealTokenizers:
         ],
     )
     def test_drafter_resync(self, smol, committed, proposed_text, expect_kept):
+        from tandem.sdk.speculative import _resync
+
         tok = smol.tokenizer
-        client = _resync_client(smol)
         engine = Engine(smol)
         base = tok.prompt_tokens("prompt", chat=False)
         proposed = tok.encode(proposed_text)
         engine.append(base + proposed)
-        gen = client._resync(engine, len(base), [], proposed, committed)
+        gen = _resync(tok, engine, len(base), [], proposed, committed)
         assert tok.decode(gen) == committed
         assert engine.tokens == base + gen
         kept = next(j for j in range(len(proposed), -1, -1) if gen[:j] == proposed[:j])
