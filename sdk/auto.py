@@ -1,0 +1,116 @@
+"""Predicted seconds per token and cloud cost of each mode, and `auto`'s choice among them.
+
+The model, per generated token (all times in seconds):
+
+    local        t_local                                         (the device model alone)
+    cloud        t_cloud + (rtt + t_prefill) / n                 (streamed: one round trip, then the
+                                                                  gateway's decode speed)
+    speculative  (k t_local + t_verify + rtt) / E(alpha, k) + rtt / n
+                 with E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) and k chosen by
+                 `optimal_draft_len` for this link
+    assist       t_local + p (rtt + t_cloud) + rtt / n           (p: share of tokens the token
+                                                                  router sends to the cloud)
+
+Cloud forward passes per token: local 0, cloud 1, speculative 1 / E(alpha, k), assist p.
+
+`choose_mode` ranks the modes a policy allows by its objective: latency (seconds per token),
+cost (cloud passes per token), or a weighted mix `s_per_token + cost_weight * passes_per_token`.
+The estimates come from measurements (`Estimates.observe_*`), so the choice follows the network:
+at small RTT speculation can beat streaming the cloud model; every round trip it adds pushes it
+back, and past some RTT streaming wins (or the device alone, if the policy allows it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from ..local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
+
+Objective = Literal["latency", "cost", "weighted"]
+ALL_MODES = ("local", "cloud", "speculative", "assist")
+
+
+@dataclass
+class Estimates:
+    rtt_s: float = 0.05
+    local_token_s: float = 0.05  # device model, one decode step
+    cloud_token_s: float = 0.08  # target model, one decode step on the gateway
+    verify_s: float = 0.10  # target forward over a draft block, on the gateway
+    prefill_s: float = 0.2  # target prefill of a typical prompt
+    alpha: float = 0.7  # speculative acceptance rate
+    escalate_rate: float = 0.2  # assist: share of tokens sent to the cloud
+    k_max: int = 16
+    draft_len: int | None = None  # fixed k, or None to use the best k for this link
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def speculative_k(e: Estimates) -> int:
+    if e.draft_len is not None:
+        return e.draft_len
+    return optimal_draft_len(e.alpha, e.local_token_s, e.verify_s + e.rtt_s, e.k_max)
+
+
+def predict_s_per_token(mode: str, e: Estimates, n_tokens: int = 128) -> float:
+    n = max(1, n_tokens)
+    if mode == "local":
+        return e.local_token_s
+    if mode == "cloud":
+        return e.cloud_token_s + (e.rtt_s + e.prefill_s) / n
+    if mode == "speculative":
+        k = speculative_k(e)
+        per_round = k * e.local_token_s + e.verify_s + e.rtt_s
+        return per_round / expected_tokens_per_round(e.alpha, k) + (e.rtt_s + e.prefill_s) / n
+    if mode == "assist":
+        return e.local_token_s + e.escalate_rate * (e.rtt_s + e.cloud_token_s) + (e.rtt_s + e.prefill_s) / n
+    raise ValueError(f"unknown mode '{mode}'")
+
+
+def predict_cloud_passes_per_token(mode: str, e: Estimates) -> float:
+    if mode == "local":
+        return 0.0
+    if mode == "cloud":
+        return 1.0
+    if mode == "speculative":
+        return 1.0 / expected_tokens_per_round(e.alpha, speculative_k(e))
+    if mode == "assist":
+        return e.escalate_rate
+    raise ValueError(f"unknown mode '{mode}'")
+
+
+def choose_mode(
+    allowed: tuple[str, ...] | list[str],
+    e: Estimates,
+    objective: Objective = "latency",
+    cost_weight: float = 0.0,
+    n_tokens: int = 128,
+) -> tuple[str, dict[str, dict[str, float]]]:
+    """The allowed mode with the best predicted objective, and every mode's predictions."""
+    if not allowed:
+        raise ValueError("no mode allowed")
+    table = {
+        m: {"s_per_token": predict_s_per_token(m, e, n_tokens), "cloud_passes_per_token": predict_cloud_passes_per_token(m, e)}
+        for m in allowed
+    }
+
+    def score(m: str) -> tuple[float, float]:
+        s, c = table[m]["s_per_token"], table[m]["cloud_passes_per_token"]
+        if objective == "latency":
+            return (s, c)
+        if objective == "cost":
+            return (c, s)
+        return (s + cost_weight * c, s)
+
+    return min(allowed, key=score), table
+
+
+__all__ = [
+    "Estimates",
+    "ALL_MODES",
+    "predict_s_per_token",
+    "predict_cloud_passes_per_token",
+    "choose_mode",
+    "speculative_k",
+]

@@ -1,0 +1,55 @@
+"""Mode predictions and the draft-length rule against exact answers."""
+
+import pytest
+
+from tandem.local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
+from tandem.sdk.auto import Estimates, choose_mode, predict_cloud_passes_per_token, predict_s_per_token
+from tandem.sdk.control import DraftLengthController
+
+
+def test_optimal_draft_len_exact():
+    # alpha 0.8, 10 ms a draft token, 100 ms a round: rates E(k)/(0.01k+0.1)
+    rates = {k: expected_tokens_per_round(0.8, k) / (0.01 * k + 0.1) for k in range(1, 17)}
+    assert optimal_draft_len(0.8, 0.01, 0.1, 16) == max(rates, key=rates.get)
+    assert optimal_draft_len(0.0, 0.01, 0.1, 16) == 1  # nothing is ever accepted: draft the minimum
+    assert optimal_draft_len(1.0, 0.01, 0.1, 16) == 16  # everything is accepted: draft the maximum
+
+
+def test_longer_round_trips_ask_for_longer_drafts():
+    ks = [optimal_draft_len(0.8, 0.01, rtt + 0.05, 32) for rtt in (0.0, 0.05, 0.15, 0.5)]
+    assert ks == sorted(ks) and ks[-1] > ks[0]
+
+
+def test_controller_follows_the_link():
+    c = DraftLengthController(k_init=4, k_max=16)
+    assert c.next_k() == 4  # nothing measured yet
+    for _ in range(20):
+        c.observe(k=6, accepted=5, draft_s=0.06, verify_s=0.02)  # ~83% acceptance, fast link
+    fast = c.next_k()
+    for _ in range(20):
+        c.observe(k=6, accepted=5, draft_s=0.06, verify_s=0.5)  # the same, over a slow link
+    slow = c.next_k()
+    assert slow > fast
+    assert 0.75 < c.estimate.alpha < 0.9
+
+
+def test_predictions_exact():
+    e = Estimates(rtt_s=0.1, local_token_s=0.01, cloud_token_s=0.05, verify_s=0.06, prefill_s=0.0,
+                  alpha=0.5, escalate_rate=0.25, draft_len=2)
+    n = 100
+    assert predict_s_per_token("local", e, n) == pytest.approx(0.01)
+    assert predict_s_per_token("cloud", e, n) == pytest.approx(0.05 + 0.1 / 100)
+    assert predict_s_per_token("speculative", e, n) == pytest.approx((0.02 + 0.06 + 0.1) / 1.75 + 0.1 / 100)
+    assert predict_s_per_token("assist", e, n) == pytest.approx(0.01 + 0.25 * 0.15 + 0.1 / 100)
+    assert predict_cloud_passes_per_token("speculative", e) == pytest.approx(1 / 1.75)
+
+
+def test_choice_moves_with_rtt():
+    base = dict(local_token_s=0.01, cloud_token_s=0.08, verify_s=0.09, prefill_s=0.0, alpha=0.8)
+    near, _ = choose_mode(("cloud", "speculative"), Estimates(rtt_s=0.005, **base))
+    far, _ = choose_mode(("cloud", "speculative"), Estimates(rtt_s=0.5, **base))
+    assert (near, far) == ("speculative", "cloud")
+    cheapest, _ = choose_mode(("cloud", "speculative", "local"), Estimates(rtt_s=0.5, **base), objective="cost")
+    assert cheapest == "local"
+    with pytest.raises(ValueError):
+        choose_mode((), Estimates())
