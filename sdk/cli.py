@@ -31,6 +31,7 @@ class ModeChoice(str, Enum):
     local = "local"
     cloud = "cloud"
     speculative = "speculative"
+    auto = "auto"
 
 
 def _fail(message: str, code: int = 1) -> None:

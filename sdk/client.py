@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Literal
 from ..protocols.errors import TandemError, TransportError
 from ..protocols.messages import ChatMessage, GenerateRequest, SamplingParams
 from ..protocols.transport import GatewayHandler, InProcessTransport, Transport
+from .auto import Estimates, choose_mode
 from .usage import GenerationRecord, Usage
 
 if TYPE_CHECKING:
     from ..local_runtime.models import LoadedModel
 
-Mode = Literal["local", "cloud", "speculative"]
-MODES: tuple[str, ...] = ("local", "cloud", "speculative")
+Mode = Literal["local", "cloud", "speculative", "auto"]
+MODES: tuple[str, ...] = ("local", "cloud", "speculative", "auto")
 
 DEFAULT_DRAFTER = "smollm2-135m"
 DEFAULT_TARGET = "gemma3-270m"
@@ -40,9 +41,13 @@ class Generation:
     `tokens` and `usage` hold the whole of it. Tokens already streamed stay in `record` even if
     the generation fails half-way."""
 
-    def __init__(self, mode: str, run: Callable[[GenerationRecord], AsyncIterator[str]]) -> None:
+    def __init__(
+        self, mode: str, run: Callable[[GenerationRecord], AsyncIterator[str]],
+        on_done: Callable[[GenerationRecord], None] | None = None,
+    ) -> None:
         self.record = GenerationRecord(mode=mode)
         self._run = run
+        self._on_done = on_done
         self._started = False
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -59,6 +64,8 @@ class Generation:
                 yield piece
         finally:
             self.record.usage.wall_s = time.perf_counter() - t0
+        if self._on_done is not None:
+            self._on_done(self.record)
 
     async def collect(self) -> GenerationRecord:
         async for _ in self:
@@ -94,6 +101,9 @@ class Client:
         rejoin_every: int = 16,
         probe_timeout_s: float = 2.0,
         pipeline: bool | None = None,
+        auto_modes: tuple[str, ...] = ("cloud", "speculative"),
+        objective: Literal["latency", "cost", "weighted"] = "latency",
+        cost_weight: float = 0.0,
         api_key: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -103,7 +113,10 @@ class Client:
         `fallback="local"` lets the device go on alone when the gateway is unreachable, trying to
         rejoin every `rejoin_every` tokens (each try waits at most `probe_timeout_s`); "error"
         raises instead. `pipeline` drafts the next block while a verify is in flight (default: on
-        for a remote gateway, off in-process where both would share the same cores)."""
+        for a remote gateway, off in-process where both would share the same cores).
+        Mode "auto" picks, per query, the mode among `auto_modes` with the best predicted
+        `objective` from what this client has measured (round-trip time, both models' speeds,
+        acceptance); see sdk/auto.py. The default choices are the lossless ones."""
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if draft_len != "auto" and not 0 <= int(draft_len) <= 64:
@@ -121,6 +134,10 @@ class Client:
         self.rejoin_every = rejoin_every
         self.probe_timeout_s = probe_timeout_s
         self._pipeline = pipeline
+        self.auto_modes = tuple(auto_modes)
+        self.objective = objective
+        self.cost_weight = cost_weight
+        self.estimates = Estimates()
         self.progress = progress
         self._gateway_spec = gateway
         self._timeout_s = timeout_s
@@ -129,6 +146,7 @@ class Client:
         self._owned_gateway = None
         self._drafter = None if isinstance(drafter, str) or drafter is None else drafter
         self._same_tokenizer: bool | None = None
+        self._rtt_samples = 0
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -206,7 +224,55 @@ class Client:
             "cloud": lambda rec: self._run_cloud(rec, prompt, chat, sampling, max_new_tokens),
             "speculative": lambda rec: self._run_speculative(rec, prompt, chat, sampling, max_new_tokens, k),
         }
-        return Generation(mode, runs[mode])
+        runs["auto"] = lambda rec: self._run_auto(rec, runs, max_new_tokens)
+        return Generation(mode, runs[mode], on_done=self._observe)
+
+    # -- auto: measure, predict, choose ------------------------------------------------------------
+
+    async def measure_rtt(self) -> float | None:
+        """One light round trip to the gateway (GET /v1/info); None when it cannot be reached."""
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.transport.info(), self.probe_timeout_s)
+        except (TransportError, asyncio.TimeoutError):
+            return None
+        rtt = time.perf_counter() - t0
+        e = self.estimates
+        e.rtt_s = rtt if self._rtt_samples == 0 else 0.5 * e.rtt_s + 0.5 * rtt
+        self._rtt_samples += 1
+        return rtt
+
+    async def _run_auto(self, rec, runs, max_new_tokens) -> AsyncIterator[str]:
+        allowed = [m for m in self.auto_modes if m in runs and m != "auto"]
+        if await self.measure_rtt() is None and self.fallback == "local":
+            chosen, table = "local", {}  # offline: the device alone
+            rec.usage.fallbacks += 1
+        else:
+            chosen, table = choose_mode(allowed, self.estimates, self.objective, self.cost_weight, max_new_tokens)
+        rec.mode = chosen
+        rec.decision = {"mode": chosen, "predicted": table, "estimates": self.estimates.to_dict()}
+        async for piece in runs[chosen](rec):
+            yield piece
+
+    def _observe(self, rec: GenerationRecord) -> None:
+        """Fold a finished generation's timings into the estimates auto decides on."""
+        e, u, n = self.estimates, rec.usage, max(1, len(rec.tokens))
+
+        def mix(old: float, new: float) -> float:
+            return 0.5 * old + 0.5 * new
+
+        if rec.mode == "local" and u.wall_s > 0:
+            e.local_token_s = mix(e.local_token_s, u.wall_s / n)
+        elif rec.mode == "cloud" and u.wall_s > 0:
+            e.cloud_token_s = mix(e.cloud_token_s, max(1e-4, (u.wall_s - e.rtt_s) / n))
+        elif rec.mode == "speculative" and rec.rounds:
+            drafted = sum(r.k for r in rec.rounds)
+            if drafted:
+                e.local_token_s = mix(e.local_token_s, sum(r.draft_s for r in rec.rounds) / drafted)
+            verify = sum(r.verify_s for r in rec.rounds) / len(rec.rounds)
+            e.verify_s = mix(e.verify_s, max(1e-4, verify - e.rtt_s))
+            if u.tested_tokens:
+                e.alpha = mix(e.alpha, u.acceptance_rate)
 
     async def generate(self, prompt: str, **kwargs) -> GenerationRecord:
         return await self.stream(prompt, **kwargs).collect()

@@ -47,6 +47,7 @@ class GenerationRecord:
     usage: Usage = field(default_factory=Usage)
     rounds: list[Round] = field(default_factory=list)
     finish_reason: str | None = None
+    decision: dict | None = None  # auto mode: what was chosen, and the predictions it was chosen on
 
 
 __all__ = ["Usage", "Round", "GenerationRecord"]

@@ -53,3 +53,37 @@ def test_choice_moves_with_rtt():
     assert cheapest == "local"
     with pytest.raises(ValueError):
         choose_mode((), Estimates())
+
+
+def test_auto_mode_decides_and_learns(tiny_gateway):
+    from tandem.protocols.transport import InProcessTransport
+    from tandem.sdk import Client
+
+    from .conftest import run
+
+    async def go():
+        async with Client(drafter="tiny-llama:int8", gateway=InProcessTransport(tiny_gateway)) as c:
+            first = await c.generate("Hello", mode="auto", max_new_tokens=16, chat=False)
+            for mode in ("cloud", "speculative"):
+                await c.generate("Hello", mode=mode, max_new_tokens=16, chat=False)
+            second = await c.generate("Hello", mode="auto", max_new_tokens=16, chat=False)
+            return first, second, c.estimates
+
+    first, second, est = run(go())
+    for rec in (first, second):
+        assert rec.mode in ("cloud", "speculative")
+        assert set(rec.decision["predicted"]) == {"cloud", "speculative"}
+    assert est.rtt_s < 0.05 and est.alpha > 0.5  # measured in-process: no network, a good drafter
+
+
+def test_auto_mode_offline_runs_locally():
+    from tandem.sdk import Client
+
+    from .conftest import run
+
+    async def go():
+        async with Client(drafter="tiny-llama", gateway="http://127.0.0.1:9", probe_timeout_s=0.5) as c:
+            return await c.generate("Hello", mode="auto", max_new_tokens=8, chat=False)
+
+    rec = run(go())
+    assert rec.mode == "local" and rec.usage.fallbacks == 1 and len(rec.tokens) == 8

@@ -1,0 +1,81 @@
+"""Start a gateway in its own process on loopback, for the demo and the benchmarks.
+
+    with GatewayProcess("gemma3-270m") as gw:
+        client = Client(gateway=gw.url)
+
+The process is `tandem gateway serve` on a free 127.0.0.1 port; entering waits until /healthz
+answers (a model load takes tens of seconds), leaving stops it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    def __init__(self, model: str | None = None, *, config: str | Path | None = None, port: int | None = None,
+                 quiet: bool = False, ready_timeout_s: float = 600.0, env: dict | None = None) -> None:
+        self.model, self.config, self.quiet = model, config, quiet
+        self.port = port or free_port()
+        self.ready_timeout_s = ready_timeout_s
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "GatewayProcess":
+        cmd = [sys.executable, "-m", "tandem.sdk.cli", "gateway", "serve", "--port", str(self.port), "--host", "127.0.0.1"]
+        if self.model:
+            cmd += ["--model", self.model]
+        if self.config:
+            cmd += ["--config", str(self.config)]
+        out = subprocess.DEVNULL if self.quiet else None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the gateway exited with code {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"the gateway did not answer within {self.ready_timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+    def __enter__(self) -> "GatewayProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+__all__ = ["GatewayProcess", "free_port"]
