@@ -1,0 +1,30 @@
+"""Task graphs spread over devices: declare (Python or YAML), validate, place (HEFT), run over MQTT.
+
+    from tandem.sdk.taskgraph import Graph, Map, Reduce, Function, Coordinator
+
+The graph model and placement import nothing heavy; running needs the `mqtt` extra (aiomqtt).
+"""
+
+from importlib import import_module
+
+from .graph import LLM, Function, Graph, GraphError, Map, Node, Reduce
+from .placement import Done, Job, PlacementError, Proc, Schedule, Slot, heft
+
+_LAZY = {
+    "Coordinator": ".executor",
+    "RunReport": ".executor",
+    "GraphRunError": ".executor",
+    "load_graph_spec": ".spec",
+}
+
+__all__ = [
+    "Graph", "Node", "LLM", "Map", "Reduce", "Function", "GraphError",
+    "Proc", "Job", "Done", "Slot", "Schedule", "PlacementError", "heft",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
