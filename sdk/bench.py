@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..local_runtime.speculative import expected_tokens_per_round
@@ -51,14 +53,35 @@ def load_prompts(path: str | Path | None, limit: int | None) -> list[str]:
     return prompts
 
 
+@contextmanager
+def gateway_link(target: str, gateway: str = "inproc", rtt_ms: float | None = None):
+    """Where the client should connect. Without an RTT: the given gateway ("inproc": one in this
+    process). With one: a gateway process (or the given URL) behind the link simulator, adding
+    rtt_ms / 2 each way."""
+    if rtt_ms is None:
+        yield gateway
+        return
+    from ..protocols.linksim import LinkProxy
+    from .launch import GatewayProcess
+
+    if gateway == "inproc":
+        with GatewayProcess(target, quiet=True) as proc, LinkProxy(proc.port, delay_ms=rtt_ms / 2) as link:
+            yield link.url
+    else:
+        port = int(gateway.rstrip("/").rsplit(":", 1)[1])
+        with LinkProxy(port, delay_ms=rtt_ms / 2) as link:
+            yield link.url
+
+
 async def bench_speculative(
     *,
     drafter: str,
     target: str,
     prompts: list[str],
     max_new_tokens: int = 64,
-    draft_len: int = 4,
+    draft_len: int | str = 4,
     gateway: str = "inproc",
+    rtt_ms: float | None = None,
     progress=None,
 ) -> dict:
     """Target alone (cloud), drafter alone (local) and speculative, per prompt, in one run.
@@ -67,7 +90,15 @@ async def bench_speculative(
     acceptance_rate is accepted / tested over the draft tokens the target judged;
     theory_tokens_per_round averages (1 - a^(k+1)) / (1 - a) over the rounds, with each round's k.
     """
-    client = Client(drafter=drafter, target=target, gateway=gateway, draft_len=draft_len)
+    with gateway_link(target, gateway, rtt_ms) as url:
+        out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, progress)
+    if rtt_ms is not None:
+        out["rtt_ms"] = rtt_ms
+    return out
+
+
+async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, draft_len, progress) -> dict:
+    client = Client(drafter=drafter, target=target if gateway == "inproc" else None, gateway=gateway, draft_len=draft_len)
     totals = {m: {"s": 0.0, "tokens": 0} for m in ("cloud", "local", "speculative")}
     mismatches, rounds, examples = 0, [], []
     accepted = tested = 0
@@ -122,4 +153,92 @@ async def bench_speculative(
     return out
 
 
-__all__ = ["bench_speculative", "load_prompts", "BUILTIN_PROMPTS"]
+def similarity(a: str, b: str) -> float:
+    """How much of two texts agrees: difflib's ratio, 2 x matched characters / total characters
+    (1.0 identical, 0.0 nothing in common). Tokenizer-agnostic, so outputs of models with
+    different vocabularies compare."""
+    if not a and not b:
+        return 1.0
+    return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+FIXED_MODES = ("local", "cloud", "speculative")
+
+
+async def bench_modes(
+    *,
+    drafter: str,
+    target: str,
+    prompts: list[str],
+    max_new_tokens: int = 48,
+    rtt_ms: float | None = None,
+    gateway: str = "inproc",
+    modes: tuple[str, ...] = FIXED_MODES,
+    auto_modes: tuple[str, ...] = ("cloud", "speculative"),
+    progress=None,
+) -> dict:
+    """Every mode on the same prompts, through the same link, in one run; then `auto`, which
+    decides per prompt from what the client measured during the fixed modes' runs.
+
+    s_per_token is wall time over tokens (prefill included); agreement_with_target compares each
+    mode's text with the cloud model's own (`similarity`); auto_vs_best is auto's s_per_token over
+    the best fixed mode among those auto may choose (`auto_vs_fastest`: over every fixed mode).
+    """
+    with gateway_link(target, gateway, rtt_ms) as url:
+        client = Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, auto_modes=auto_modes)
+        try:
+            _ = client.drafter, client.transport
+            for mode in modes:  # warm up: load, connect, first measurements for auto
+                await client.generate(BUILTIN_PROMPTS[2], mode=mode, max_new_tokens=8)
+            stats = {m: {"s": 0.0, "tokens": 0, "passes": 0.0, "agree": 0.0} for m in (*modes, "auto")}
+            chosen: dict[str, int] = {}
+            for i, prompt in enumerate(prompts):
+                records = {}
+                for mode in (*modes, "auto"):
+                    t0 = time.perf_counter()
+                    rec = await client.generate(prompt, mode=mode, max_new_tokens=max_new_tokens)
+                    st = stats[mode]
+                    st["s"] += time.perf_counter() - t0
+                    st["tokens"] += len(rec.tokens)
+                    u = rec.usage
+                    st["passes"] += u.rounds if rec.mode in ("speculative", "assist") else (len(rec.tokens) if rec.mode == "cloud" else 0)
+                    records[mode] = rec
+                    if mode == "auto":
+                        chosen[rec.mode] = chosen.get(rec.mode, 0) + 1
+                reference = records["cloud"].text if "cloud" in records else None
+                for mode, rec in records.items():
+                    stats[mode]["agree"] += similarity(rec.text, reference) if reference is not None else 0.0
+                if progress:
+                    progress(i + 1, len(prompts), records)
+        finally:
+            await client.aclose()
+    n = max(1, len(prompts))
+    table = {
+        m: {
+            "s_per_token": round(st["s"] / max(1, st["tokens"]), 5),
+            "cloud_passes_per_token": round(st["passes"] / max(1, st["tokens"]), 4),
+            "agreement_with_target": round(st["agree"] / n, 4),
+        }
+        for m, st in stats.items()
+    }
+    allowed = [m for m in auto_modes if m in modes]
+    best = min(table[m]["s_per_token"] for m in allowed)
+    fastest = min(table[m]["s_per_token"] for m in modes)
+    spec, cloud = table.get("speculative"), table.get("cloud")
+    return {
+        "modes": table,
+        "auto_vs_best": round(table["auto"]["s_per_token"] / best, 3),
+        "auto_vs_fastest": round(table["auto"]["s_per_token"] / fastest, 3),
+        "auto_chose": chosen,
+        "auto_modes": list(auto_modes),
+        "speculative_beats_cloud": bool(spec and cloud and spec["s_per_token"] < cloud["s_per_token"]),
+        "rtt_ms": rtt_ms,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+        "drafter": drafter,
+        "target": target,
+        "estimates": client.estimates.to_dict(),
+    }
+
+
+__all__ = ["bench_speculative", "bench_modes", "gateway_link", "load_prompts", "similarity", "BUILTIN_PROMPTS"]

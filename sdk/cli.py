@@ -23,6 +23,18 @@ models_app = typer.Typer(help="Models tandem knows.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
+from .cli_route import policy_app, route_app  # noqa: E402 - routers and policy files
+
+app.add_typer(route_app, name="route")
+app.add_typer(policy_app, name="policy")
+
+from . import cli_dag  # noqa: E402 - the task-graph commands (device agents, bench dag)
+
+cli_dag.register(app, bench_app)
+
+from . import cli_bench  # noqa: E402 - the benchmark commands live in their own module
+
+cli_bench.register(bench_app)
 
 err = Console(stderr=True)
 
@@ -133,48 +145,6 @@ def gateway_serve(
         _fail(str(exc))
     err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port}")
     serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
-
-
-@bench_app.command("speculative")
-def bench_speculative_cmd(
-    drafter: str = typer.Option(DEFAULT_DRAFTER),
-    target: str = typer.Option(DEFAULT_TARGET),
-    prompts: Optional[Path] = typer.Option(None, help="Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."),
-    limit: int = typer.Option(10, min=1, help="Prompts to run, spread evenly over the file."),
-    max_new_tokens: int = typer.Option(64, min=1),
-    draft_len: int = typer.Option(4, min=0, max=64, help="Fixed draft length (the theory column assumes it)."),
-    gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
-    as_json: bool = typer.Option(False, "--json"),
-) -> None:
-    """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
-    from .bench import bench_speculative, load_prompts
-
-    try:
-        prompt_list = load_prompts(prompts, limit)
-    except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=2)
-
-    def progress(i, n, rec):
-        err.print(f"[{i}/{n}] {len(rec.tokens)} tokens, {rec.usage.rounds} rounds, acceptance {rec.usage.acceptance_rate:.0%}")
-
-    try:
-        result = asyncio.run(
-            bench_speculative(
-                drafter=drafter, target=target, prompts=prompt_list, max_new_tokens=max_new_tokens,
-                draft_len=draft_len, gateway=gateway, progress=progress,
-            )
-        )
-    except TandemError as exc:
-        _fail(str(exc))
-    if as_json:
-        print(json.dumps(result))
-    else:
-        table = Table(title="bench speculative")
-        table.add_column("metric")
-        table.add_column("value")
-        for k, v in result.items():
-            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-        Console().print(table)
 
 
 @models_app.command("list")

@@ -1,0 +1,139 @@
+"""`tandem bench speculative|modes|rtt-plot`: ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..protocols.errors import TandemError
+from .client import DEFAULT_DRAFTER, DEFAULT_TARGET
+
+err = Console(stderr=True)
+
+PROMPTS_HELP = "Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _prompts(path, limit):
+    from .bench import load_prompts
+
+    try:
+        return load_prompts(path, limit)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), code=2)
+
+
+def _print(result: dict, title: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value")
+    for k, v in result.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    Console().print(table)
+
+
+def _run(coro):
+    try:
+        return asyncio.run(coro)
+    except TandemError as exc:
+        _fail(str(exc))
+
+
+def speculative(
+    drafter: str = typer.Option(DEFAULT_DRAFTER),
+    target: str = typer.Option(DEFAULT_TARGET),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    limit: int = typer.Option(10, min=1, help="Prompts to run, spread evenly over the file."),
+    max_new_tokens: int = typer.Option(64, min=1),
+    draft_len: str = typer.Option("4", help="A fixed draft length, or 'auto' (per round from the link)."),
+    rtt_ms: Optional[float] = typer.Option(None, min=0, help="Run the gateway in its own process behind the link simulator with this round-trip time."),
+    gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
+    from .bench import bench_speculative
+
+    k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else _fail("--draft-len: a number or 'auto'", 2)
+
+    def progress(i, n, rec):
+        err.print(f"[{i}/{n}] {len(rec.tokens)} tokens, {rec.usage.rounds} rounds, acceptance {rec.usage.acceptance_rate:.0%}")
+
+    result = _run(bench_speculative(
+        drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
+        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, progress=progress,
+    ))
+    _print(result, "bench speculative", as_json)
+
+
+def modes(
+    drafter: str = typer.Option(DEFAULT_DRAFTER),
+    target: str = typer.Option(DEFAULT_TARGET),
+    rtt_ms: Optional[float] = typer.Option(None, min=0, help="Round-trip time the link simulator adds (the gateway then runs in its own process)."),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    limit: int = typer.Option(6, min=1),
+    max_new_tokens: int = typer.Option(48, min=1),
+    auto_modes: str = typer.Option("cloud,speculative", help="Modes auto may choose, comma-separated."),
+    gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Every mode and `auto` on the same prompts through the same link: seconds per token, cloud
+    passes per token, agreement with the cloud model's text."""
+    from .bench import bench_modes
+
+    allowed = tuple(m.strip() for m in auto_modes.split(",") if m.strip())
+
+    def progress(i, n, records):
+        err.print(f"[{i}/{n}] " + ", ".join(f"{m}: {r.usage.wall_s / max(1, len(r.tokens)) * 1000:.0f} ms/tok"
+                                              + (f" ({r.mode})" if m == "auto" else "") for m, r in records.items()))
+
+    result = _run(bench_modes(
+        drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
+        rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress,
+    ))
+    _print(result, f"bench modes (rtt {rtt_ms} ms)", as_json)
+
+
+def rtt_plot(
+    rtts: str = typer.Option("0,50,150", help="Round-trip times in ms, comma-separated."),
+    drafter: str = typer.Option(DEFAULT_DRAFTER),
+    target: str = typer.Option(DEFAULT_TARGET),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    limit: int = typer.Option(3, min=1),
+    max_new_tokens: int = typer.Option(48, min=1),
+    out: Path = typer.Option(Path("rtt.png"), help="Where to write the PNG."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Seconds per token against RTT for each mode, measured, with the analytical prediction
+    (sdk/auto.py, fed with the speeds measured at the lowest RTT) drawn beside."""
+    from .bench import bench_modes
+    from .plots import plot_rtt
+
+    points = sorted(float(x) for x in rtts.split(","))
+    prompt_list = _prompts(prompts, limit)
+    results = []
+    for rtt in points:
+        err.print(f"rtt {rtt:.0f} ms ...")
+        results.append(_run(bench_modes(drafter=drafter, target=target, prompts=prompt_list,
+                                        max_new_tokens=max_new_tokens, rtt_ms=rtt)))
+    summary = plot_rtt(results, out)
+    summary["png"] = str(out)
+    _print(summary, "seconds per token vs RTT", as_json)
+
+
+def register(bench_app: typer.Typer) -> None:
+    bench_app.command("speculative")(speculative)
+    bench_app.command("modes")(modes)
+    bench_app.command("rtt-plot")(rtt_plot)
