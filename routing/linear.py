@@ -1,0 +1,115 @@
+"""Logistic regression in plain numpy: the classifiers behind the trained routers.
+
+    p(y = 1 | x) = sigmoid(w . z + b),   z = (x - mean) / scale
+
+fitted by Newton's method on the L2-penalised log-loss
+
+    L(w, b) = - sum_i [y_i log p_i + (1 - y_i) log(1 - p_i)] + (l2 / 2) |w|^2
+
+(the bias is not penalised). The problems here are small (hundreds of features, thousands of
+rows), where Newton converges in a handful of steps and the result is deterministic.
+
+A `LinearHeads` holds one or more such heads on the same features. With two heads named
+`strong` and `weak` (each model's chance of answering correctly), a query router's score is the
+expected gain of the strong model, mapped into [0, 1]: (1 + p_strong - p_weak) / 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+
+
+def fit_logistic(
+    X: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weights: np.ndarray | None = None, steps: int = 50, tol: float = 1e-8
+) -> tuple[np.ndarray, float]:
+    """(w, b) minimising the penalised log-loss above on already standardised X."""
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, d = X.shape
+    sw = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    A = np.hstack([X, np.ones((n, 1))])
+    theta = np.zeros(d + 1)
+    reg = np.full(d + 1, l2)
+    reg[-1] = 0.0
+    for _ in range(steps):
+        p = sigmoid(A @ theta)
+        grad = A.T @ (sw * (p - y)) + reg * theta
+        h = sw * p * (1 - p)
+        H = (A * h[:, None]).T @ A + np.diag(reg + 1e-9)
+        delta = np.linalg.solve(H, grad)
+        theta -= delta
+        if np.max(np.abs(delta)) < tol:
+            break
+    return theta[:-1], float(theta[-1])
+
+
+@dataclass
+class LinearHeads:
+    mean: np.ndarray  # (d,)
+    scale: np.ndarray  # (d,)
+    W: np.ndarray  # (heads, d)
+    b: np.ndarray  # (heads,)
+    names: tuple[str, ...]
+
+    def probs(self, X: np.ndarray) -> np.ndarray:
+        """(n, heads) probabilities."""
+        Z = (np.atleast_2d(np.asarray(X, dtype=np.float64)) - self.mean) / self.scale
+        return sigmoid(Z @ self.W.T + self.b)
+
+    def router_score(self, X: np.ndarray) -> np.ndarray:
+        """(n,) scores in [0, 1]: the expected gain (1 + p_strong - p_weak) / 2 with heads
+        strong/weak, or the single head's probability."""
+        P = self.probs(X)
+        if self.names == ("strong", "weak"):
+            return (1.0 + P[:, 0] - P[:, 1]) / 2.0
+        return P[:, 0]
+
+    @classmethod
+    def fit(
+        cls, X: np.ndarray, targets: dict[str, np.ndarray], *, l2: float = 1.0, standardize: bool = True
+    ) -> "LinearHeads":
+        X = np.asarray(X, dtype=np.float64)
+        mean = X.mean(0) if standardize else np.zeros(X.shape[1])
+        scale = X.std(0) if standardize else np.ones(X.shape[1])
+        scale = np.where(scale > 1e-12, scale, 1.0)
+        Z = (X - mean) / scale
+        W, b = [], []
+        for name in targets:
+            w, c = fit_logistic(Z, targets[name], l2=l2)
+            W.append(w)
+            b.append(c)
+        return cls(mean=mean, scale=scale, W=np.array(W), b=np.array(b), names=tuple(targets))
+
+    def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
+        return {
+            prefix + "mean": self.mean.astype(np.float32),
+            prefix + "scale": self.scale.astype(np.float32),
+            prefix + "W": self.W.astype(np.float32),
+            prefix + "b": self.b.astype(np.float32),
+            prefix + "names": np.array(self.names),
+        }
+
+    @classmethod
+    def from_arrays(cls, z, prefix: str = "") -> "LinearHeads":
+        return cls(
+            mean=np.asarray(z[prefix + "mean"], np.float64),
+            scale=np.asarray(z[prefix + "scale"], np.float64),
+            W=np.asarray(z[prefix + "W"], np.float64),
+            b=np.asarray(z[prefix + "b"], np.float64),
+            names=tuple(str(s) for s in z[prefix + "names"]),
+        )
+
+
+def load_npz(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+__all__ = ["sigmoid", "fit_logistic", "LinearHeads", "load_npz"]

@@ -1,0 +1,184 @@
+"""Building the query routers' artefacts (`tandem route train`), from ../shared/data/routing only.
+
+    training rows   the train part of the fixed split in routing/data.py (GSM8K: ~70% of the
+                    prompts by a salted hash; MMLU: 25 of the 38 domains); held-out rows are
+                    never read here
+    embedding       all-MiniLM-L6-v2 embeddings of every training prompt -> two L2-penalised
+                    logistic heads (P(strong correct), P(weak correct)); the penalty is chosen by
+                    5-fold cross-validation on the training rows (folds by MMLU domain, and by
+                    hash for GSM8K), maximising the mean APGR over the folds
+    prefill         the device model's prefill signals (routing/signals.py) for a sample of the
+                    training rows (all GSM8K training prompts, up to `per_domain` prompts of each
+                    MMLU training domain) -> the same two heads, same selection
+    calibration     quantiles of the out-of-fold scores (scores of prompts the heads did not see),
+                    so a target share of cloud calls carries over to new prompts
+
+Outputs in routing/artifacts/: embedding_router.npz, prefill_router.npz, train_prompt_hashes.npy
+(the 64-bit hashes of every training prompt, so `tandem route eval` can tell seen from unseen
+prompts) and train_manifest.json (what was trained on, the chosen penalties, the CV scores).
+Everything is deterministic given the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .base import Calibration
+from .data import RoutingTable, load_shared, mmlu_domain, prompt_hash, split
+from .linear import LinearHeads
+from .metrics import route_metrics
+from .query import ARTIFACTS
+
+L2_GRID = (0.3, 3.0, 30.0, 300.0)
+FOLDS = 5
+
+
+def fold_ids(table: RoutingTable, folds: int = FOLDS) -> np.ndarray:
+    """A fold per row: MMLU rows by domain (whole domains per fold), others by prompt hash."""
+    out = np.empty(len(table), dtype=np.int64)
+    domains = sorted({d for d in (mmlu_domain(s) for s in table.sources) if d is not None})
+    dom_fold = {d: i % folds for i, d in enumerate(domains)}
+    for i, (p, s) in enumerate(zip(table.prompts, table.sources)):
+        d = mmlu_domain(s)
+        out[i] = dom_fold[d] if d is not None else prompt_hash("fold:" + p) % folds
+    return out
+
+
+def _targets(table: RoutingTable) -> dict[str, np.ndarray]:
+    return {"strong": table.strong.astype(float), "weak": table.weak.astype(float)}
+
+
+def cross_validate(
+    X: np.ndarray, table: RoutingTable, l2_grid=L2_GRID, folds: int = FOLDS, log: Callable[[str], None] = print
+) -> tuple[float, np.ndarray, dict]:
+    """(best l2, out-of-fold scores for it, {l2: mean APGR}) by grouped K-fold."""
+    fid = fold_ids(table, folds)
+    results: dict[float, float] = {}
+    oof_by_l2: dict[float, np.ndarray] = {}
+    for l2 in l2_grid:
+        oof = np.zeros(len(table))
+        apgrs = []
+        for f in range(folds):
+            tr, te = fid != f, fid == f
+            heads = LinearHeads.fit(X[tr], {k: v[tr] for k, v in _targets(table).items()}, l2=l2)
+            oof[te] = heads.router_score(X[te])
+            part = table.subset(te)
+            if part.strong.mean() != part.weak.mean():
+                apgrs.append(route_metrics(oof[te], part.weak, part.strong).apgr)
+        results[l2] = float(np.mean(apgrs))
+        oof_by_l2[l2] = oof
+        log(f"  l2={l2:g}: mean out-of-fold APGR {results[l2]:.3f}")
+    best = max(results, key=lambda k: results[k])
+    return best, oof_by_l2[best], {str(k): v for k, v in results.items()}
+
+
+def _fit_and_save(
+    name: str, X: np.ndarray, table: RoutingTable, out: Path, meta: dict, log: Callable[[str], None]
+) -> dict:
+    log(f"{name}: {len(table)} training prompts, {X.shape[1]} features")
+    l2, oof, cv = cross_validate(X, table, log=log)
+    heads = LinearHeads.fit(X, _targets(table), l2=l2)
+    cal = Calibration.from_scores(oof)
+    arrays = heads.to_arrays()
+    arrays["quantiles"] = np.asarray(cal.quantiles, dtype=np.float32)
+    for k, v in {**meta, "l2": l2, "n_train": len(table)}.items():
+        arrays[f"meta_{k}"] = np.asarray(v)
+    path = out / f"{name}_router.npz"
+    np.savez_compressed(path, **arrays)
+    log(f"{name}: l2={l2:g}, wrote {path.name} ({path.stat().st_size / 1024:.0f} KiB)")
+    return {"l2": l2, "cv_mean_apgr": cv, "n_train": len(table), "file": path.name}
+
+
+def _sample(table: RoutingTable, per_domain: int) -> RoutingTable:
+    """Every non-MMLU row, and the first `per_domain` rows (by prompt hash order) of each MMLU domain."""
+    keep = np.zeros(len(table), dtype=bool)
+    by_domain: dict[str, list[int]] = {}
+    for i, s in enumerate(table.sources):
+        d = mmlu_domain(s)
+        if d is None:
+            keep[i] = True
+        else:
+            by_domain.setdefault(d, []).append(i)
+    for rows in by_domain.values():
+        rows.sort(key=lambda i: prompt_hash("sample:" + table.prompts[i]))
+        keep[rows[:per_domain]] = True
+    return table.subset(keep)
+
+
+def train_query_routers(
+    *,
+    data_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    routers: tuple[str, ...] = ("embedding", "prefill"),
+    per_domain: int = 40,
+    device_model: str = "smollm2-135m",
+    max_tokens: int = 256,
+    cache_dir: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    out = Path(out) if out else ARTIFACTS
+    out.mkdir(parents=True, exist_ok=True)
+    tables = load_shared(data_dir)
+    parts = {name: split(t) for name, t in tables.items()}
+    train = RoutingTable.concat([parts["gsm8k"][0], parts["mmlu"][0]])
+    heldout_n = {name: len(p[1]) for name, p in parts.items()}
+    log(f"training rows: {len(train)} (gsm8k {len(parts['gsm8k'][0])}, mmlu {len(parts['mmlu'][0])}); "
+        f"held out and never read: gsm8k {heldout_n['gsm8k']}, mmlu {heldout_n['mmlu']}")
+    digest = hashlib.sha256("\n".join(train.prompts).encode("utf-8")).hexdigest()[:16]
+    manifest = {
+        "split": {
+            "gsm8k": "held out when sha256(salt + prompt) falls in the lowest 30% (routing/data.py)",
+            "mmlu": "whole domains held out: every third of the 38 domain files in alphabetical order",
+            "train_rows": {"gsm8k": len(parts["gsm8k"][0]), "mmlu": len(parts["mmlu"][0])},
+            "heldout_rows": heldout_n,
+            "train_prompts_sha256": digest,
+        },
+        "routers": {},
+    }
+    hashes = np.unique(np.array([prompt_hash(p) for p in train.prompts], dtype=np.uint64))
+    np.save(out / "train_prompt_hashes.npy", hashes)
+
+    if "embedding" in routers:
+        from .embed import EMBEDDING_MODEL, embed_cached
+
+        t0 = time.perf_counter()
+        X = embed_cached(train.prompts, cache_dir=cache_dir)
+        log(f"embedding: {len(train)} prompts embedded in {time.perf_counter() - t0:.0f} s")
+        manifest["routers"]["embedding"] = _fit_and_save(
+            "embedding", X, train, out, {"model": EMBEDDING_MODEL, "train_sha256": digest}, log
+        )
+    if "prefill" in routers:
+        from ..local_runtime.models import load_model
+        from .cache import FeatureCache
+        from .signals import SIGNAL_NAMES, prefill_signals
+
+        sample = _sample(train, per_domain)
+        lm = load_model(device_model, progress=False)
+        t0 = time.perf_counter()
+        cache = FeatureCache(f"prefill-{device_model}-{max_tokens}", cache_dir)
+        X = cache.get_many(sample.prompts, lambda ps: prefill_signals(lm, ps, max_tokens=max_tokens), save_every=128)
+        log(f"prefill: signals of {len(sample)} prompts in {time.perf_counter() - t0:.0f} s")
+        manifest["routers"]["prefill"] = _fit_and_save(
+            "prefill", X, sample, out,
+            {"model": device_model, "max_tokens": max_tokens, "features": ",".join(SIGNAL_NAMES), "train_sha256": digest},
+            log,
+        )
+        manifest["routers"]["prefill"]["per_domain"] = per_domain
+    path = out / "train_manifest.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    old_routers = old.get("routers", {}) if old.get("split", {}).get("train_prompts_sha256") == digest else {}
+    manifest["routers"] = {**old_routers, **manifest["routers"]}
+    manifest.setdefault("token_router", old.get("token_router"))
+    if manifest["token_router"] is None:
+        manifest.pop("token_router")
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+__all__ = ["train_query_routers", "cross_validate", "fold_ids"]
