@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from .errors import TransportError, from_reply, gateway_error
 from .messages import (
+    AppendRequest,
     CloseSession,
     ErrorReply,
     GatewayInfo,
@@ -24,8 +25,22 @@ _PATHS = {
     OpenSession: "/v1/sessions",
     VerifyRequest: "/v1/sessions/verify",
     VerifyTextRequest: "/v1/sessions/verify_text",
+    AppendRequest: "/v1/sessions/append",
     CloseSession: "/v1/sessions/close",
 }
+
+
+# Session-bound requests repeat their session id in this header, so a load balancer can route them
+# to the replica that holds the session (sticky routing) without parsing bodies.
+SESSION_HEADER = "x-tandem-session"
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class HttpTransport(Transport):
@@ -50,16 +65,20 @@ class HttpTransport(Transport):
         if response.is_success:
             return
         try:
-            raise from_reply(ErrorReply.model_validate_json(response.content))
+            reply = ErrorReply.model_validate_json(response.content)
         except ValidationError:
-            raise gateway_error(
-                "internal", f"gateway answered HTTP {response.status_code}: {response.text[:200]}"
-            ) from None
+            reply = None
+        if reply is not None:
+            raise from_reply(reply, _retry_after(response))
+        raise gateway_error("internal", f"gateway answered HTTP {response.status_code}: {response.text[:200]}")
 
     async def request(self, msg: Request) -> Reply:
         body = msg.model_dump_json().encode()
+        headers = {"content-type": "application/json"}
+        if (session_id := getattr(msg, "session_id", None)) is not None:
+            headers[SESSION_HEADER] = session_id
         try:
-            response = await self._client.post(_PATHS[type(msg)], content=body, headers={"content-type": "application/json"})
+            response = await self._client.post(_PATHS[type(msg)], content=body, headers=headers)
         except httpx.TimeoutException as exc:
             raise TransportError(f"gateway at {self.base_url} did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
@@ -103,4 +122,4 @@ class HttpTransport(Transport):
         await self._client.aclose()
 
 
-__all__ = ["HttpTransport"]
+__all__ = ["HttpTransport", "SESSION_HEADER"]

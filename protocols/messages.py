@@ -5,6 +5,7 @@ nothing else builds them by hand. The flow of one speculative session:
 
     OpenSession  ->  SessionOpened        the gateway prefills the prompt into a session KV cache
     VerifyRequest -> VerifyResult         repeated: k draft tokens in, accepted count + next token out
+    AppendRequest -> AppendResult         `assist` mode: device tokens taken as they are, the target's next token out
     CloseSession ->  SessionClosed
 
 Only new tokens travel after the open: a verify names the position its first draft token would
@@ -25,6 +26,7 @@ PROTOCOL_VERSION = 1
 MAX_DRAFT_TOKENS = 64
 MAX_PROMPT_TOKENS = 32_768
 MAX_SPARSE_SUPPORT = 256
+MAX_APPEND_TOKENS = 1024
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -133,12 +135,20 @@ class OpenSession(_Prompt):
     """
 
     type: Literal["open"] = "open"
+    resume_tokens: list[TokenId] | None = Field(
+        None, max_length=MAX_PROMPT_TOKENS,
+        description="target token ids already generated after this prompt: re-opens a session the gateway "
+        "evicted, in the state it had (they count towards max_new_tokens)",
+    )
 
 
 class SessionOpened(_Message):
     type: Literal["opened"] = "opened"
-    session_id: str
-    position: int = Field(description="token sessions: the prompt length; text sessions: 0 (characters generated)")
+    session_id: str = Field(description="unguessable; its prefix names the replica that holds the session")
+    position: int = Field(
+        description="token sessions: the sequence length (the prompt, plus resume_tokens); "
+        "text sessions: target tokens generated so far (0 unless resumed)"
+    )
     text_space: bool = False
     model: str
     eos_token_ids: list[int]
@@ -224,6 +234,50 @@ class VerifyTextResult(_Message):
     finish_reason: Literal["eos", "length"] | None = None
 
 
+class AppendRequest(_Message):
+    """`assist` mode: tokens the device generated itself, taken into the session as they are (no
+    verification), then one target forward pass for the target's next token after them.
+
+    Token sessions send `tokens` (target token ids; `position` is the sequence length before them,
+    as in VerifyRequest). Text sessions send `text`, which the target tokenises (`position` is the
+    target tokens generated so far and `text_offset` the characters, as in VerifyTextRequest).
+    Empty `tokens`/`text` is one plain target decode step.
+    """
+
+    type: Literal["append"] = "append"
+    session_id: str = Field(min_length=1, max_length=128)
+    position: int = Field(ge=0)
+    tokens: list[TokenId] | None = Field(None, max_length=MAX_APPEND_TOKENS)
+    text: str | None = Field(None, max_length=16_384)
+    text_offset: int | None = Field(None, ge=0, description="text sessions: characters generated so far")
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> "AppendRequest":
+        if (self.tokens is None) == (self.text is None):
+            raise ValueError("give exactly one of tokens (token sessions) or text (text sessions)")
+        if self.text is not None and self.text_offset is None:
+            raise ValueError("a text append needs the text_offset it continues from")
+        return self
+
+
+class AppendResult(_Message):
+    """`appended` target tokens were taken from the request, then the target added `next_token`
+    (None when the appended tokens already ended the generation). `tokens` is everything appended
+    (the request's tokens, cut at end-of-sequence or the budget, then `next_token`); `text` is the
+    text of `next_token` alone (text sessions: held back while it ends mid-character)."""
+
+    type: Literal["appended"] = "appended"
+    session_id: str
+    appended: int = Field(ge=0)
+    next_token: int | None
+    text: str
+    tokens: list[int]
+    position: int = Field(description="token sessions: the sequence length; text sessions: target tokens generated")
+    text_offset: int | None = Field(None, description="text sessions: characters generated after this reply")
+    finished: bool
+    finish_reason: Literal["eos", "length"] | None = None
+
+
 class CloseSession(_Message):
     type: Literal["close"] = "close"
     session_id: str = Field(min_length=1, max_length=128)
@@ -259,6 +313,9 @@ class GatewayInfo(_Message):
     max_draft_tokens: int
     max_prompt_tokens: int
     max_new_tokens: int
+    replica: str | None = Field(None, description="this replica's id: the prefix of its session ids")
+    auth: bool = Field(False, description="requests need `authorization: Bearer <api key>`")
+    batching: bool = Field(False, description="verifies from different sessions share forward passes")
 
 
 ErrorCode = Literal[
@@ -271,6 +328,11 @@ ErrorCode = Literal[
     "session_finished",
     "capacity",
     "internal",
+    "unauthorized",
+    "rate_limited",
+    "session_limit",
+    "session_evicted",
+    "not_ready",
 ]
 
 
@@ -287,6 +349,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "MAX_DRAFT_TOKENS",
     "MAX_PROMPT_TOKENS",
+    "MAX_APPEND_TOKENS",
     "SamplingParams",
     "ChatMessage",
     "SparseDist",
@@ -296,6 +359,8 @@ __all__ = [
     "VerifyResult",
     "VerifyTextRequest",
     "VerifyTextResult",
+    "AppendRequest",
+    "AppendResult",
     "CloseSession",
     "SessionClosed",
     "GenerateRequest",

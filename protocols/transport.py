@@ -19,6 +19,8 @@ from pydantic import BaseModel, ValidationError
 
 from .errors import GatewayError, TransportError, gateway_error
 from .messages import (
+    AppendRequest,
+    AppendResult,
     CloseSession,
     GatewayInfo,
     GenerateChunk,
@@ -32,14 +34,15 @@ from .messages import (
     VerifyTextResult,
 )
 
-Request = Union[OpenSession, VerifyRequest, VerifyTextRequest, CloseSession]
-Reply = Union[SessionOpened, VerifyResult, VerifyTextResult, SessionClosed]
+Request = Union[OpenSession, VerifyRequest, VerifyTextRequest, AppendRequest, CloseSession]
+Reply = Union[SessionOpened, VerifyResult, VerifyTextResult, AppendResult, SessionClosed]
 R = TypeVar("R", bound=BaseModel)
 
 REPLY_TYPE: dict[type, type] = {
     OpenSession: SessionOpened,
     VerifyRequest: VerifyResult,
     VerifyTextRequest: VerifyTextResult,
+    AppendRequest: AppendResult,
     CloseSession: SessionClosed,
 }
 
@@ -77,6 +80,7 @@ class GatewayHandler(Protocol):
     async def open(self, req: OpenSession) -> SessionOpened: ...
     async def verify(self, req: VerifyRequest) -> VerifyResult: ...
     async def verify_text(self, req: VerifyTextRequest) -> VerifyTextResult: ...
+    async def append(self, req: AppendRequest) -> AppendResult: ...
     async def close_session(self, req: CloseSession) -> SessionClosed: ...
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
     def info(self) -> GatewayInfo: ...
@@ -110,6 +114,7 @@ class InProcessTransport(Transport):
             OpenSession: self.gateway.open,
             VerifyRequest: self.gateway.verify,
             VerifyTextRequest: self.gateway.verify_text,
+            AppendRequest: self.gateway.append,
             CloseSession: self.gateway.close_session,
         }[type(msg)]
         return self._back(await handler(received))

@@ -1,28 +1,41 @@
 """HTTP face of the gateway (FastAPI, served by uvicorn).
 
-    GET  /healthz                  liveness
+    GET  /healthz                  liveness (the process answers)
+    GET  /readyz                   readiness (model loaded, worker running, not draining): 200 or 503
+    GET  /metrics                  Prometheus text format (metrics.py)
     GET  /v1/info                  model, tokenizer fingerprint, limits      -> GatewayInfo
     POST /v1/sessions              OpenSession                               -> SessionOpened
     POST /v1/sessions/verify       VerifyRequest                             -> VerifyResult
     POST /v1/sessions/verify_text  VerifyTextRequest (cross-tokenizer)       -> VerifyTextResult
+    POST /v1/sessions/append       AppendRequest (`assist` mode)             -> AppendResult
     POST /v1/sessions/close        CloseSession                              -> SessionClosed
     POST /v1/generate              GenerateRequest -> NDJSON stream of GenerateChunk
+    GET  /v1/models                OpenAI-compatible model list              (openai_api.py)
+    POST /v1/chat/completions      OpenAI-compatible chat, streaming (SSE) or not
 
-Every error is an `ErrorReply` JSON body with a 4xx/5xx status: malformed JSON and schema
-violations are 400 with the offending fields named, unknown sessions 404, wrong positions 409,
-oversized bodies or drafts 413. Nothing a client sends takes the server down.
+Every /v1 route needs `authorization: Bearer <key>` when the gateway has keys (401 otherwise),
+and a session answers only to the key that opened it (any other key: 404, as for an id that
+does not exist). Every error is an `ErrorReply` JSON body (OpenAI's error shape on the OpenAI
+routes): 400 malformed (naming the field), 401 no or unknown key, 404 unknown session, 409 wrong
+position, 410 session evicted (re-open with resume_tokens), 413 over a size limit, 429 over a
+rate or count limit (with Retry-After). Nothing a client sends takes the server down.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import (
+    AppendRequest,
+    AppendResult,
     CloseSession,
     ErrorReply,
     GatewayInfo,
@@ -35,13 +48,30 @@ from ..protocols.messages import (
     VerifyTextRequest,
     VerifyTextResult,
 )
+from .auth import KeyRing, Principal
 from .service import Gateway
 
 log = logging.getLogger("tandem.gateway")
+access_log = logging.getLogger("tandem.gateway.access")
+
+_OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
 
 
-def _error(err: GatewayError) -> JSONResponse:
-    return JSONResponse(err.to_reply().model_dump(mode="json"), status_code=err.status)
+def _headers(err: GatewayError) -> dict[str, str]:
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tandem"'
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
+    return headers
+
+
+def _error(err: GatewayError, path: str = "") -> JSONResponse:
+    if path.startswith(_OPENAI_PATHS):
+        body = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None}}
+    else:
+        body = err.to_reply().model_dump(mode="json")
+    return JSONResponse(body, status_code=err.status, headers=_headers(err))
 
 
 def _describe_validation(errors: list[dict]) -> str:
@@ -52,64 +82,150 @@ def _describe_validation(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-def create_app(gateway: Gateway) -> FastAPI:
-    app = FastAPI(title="tandem gateway", version="0.1.0", summary="Verifies drafted tokens with the target model.")
-    app.state.gateway = gateway
+class _Edge:
+    """Pure ASGI middleware in front of everything: the body-size limit (by Content-Length, and
+    by counting for bodies sent without one), per-route request metrics and the access log."""
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        limit = gateway.limits.max_body_bytes
-        if length is not None and length.isdigit() and int(length) > limit:
-            return _error(gateway_error("too_large", f"request body of {length} bytes exceeds the limit of {limit}"))
-        return await call_next(request)
+    def __init__(self, app, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.gateway.limits.max_body_bytes
+        t0 = time.perf_counter()
+        status = {"code": 500}
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            err = gateway_error("too_large", f"request body of {length.decode(errors='replace')} bytes exceeds the limit of {limit}")
+            await _error(err, scope.get("path", ""))(scope, receive, send)
+            self._record(scope, 413, t0)
+            return
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise StarletteHTTPException(413, f"request body exceeds the limit of {limit} bytes")
+            return message
+
+        async def recorded_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, recorded_send)
+        finally:
+            self._record(scope, status["code"], t0)
+
+    def _record(self, scope, status: int, t0: float) -> None:
+        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        seconds = time.perf_counter() - t0
+        m = self.gateway.metrics
+        m.requests.labels(route, str(status)).inc()
+        m.request_seconds.labels(route).observe(seconds)
+        state = scope.get("state") or {}
+        access_log.info(
+            "%s %s %d", scope.get("method"), scope.get("path"), status,
+            extra={"method": scope.get("method"), "path": scope.get("path"), "status": status,
+                   "ms": round(seconds * 1000, 2), "key": state.get("key"), "session": state.get("session")},
+        )
+
+
+def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
+    keys = keys or KeyRing(required=False)
+    gateway.auth_required = keys.required
+    app = FastAPI(title="tandem gateway", version="0.2.0", summary="Verifies drafted tokens with the target model.")
+    app.state.gateway = gateway
+    app.add_middleware(_Edge, gateway=gateway)
+
+    async def principal(request: Request) -> Principal:
+        who = keys.authenticate(request.headers.get("authorization"))
+        request.state.key = who.id
+        request.state.session = request.headers.get("x-tandem-session")
+        return who
+
+    def count_error(err: GatewayError) -> None:
+        gateway.stats["errors"] += 1
+        gateway.metrics.errors.labels(err.code).inc()
 
     @app.exception_handler(GatewayError)
-    async def on_gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        gateway.stats["errors"] += 1
-        return _error(exc)
+    async def on_gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        count_error(exc)
+        return _error(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        gateway.stats["errors"] += 1
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return _error(gateway_error("bad_request", _describe_validation(errors), detail=errors))
+        err = gateway_error("bad_request", _describe_validation(errors), detail=errors)
+        count_error(err)
+        return _error(err, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {413: "too_large", 401: "unauthorized"}.get(exc.status_code, "bad_request")
+        err = GatewayError(code, str(exc.detail), status=exc.status_code)
+        count_error(err)
+        return _error(err, request.url.path)
 
     @app.exception_handler(Exception)
-    async def on_crash(_: Request, exc: Exception) -> JSONResponse:
+    async def on_crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        gateway.stats["errors"] += 1
-        return _error(gateway_error("internal", f"internal error: {type(exc).__name__}"))
+        err = gateway_error("internal", f"internal error: {type(exc).__name__}")
+        count_error(err)
+        return _error(err, request.url.path)
 
-    responses = {400: {"model": ErrorReply}, 404: {"model": ErrorReply}, 409: {"model": ErrorReply}, 413: {"model": ErrorReply}}
+    errors = {s: {"model": ErrorReply} for s in (400, 401, 404, 409, 410, 413, 429)}
+    auth = [Depends(principal)]
 
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "sessions": len(gateway.sessions)}
 
-    @app.get("/v1/info", response_model=GatewayInfo)
+    @app.get("/readyz", responses={503: {"model": ErrorReply}})
+    async def readyz() -> JSONResponse:
+        worker_ok = not getattr(gateway._worker, "_shutdown", False)
+        if gateway.ready and worker_ok:
+            return JSONResponse({"status": "ready", "model": gateway.model_name, "replica": gateway.replica_id})
+        return _error(gateway_error("not_ready", "the gateway is starting or draining"))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
+
+    @app.get("/v1/info", response_model=GatewayInfo, responses=errors, dependencies=auth)
     async def info() -> GatewayInfo:
         return gateway.info()
 
-    @app.post("/v1/sessions", response_model=SessionOpened, responses=responses)
-    async def open_session(req: OpenSession) -> SessionOpened:
-        return await gateway.open(req)
+    @app.post("/v1/sessions", response_model=SessionOpened, responses=errors)
+    async def open_session(req: OpenSession, who: Principal = Depends(principal)) -> SessionOpened:
+        return await gateway.open(req, who)
 
-    @app.post("/v1/sessions/verify", response_model=VerifyResult, responses=responses)
-    async def verify(req: VerifyRequest) -> VerifyResult:
-        return await gateway.verify(req)
+    @app.post("/v1/sessions/verify", response_model=VerifyResult, responses=errors)
+    async def verify(req: VerifyRequest, who: Principal = Depends(principal)) -> VerifyResult:
+        return await gateway.verify(req, who)
 
-    @app.post("/v1/sessions/verify_text", response_model=VerifyTextResult, responses=responses)
-    async def verify_text(req: VerifyTextRequest) -> VerifyTextResult:
-        return await gateway.verify_text(req)
+    @app.post("/v1/sessions/verify_text", response_model=VerifyTextResult, responses=errors)
+    async def verify_text(req: VerifyTextRequest, who: Principal = Depends(principal)) -> VerifyTextResult:
+        return await gateway.verify_text(req, who)
 
-    @app.post("/v1/sessions/close", response_model=SessionClosed, responses=responses)
-    async def close(req: CloseSession) -> SessionClosed:
-        return await gateway.close_session(req)
+    @app.post("/v1/sessions/append", response_model=AppendResult, responses=errors)
+    async def append(req: AppendRequest, who: Principal = Depends(principal)) -> AppendResult:
+        return await gateway.append(req, who)
 
-    @app.post("/v1/generate", responses=responses)
-    async def generate(req: GenerateRequest) -> StreamingResponse:
-        chunks = await gateway.generate(req)
+    @app.post("/v1/sessions/close", response_model=SessionClosed, responses=errors)
+    async def close(req: CloseSession, who: Principal = Depends(principal)) -> SessionClosed:
+        return await gateway.close_session(req, who)
+
+    @app.post("/v1/generate", responses=errors)
+    async def generate(req: GenerateRequest, who: Principal = Depends(principal)) -> StreamingResponse:
+        chunks = await gateway.generate(req, who)
 
         async def ndjson():
             async for chunk in chunks:
@@ -117,13 +233,27 @@ def create_app(gateway: Gateway) -> FastAPI:
 
         return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 
+    from .openai_api import openai_router
+
+    app.include_router(openai_router(gateway, principal))
     return app
 
 
-def serve(gateway: Gateway, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(
+    gateway: Gateway,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    *,
+    keys: KeyRing | None = None,
+    log_format: str = "json",
+) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(gateway), host=host, port=port, log_level=log_level)
+    from .logs import configure_logging
+
+    configure_logging(log_level, log_format)
+    uvicorn.run(create_app(gateway, keys), host=host, port=port, log_level=log_level, log_config=None)
 
 
 __all__ = ["create_app", "serve"]

@@ -1,27 +1,39 @@
 """The gateway's core, free of HTTP: messages in, messages (or GatewayError) out.
 
-The FastAPI app (`app.py`) and the in-process transport both call this object, so every
-transport sees the same behaviour. Model work runs on one worker thread: torch already uses every
-core for one forward pass, and a single worker keeps the event loop free for I/O.
+The FastAPI app (`app.py`), the in-process transport and other fronts all call this object, so
+every transport sees the same behaviour. Each public method takes the caller's `principal` (the
+API key it authenticated with; anonymous when none): sessions belong to it, and its limits apply.
+
+Model work runs on one worker thread: torch already uses every core for one forward pass, and a
+single worker keeps the event loop free for I/O. Verify and append requests from different
+sessions meet in the `Batcher`, which runs them as one packed forward pass (batching.py).
+
+A request's life: checks (limits, position, replay) under the session's lock -> its tokens are
+appended to the session's engine -> the batcher computes their logits rows together with other
+sessions' -> the accept rule decides on the worker -> reply. Only then is the lock released, even
+when the caller has gone away, so a session's cache never runs ahead of its bookkeeping.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..local_runtime.engine import DEFAULT_TIE_MARGIN, Engine, generate_alone
-from ..local_runtime.models import LoadedModel, load_model
+from ..local_runtime.engine import DEFAULT_TIE_MARGIN, generate_alone
+from ..local_runtime.models import LoadedModel
 from ..local_runtime.sampling import logits_to_probs
 from ..local_runtime.speculative import verify_sampled
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import (
+    AppendRequest,
+    AppendResult,
     CloseSession,
     GatewayInfo,
     GenerateChunk,
@@ -34,6 +46,11 @@ from ..protocols.messages import (
     VerifyTextRequest,
     VerifyTextResult,
 )
+from .auth import ANONYMOUS, Principal
+from .backends import TargetBackend, TransformersBackend
+from .batching import Batcher, BatchingConfig, Block
+from .limits import RateLimiter
+from .metrics import GatewayMetrics
 from .sessions import Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +64,11 @@ class GatewayLimits:
     max_prompt_tokens: int = 8192
     max_new_tokens: int = 4096
     max_body_bytes: int = 1_000_000
+    max_append_tokens: int = 256
+    max_sessions_per_key: int | None = None  # None: only max_sessions
+    tokens_per_minute_per_key: int | None = None  # None: unlimited
+    kv_cache_budget_mb: float | None = None  # None: bounded by max_sessions only
+    prefill_chunk_tokens: int = 512  # long prompts are prefilled in chunks, so verifies interleave
 
 
 class Gateway:
@@ -56,13 +78,36 @@ class Gateway:
         limits: GatewayLimits | None = None,
         *,
         tie_margin: float = DEFAULT_TIE_MARGIN,
+        batching: BatchingConfig | None = None,
+        backend: TargetBackend | None = None,
+        replica_id: str | None = None,
+        auth_required: bool = False,
     ) -> None:
-        self.lm = model if isinstance(model, LoadedModel) else load_model(model)
+        batching = batching or BatchingConfig()
+        self.backend = backend or TransformersBackend(model, batching=batching.enabled)
+        self.lm = self.backend.lm
         self.limits = limits or GatewayLimits()
         self.tie_margin = tie_margin
-        self.sessions = SessionStore(self.limits.max_sessions, self.limits.session_ttl_s)
+        self.replica_id = replica_id or secrets.token_hex(3)
+        self.auth_required = auth_required
+        self.metrics = GatewayMetrics()
+        lim = self.limits
+        self.sessions = SessionStore(
+            lim.max_sessions, lim.session_ttl_s, replica=self.replica_id, max_per_key=lim.max_sessions_per_key,
+            kv_budget_bytes=None if lim.kv_cache_budget_mb is None else int(lim.kv_cache_budget_mb * 2**20),
+            on_evict=lambda reason: self.metrics.evictions.labels(reason).inc(),
+        )
+        self.limiter = RateLimiter(lim.tokens_per_minute_per_key)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
-        self.stats = {"opened": 0, "verifies": 0, "drafted": 0, "accepted": 0, "errors": 0, "tie_recomputes": 0, "replays": 0}
+        self.batcher = Batcher(
+            self.backend, self._worker, batching, busy=lambda: len(self.sessions), on_batch=self.metrics.observe_batch
+        )
+        self.metrics.track(lambda: len(self.sessions), self.sessions.kv_bytes_total)
+        self.stats = {
+            "opened": 0, "verifies": 0, "appends": 0, "drafted": 0, "accepted": 0, "errors": 0,
+            "tie_recomputes": 0, "replays": 0,
+        }
+        self.ready = True
 
     @property
     def model_name(self) -> str:
@@ -77,12 +122,16 @@ class Gateway:
             max_draft_tokens=self.limits.max_draft_tokens,
             max_prompt_tokens=self.limits.max_prompt_tokens,
             max_new_tokens=self.limits.max_new_tokens,
+            replica=self.replica_id,
+            auth=self.auth_required,
+            batching=self.batcher.packed,
         )
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def close(self) -> None:
+        self.ready = False
         self._worker.shutdown(wait=False, cancel_futures=True)
 
     # -- checks shared by open and generate ----------------------------------------------------
@@ -117,6 +166,12 @@ class Gateway:
         if bad:
             raise gateway_error("bad_request", f"{what} holds ids outside the target's vocabulary of {vocab}: {bad[:5]}")
 
+    def _check_sampling(self, req: OpenSession | GenerateRequest) -> None:
+        if not req.sampling.greedy and not self.backend.supports_sampling:
+            raise gateway_error(
+                "bad_request", f"this gateway's backend verifies greedily only; send temperature 0 (got {req.sampling.temperature})"
+            )
+
     # -- the speculative session ---------------------------------------------------------------
 
     def _prompt(self, req: OpenSession | GenerateRequest) -> list[int]:
@@ -127,18 +182,17 @@ class Gateway:
             prompt, fingerprint = list(req.prompt_tokens), req.tokenizer_fingerprint
         else:
             if req.messages is not None:
-                messages = [m.model_dump() for m in req.messages]
-                prompt = tok.chat(messages) if tok.chat else tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
+                prompt = self.render([m.model_dump() for m in req.messages])
             else:
                 prompt = tok.prompt_tokens(req.prompt_text, chat=False)
             fingerprint = tok.fingerprint
-        if req.resume_text:
-            prompt = prompt + tok.encode(req.resume_text)
         self._check_prompt(prompt, fingerprint, req.max_new_tokens)
         return prompt
 
-    async def open(self, req: OpenSession) -> SessionOpened:
+    async def open(self, req: OpenSession, principal: Principal | None = None) -> SessionOpened:
+        principal = principal or ANONYMOUS
         prompt = self._prompt(req)
+        self._check_sampling(req)
         if req.text_space and not req.sampling.greedy:
             raise gateway_error(
                 "bad_request",
@@ -146,8 +200,17 @@ class Gateway:
                 "tokenizers differ: no lossless cross-vocabulary sampling rule is implemented. Use temperature 0, "
                 "or a drafter that shares the target's tokenizer.",
             )
-        engine = Engine(self.lm, tie_margin=self.tie_margin)
-        engine.append(prompt)
+        resume = list(req.resume_tokens or [])
+        if resume:
+            self._check_ids(resume, "resume_tokens")
+            if len(resume) >= req.max_new_tokens:
+                raise gateway_error("bad_request", f"resume_tokens ({len(resume)}) already use up max_new_tokens ({req.max_new_tokens})")
+            if set(resume) & set(self.lm.tokenizer.eos_token_ids):
+                raise gateway_error("bad_request", "resume_tokens hold an end-of-sequence token: that generation has finished")
+        self.limiter.charge(principal, len(prompt) + len(resume))
+        engine = self.backend.new_engine(self.tie_margin)
+        engine.append(prompt + resume)
+        tok = self.lm.tokenizer
         session = Session(
             id=self.sessions.new_id(),
             engine=engine,
@@ -155,95 +218,172 @@ class Gateway:
             max_new_tokens=req.max_new_tokens,
             prompt_len=len(prompt),
             rng=np.random.default_rng(req.sampling.seed),
+            owner=principal.id,
             text_space=req.text_space,
-            decoder=IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.special_ids),
+            decoder=IncrementalDecoder(tok.decode, skip_ids=tok.special_ids),
+            generated=len(resume),
         )
-        self.sessions.add(session)
-        if len(prompt) > 1:
-            # prefill everything but the last token: each verify starts by feeding it
-            async with session.lock:
-                await self._run(engine.compute, len(prompt) - 1)
+        if resume:
+            session.decoder.push(resume)
+            session.text = session.decoder.text
+            session.text_pending = len(session.decoder.pending_text()) > 0
+        engine_len = len(prompt) + len(resume)
+        self.sessions.add(session, max_per_key=principal.max_sessions, need_bytes=self.sessions.bytes_for(engine_len))
+        try:
+            if engine_len > 1:
+                # prefill everything but the last token (each verify starts by feeding it), in
+                # chunks so that other sessions' verifies interleave with a long prompt
+                async with session.lock:
+                    chunk = max(1, self.limits.prefill_chunk_tokens)
+                    for upto in [*range(chunk, engine_len - 1, chunk), engine_len - 1]:
+                        await self._run(self.backend.fill, engine, upto)
+        except BaseException:
+            self.sessions._drop(session.id)
+            engine.reset()
+            raise
+        self.sessions.make_room(keep=session.id)
         self.stats["opened"] += 1
+        self.metrics.opened.inc()
+        self.metrics.tokens.labels("prompt").inc(len(prompt))
         return SessionOpened(
             session_id=session.id,
-            position=0 if session.text_space else session.position,
+            position=session.generated if session.text_space else session.position,
             text_space=session.text_space,
             model=self.lm.name,
             eos_token_ids=self.lm.tokenizer.eos_token_ids,
             expires_in_s=self.limits.session_ttl_s,
         )
 
-    async def verify(self, req: VerifyRequest) -> VerifyResult:
-        session = self.sessions.get(req.session_id)
+    async def verify(self, req: VerifyRequest, principal: Principal | None = None) -> VerifyResult:
+        principal = principal or ANONYMOUS
+        session = self.sessions.get(req.session_id, principal.id)
         if session.text_space:
             raise gateway_error("bad_request", f"session '{session.id}' verifies text: send verify_text requests")
         self._check_draft_len(len(req.draft_tokens), "draft tokens")
         self._check_ids(req.draft_tokens, "draft_tokens")
         if not session.sampling.greedy and req.draft_tokens and req.draft_dists is None:
             raise gateway_error("bad_request", "a sampling session needs draft_dists with every draft block")
-        return await self._locked_verify(session, req.position, session.position, self._verify_tokens, req)
+        return await self._locked(session, req, principal, lambda: session.position, self._block_tokens)
 
-    async def verify_text(self, req: VerifyTextRequest) -> VerifyTextResult:
-        session = self.sessions.get(req.session_id)
+    async def verify_text(self, req: VerifyTextRequest, principal: Principal | None = None) -> VerifyTextResult:
+        principal = principal or ANONYMOUS
+        session = self.sessions.get(req.session_id, principal.id)
         if not session.text_space:
             raise gateway_error("bad_request", f"session '{session.id}' verifies token ids: send verify requests")
-        if req.position == session.generated and req.text_offset != len(session.text):
+        self._check_text_offset(session, req.position, req.text_offset)
+        return await self._locked(session, req, principal, lambda: session.generated, self._block_text)
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """Chat messages as the target's prompt token ids (its chat template, when it has one)."""
+        tok = self.lm.tokenizer
+        return tok.chat(messages) if tok.chat else tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
+
+    async def append(self, req: AppendRequest, principal: Principal | None = None, *, strict_limits: bool = True) -> AppendResult:
+        """`assist` mode: take the device's tokens as they are, answer the target's next one.
+        `strict_limits=False` charges the key's token budget without refusing (a stream that is
+        already running: its cost is a debt its key's next request waits out)."""
+        principal = principal or ANONYMOUS
+        session = self.sessions.get(req.session_id, principal.id)
+        if session.text_space and req.tokens is not None:
+            raise gateway_error("bad_request", f"session '{session.id}' is a text session: append `text`, not `tokens`")
+        if not session.text_space and req.text is not None:
+            raise gateway_error("bad_request", f"session '{session.id}' is a token session: append `tokens`, not `text`")
+        if req.tokens is not None:
+            if len(req.tokens) > self.limits.max_append_tokens:
+                raise gateway_error("too_large", f"{len(req.tokens)} tokens exceed this gateway's append limit of {self.limits.max_append_tokens}")
+            self._check_ids(req.tokens, "tokens")
+            actual = lambda: session.position  # noqa: E731
+        else:
+            self._check_text_offset(session, req.position, req.text_offset)
+            actual = lambda: session.generated  # noqa: E731
+        return await self._locked(session, req, principal, actual, self._block_append, strict=strict_limits)
+
+    def _check_text_offset(self, session: Session, position: int, text_offset: int) -> None:
+        if position == session.generated and text_offset != len(session.text):
             raise gateway_error(
                 "wrong_position",
-                f"text_offset {req.text_offset} does not match the {len(session.text)} characters generated in session '{session.id}'",
-                detail={"expected": len(session.text), "got": req.text_offset},
+                f"text_offset {text_offset} does not match the {len(session.text)} characters generated in session '{session.id}'",
+                detail={"expected": len(session.text), "got": text_offset},
             )
-        return await self._locked_verify(session, req.position, session.generated, self._verify_text, req)
 
     def _check_draft_len(self, n: int, what: str) -> None:
         if n > self.limits.max_draft_tokens:
             raise gateway_error("too_large", f"{n} {what} exceed this gateway's limit of {self.limits.max_draft_tokens}")
 
-    async def _locked_verify(self, session: Session, claimed: int, actual: int, fn, req):
+    async def _locked(self, session: Session, req, principal: Principal, actual, prepare, *, strict: bool = True):
         key = _replay_key(req)
         async with session.lock:
             if session.last_verify is not None and session.last_verify[0] == key:
-                # the same verify again (its reply was lost): answer it again, advance nothing
+                # the same request again (its reply was lost): answer it again, advance nothing
                 self.stats["replays"] += 1
                 return session.last_verify[1]
             if session.finished:
                 raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
-            if claimed != actual:
+            if req.position != actual():
                 raise gateway_error(
                     "wrong_position",
-                    f"verify for position {claimed}, but session '{session.id}' is at position {actual}",
-                    detail={"expected": actual, "got": claimed},
+                    f"{req.type} for position {req.position}, but session '{session.id}' is at position {actual()}",
+                    detail={"expected": actual(), "got": req.position},
                 )
-            result = await self._run(fn, session, req)
+            block = prepare(session, req)
+            if isinstance(block, Block):
+                try:
+                    self.limiter.charge(principal, block.tokens, strict=strict)
+                except GatewayError:
+                    session.engine.truncate(block.start)
+                    raise
+                # shielded: a caller that goes away does not release the lock before the block lands
+                task = asyncio.ensure_future(self.batcher.run(block))
+                try:
+                    result = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    try:
+                        session.last_verify = (key, await task)
+                    except Exception:
+                        pass
+                    raise
+            else:
+                result = block  # decided without a forward pass
             session.last_verify = (key, result)
         if result.finished:
             # a finished session's cache is of no further use: free it now, keeping only the
-            # last reply in case it was lost and the verify is retried
+            # last reply in case it was lost and the request is retried
             self.sessions.finish(session.id)
-        self.stats["verifies"] += 1
-        self.stats["accepted"] += result.accepted
+        else:
+            self.sessions.make_room(keep=session.id)
+        self.metrics.tokens.labels("generated").inc(len(result.tokens) - getattr(result, "appended", 0))
         return result
 
-    def _verify_tokens(self, session: Session, req: VerifyRequest) -> VerifyResult:
-        sampling = session.sampling
+    # -- what runs on the worker -----------------------------------------------------------------
+
+    def _block_tokens(self, session: Session, req: VerifyRequest) -> Block:
         draft = list(req.draft_tokens)
-        if sampling.greedy:
-            n, next_token, emitted, reason = self._verify_block(session, draft)
-        else:
-            def accept(rows):
-                p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
-                q = np.zeros((len(draft), p.shape[1]), dtype=np.float64)
-                for i, dist in enumerate(req.draft_dists or []):
-                    q[i, dist.ids] = dist.probs
-                return verify_sampled(draft, q, p, session.rng.random(len(draft)), float(session.rng.random()))
+        start = session.position
+        session.engine.append(draft)
 
-            n, next_token, emitted, reason = self._verify_block(session, draft, accept)
-        return VerifyResult(
-            session_id=session.id, accepted=n, next_token=next_token, tokens=emitted,
-            position=session.position, finished=session.finished, finish_reason=reason,
-        )
+        def finish(rows) -> VerifyResult:
+            sampling = session.sampling
+            if sampling.greedy:
+                n, next_token, emitted, reason = self._decide(session, start, draft, rows)
+            else:
+                def accept(rows):
+                    p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
+                    q = np.zeros((len(draft), p.shape[1]), dtype=np.float64)
+                    for i, dist in enumerate(req.draft_dists or []):
+                        q[i, dist.ids] = dist.probs
+                    return verify_sampled(draft, q, p, session.rng.random(len(draft)), float(session.rng.random()))
 
-    def _verify_text(self, session: Session, req: VerifyTextRequest) -> VerifyTextResult:
+                n, next_token, emitted, reason = self._decide(session, start, draft, rows, accept)
+            self.stats["drafted"] += len(draft)
+            self._count_verify("tokens", len(draft), n)
+            return VerifyResult(
+                session_id=session.id, accepted=n, next_token=next_token, tokens=emitted,
+                position=session.position, finished=session.finished, finish_reason=reason,
+            )
+
+        return Block(session.engine, start, finish)
+
+    def _block_text(self, session: Session, req: VerifyTextRequest) -> Block:
         tok = self.lm.tokenizer
         if session.text_pending:
             # the target is mid-character (a multi-byte character split over tokens): the draft,
@@ -255,29 +395,116 @@ class Gateway:
                 candidates.append(tok.eot_token_id)
             # a draft may tokenise to more target tokens than it had drafter tokens; bound the pass
             candidates = candidates[: max(1, 2 * self.limits.max_draft_tokens)]
-        self.stats["drafted"] += len(candidates)
-        n, _, emitted, reason = self._verify_block(session, candidates)
-        before = session.text
+        start = session.position
+        session.engine.append(candidates)
+
+        def finish(rows) -> VerifyTextResult:
+            self.stats["drafted"] += len(candidates)
+            n, _, emitted, reason = self._decide(session, start, candidates, rows)
+            before = session.text
+            self._push_text(session, emitted)
+            self._count_verify("text", len(candidates), n)
+            return VerifyTextResult(
+                session_id=session.id, text=session.text[len(before):], accepted=n, candidates=len(candidates),
+                tokens=emitted, position=session.generated, text_offset=len(session.text),
+                finished=session.finished, finish_reason=reason,
+            )
+
+        return Block(session.engine, start, finish)
+
+    def _block_append(self, session: Session, req: AppendRequest) -> Block | AppendResult:
+        tok = self.lm.tokenizer
+        if req.text is not None:
+            if req.text and session.text_pending:
+                raise gateway_error(
+                    "bad_request",
+                    "the target's last token ends inside a character: append empty text first to let it finish",
+                )
+            tokens = tok.encode(req.text) if req.text else []
+            if len(tokens) > self.limits.max_append_tokens:
+                raise gateway_error("too_large", f"text of {len(tokens)} target tokens exceeds the append limit of {self.limits.max_append_tokens}")
+        else:
+            tokens = list(req.tokens)
+        eos = set(tok.eos_token_ids)
+        taken, reason = [], None
+        for t in tokens:
+            if session.generated + len(taken) >= session.max_new_tokens:
+                reason = "length"
+                break
+            taken.append(t)
+            if t in eos:
+                reason = "eos"
+                break
+        if reason is None and session.generated + len(taken) >= session.max_new_tokens:
+            reason = "length"
+        start = session.position
+        session.engine.append(taken)
+        if reason is not None:  # the device's own tokens end the generation: nothing to compute
+            session.generated += len(taken)
+            session.finished = True
+            return self._appended(session, req, taken, None, reason)
+
+        def finish(rows) -> AppendResult:
+            nxt = self._next_token(session, rows[-1], start + len(taken))
+            session.generated += len(taken) + 1
+            session.engine.append([nxt])
+            why = "eos" if nxt in eos else ("length" if session.generated >= session.max_new_tokens else None)
+            session.finished = why is not None
+            return self._appended(session, req, taken, nxt, why)
+
+        return Block(session.engine, start, finish)
+
+    def _appended(self, session: Session, req: AppendRequest, taken: list[int], nxt: int | None, reason) -> AppendResult:
+        tok = self.lm.tokenizer
+        emitted = taken + ([] if nxt is None else [nxt])
+        if session.text_space:
+            before = session.text
+            self._push_text(session, emitted)
+            delta = session.text[len(before):]
+            text = delta[len(req.text):] if delta.startswith(req.text) else delta
+            position, offset = session.generated, len(session.text)
+        else:
+            text = "" if nxt is None else _token_text(tok, session.engine.tokens[session.prompt_len : -1][-8:], nxt)
+            position, offset = session.position, None
+        self.stats["appends"] += 1
+        self.metrics.verifies.labels("append").inc()
+        self.metrics.tokens.labels("appended").inc(len(taken))
+        return AppendResult(
+            session_id=session.id, appended=len(taken), next_token=nxt, text=text, tokens=emitted,
+            position=position, text_offset=offset, finished=session.finished, finish_reason=reason,
+        )
+
+    def _push_text(self, session: Session, emitted: list[int]) -> None:
         session.decoder.push(emitted)
         if session.finished:
             session.decoder.flush()
         session.text = session.decoder.text
         session.text_pending = len(session.decoder.pending_text()) > 0
-        return VerifyTextResult(
-            session_id=session.id, text=session.text[len(before):], accepted=n, candidates=len(candidates),
-            tokens=emitted, position=session.generated, text_offset=len(session.text),
-            finished=session.finished, finish_reason=reason,
-        )
 
-    def _verify_block(self, session: Session, draft: list[int], accept=None) -> tuple[int, int, list[int], str | None]:
-        """One target forward over [last token, *draft]; accept a prefix (greedy unless `accept`
-        is given), append the target's next token, cut at EOS / the budget, roll the cache back.
-        Returns (accepted, next token, tokens appended, finish reason)."""
+    def _count_verify(self, kind: str, drafted: int, accepted: int) -> None:
+        self.stats["verifies"] += 1
+        self.stats["accepted"] += accepted
+        self.metrics.observe_verify(kind, drafted, accepted)
+
+    def _next_token(self, session: Session, row, prefix_len: int) -> int:
+        if session.sampling.greedy:
+            ties = session.engine.tie_recomputes
+            choice = session.engine.greedy_token(row, prefix_len)
+            self.stats["tie_recomputes"] += session.engine.tie_recomputes - ties
+            return choice
+        s = session.sampling
+        p = logits_to_probs(row[None], s.temperature, s.top_p).numpy()
+        _, choice = verify_sampled([], np.zeros((0, p.shape[1])), p, [], float(session.rng.random()))
+        return int(choice)
+
+    def _decide(self, session: Session, start: int, draft: list[int], rows, accept=None) -> tuple[int, int, list[int], str | None]:
+        """Given the target's rows for [last token, *draft]: accept a prefix (greedy unless
+        `accept` is given), append the target's next token, cut at EOS / the budget, roll the
+        cache back. Returns (accepted, next token, tokens appended, finish reason)."""
         engine = session.engine
-        start, k = session.position, len(draft)
+        k = len(draft)
+        rows = rows[-(k + 1) :]  # k + 1 rows: the distributions at each draft and after
         ties_before = engine.tie_recomputes
-        engine.append(draft)
-        rows = engine.compute()[-(k + 1) :]  # k + 1 rows: the distributions at each draft and after
         if accept is None:
             n = 0
             while True:
@@ -290,8 +517,6 @@ class Gateway:
         else:
             n, next_token = accept(rows)
         self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
-        if not session.text_space:
-            self.stats["drafted"] += k
 
         eos = set(self.lm.tokenizer.eos_token_ids)
         emitted, reason = [], None
@@ -310,17 +535,23 @@ class Gateway:
         session.finished = reason is not None
         return n, next_token, emitted, reason
 
-    async def close_session(self, req: CloseSession) -> SessionClosed:
-        session = self.sessions.pop(req.session_id)
+    async def close_session(self, req: CloseSession, principal: Principal | None = None) -> SessionClosed:
+        session = self.sessions.pop(req.session_id, (principal or ANONYMOUS).id)
+        session.engine.reset()
         return SessionClosed(session_id=session.id, generated_tokens=session.generated)
 
     # -- cloud mode ------------------------------------------------------------------------------
 
-    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def generate(self, req: GenerateRequest, principal: Principal | None = None) -> AsyncIterator[GenerateChunk]:
         """Validate now (so errors surface before streaming starts), then stream."""
-        return self._generate_stream(self._prompt(req), req)
+        principal = principal or ANONYMOUS
+        if not isinstance(self.backend, TransformersBackend):
+            raise gateway_error("bad_request", "cloud mode (/v1/generate) needs the transformers backend; use /v1/chat/completions")
+        prompt = self._prompt(req)
+        self.limiter.charge(principal, len(prompt))
+        return self._generate_stream(prompt, req, principal)
 
-    async def _generate_stream(self, prompt: list[int], req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+    async def _generate_stream(self, prompt: list[int], req: GenerateRequest, principal: Principal) -> AsyncIterator[GenerateChunk]:
         s = req.sampling
         tokens = generate_alone(
             self.lm,
@@ -341,6 +572,8 @@ class Gateway:
                 yield GenerateChunk(tokens=[], text=decoder.flush(), finished=True, finish_reason="length")
                 return
             count += 1
+            self.limiter.charge(principal, 1, strict=False)
+            self.metrics.tokens.labels("generated").inc()
             if tok in eos:
                 yield GenerateChunk(tokens=[tok], text=decoder.flush(), finished=True, finish_reason="eos")
                 return
@@ -351,12 +584,22 @@ class Gateway:
             yield GenerateChunk(tokens=[tok], text=text)
 
 
-__all__ = ["Gateway", "GatewayLimits", "GatewayError"]
+__all__ = ["Gateway", "GatewayLimits", "GatewayError", "BatchingConfig"]
 
 
-def _replay_key(req: VerifyRequest | VerifyTextRequest) -> tuple:
-    """What identifies a verify: its position and its drafts (a position is never verified twice
+def _token_text(tok, context: list[int], token: int) -> str:
+    """The text `token` adds after `context` (a few tokens before it, so that pieces of one
+    character decode together; a character still incomplete shows up with the token ending it)."""
+    before = tok.text(context).rstrip("\ufffd")
+    after = tok.text([*context, token]).rstrip("\ufffd")
+    return after[len(before):] if after.startswith(before) else tok.text([token]).rstrip("\ufffd")
+
+
+def _replay_key(req: VerifyRequest | VerifyTextRequest | AppendRequest) -> tuple:
+    """What identifies a request: its position and its drafts (a position is never verified twice
     with the same drafts unless a reply was lost and the request retried)."""
     if isinstance(req, VerifyTextRequest):
         return ("text", req.position, req.text_offset, req.draft_text, req.draft_eos)
+    if isinstance(req, AppendRequest):
+        return ("append", req.position, req.text_offset, req.text, None if req.tokens is None else tuple(req.tokens))
     return ("tokens", req.position, tuple(req.draft_tokens))

@@ -1,16 +1,27 @@
-"""Sessions: one target-model KV cache per device conversation, with expiry.
+"""Sessions: one target-model KV cache per device conversation, owned by the key that opened it.
 
 A session's sequence is `engine.tokens`; the gateway keeps every token but the last one in the
 KV cache, so each verify runs one forward pass over [last token, draft_1 .. draft_k] and gets the
 k + 1 distributions the accept rule needs.
+
+Memory is the gateway's scarce resource, so the store bounds it three ways: a session count
+(overall and per key), an idle TTL, and a budget for all KV caches together. Over the budget, idle
+sessions are evicted least recently used first. An expired or evicted session leaves a tombstone
+for a while, so its owner gets `session_evicted` (410: re-open it with `resume_tokens`) instead
+of a bare "unknown session". Another key never learns that a session exists: to it every session
+id it does not own is unknown (404).
+
+Session ids are unguessable (a session id is a capability) and start with the replica id
+(`s_<replica>.<random>`), so a load balancer can send every request of a session to the replica
+that holds its cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import secrets
-from collections import OrderedDict
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +40,7 @@ class Session:
     max_new_tokens: int
     prompt_len: int
     rng: np.random.Generator
+    owner: str = "anonymous"  # the id of the key that opened it
     text_space: bool = False  # verifies text from a drafter with another tokenizer
     decoder: IncrementalDecoder | None = None  # the generated text, as it becomes certain
     text: str = ""  # text-space sessions: the generated text both sides agree on
@@ -43,49 +55,178 @@ class Session:
     def position(self) -> int:
         return len(self.engine.tokens)
 
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+
+def replica_of(session_id: str) -> str | None:
+    """The replica a session id names (`s_<replica>.<random>`), or None for another format."""
+    if not session_id.startswith("s_"):
+        return None
+    replica, dot, rest = session_id[2:].partition(".")
+    return replica if dot and replica and rest else None
+
+
+@dataclass
+class _Tombstone:
+    owner: str
+    reason: str
+    at: float
+
 
 class SessionStore:
-    def __init__(self, max_sessions: int, ttl_s: float) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        ttl_s: float,
+        *,
+        replica: str = "r0",
+        max_per_key: int | None = None,
+        kv_budget_bytes: int | None = None,
+        on_evict=None,
+    ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
+        self.replica = replica
+        self.max_per_key = max_per_key
+        self.kv_budget_bytes = kv_budget_bytes
+        self._on_evict = on_evict  # called with the reason ("ttl" | "memory") of each eviction
         self._sessions: dict[str, Session] = {}
         self._finished: OrderedDict[str, Session] = OrderedDict()  # recently finished, for retries
+        self._evicted: OrderedDict[str, _Tombstone] = OrderedDict()
+        self._per_key: dict[str, int] = {}
+        self._bytes_per_token: int | None = None
         self.expired = 0
+        self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def new_id(self) -> str:
-        # unguessable: a session id is a capability to the conversation it names
-        return "s_" + secrets.token_urlsafe(18)
+        return f"s_{self.replica}.{secrets.token_urlsafe(18)}"
 
-    def add(self, session: Session) -> None:
+    # -- memory ----------------------------------------------------------------------------------
+
+    def kv_bytes(self, session: Session) -> int:
+        """Bytes held by a session's KV cache: cached tokens x bytes per token (measured once)."""
+        cached = session.engine.cached
+        if cached == 0:
+            return 0
+        if self._bytes_per_token is None:
+            total = 0
+            for layer in getattr(session.engine._cache, "layers", []):
+                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                    if t is not None and t.dim() == 4:
+                        total += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
+            if total == 0:
+                return 0
+            self._bytes_per_token = total
+        return cached * self._bytes_per_token
+
+    def kv_bytes_total(self) -> int:
+        return sum(self.kv_bytes(s) for s in self._sessions.values())
+
+    def bytes_for(self, tokens: int) -> int:
+        return tokens * (self._bytes_per_token or 0)
+
+    def make_room(self, need_bytes: int = 0, *, keep: str | None = None) -> bool:
+        """Evict idle sessions, least recently used first, until every cache plus `need_bytes`
+        fits the budget. Returns whether it fits."""
+        if self.kv_budget_bytes is None:
+            return True
+        total = self.kv_bytes_total() + need_bytes
+        if total <= self.kv_budget_bytes:
+            return True
+        for s in sorted(self._sessions.values(), key=lambda s: s.last_used):
+            if s.busy or s.id == keep:
+                continue
+            total -= self.kv_bytes(s)
+            self._evict(s, "memory")
+            if total <= self.kv_budget_bytes:
+                return True
+        return False
+
+    def _evict(self, session: Session, reason: str) -> None:
+        self._drop(session.id)
+        session.engine.reset()
+        self._evicted[session.id] = _Tombstone(session.owner, reason, time.monotonic())
+        while len(self._evicted) > 4096:
+            self._evicted.popitem(last=False)
+        if reason == "ttl":
+            self.expired += 1
+        else:
+            self.evicted += 1
+        if self._on_evict is not None:
+            self._on_evict(reason)
+
+    def _drop(self, session_id: str) -> Session | None:
+        session = self._sessions.pop(session_id, None)
+        if session is not None:
+            left = self._per_key.get(session.owner, 1) - 1
+            if left > 0:
+                self._per_key[session.owner] = left
+            else:
+                self._per_key.pop(session.owner, None)
+        return session
+
+    # -- the store -------------------------------------------------------------------------------
+
+    def count(self, owner: str) -> int:
+        return self._per_key.get(owner, 0)
+
+    def add(self, session: Session, *, max_per_key: int | None = None, need_bytes: int = 0) -> None:
         self.sweep()
+        limit = max_per_key if max_per_key is not None else self.max_per_key
+        if limit is not None and self.count(session.owner) >= limit:
+            raise gateway_error(
+                "session_limit",
+                f"key '{session.owner}' holds its maximum of {limit} open sessions; close one (or let it finish) first",
+                detail={"max_sessions": limit},
+                retry_after_s=1.0,
+            )
         if len(self._sessions) >= self.max_sessions:
             raise gateway_error(
-                "capacity", f"the gateway holds its maximum of {self.max_sessions} sessions; close one or retry later"
+                "capacity", f"the gateway holds its maximum of {self.max_sessions} sessions; close one or retry later",
+                retry_after_s=1.0,
+            )
+        if not self.make_room(need_bytes):
+            raise gateway_error(
+                "capacity", "the gateway's KV-cache memory is taken by sessions in use; retry later", retry_after_s=1.0
             )
         self._sessions[session.id] = session
+        self._per_key[session.owner] = self._per_key.get(session.owner, 0) + 1
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str = "anonymous") -> Session:
         self.sweep()
         session = self._sessions.get(session_id) or self._finished.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
+            tomb = self._evicted.get(session_id)
+            if session is None and tomb is not None and tomb.owner == owner:
+                why = (
+                    f"expired after {self.ttl_s:g} s idle" if tomb.reason == "ttl"
+                    else "evicted to free KV-cache memory for other sessions"
+                )
+                raise gateway_error(
+                    "session_evicted",
+                    f"session '{session_id}' was {why}; open it again with resume_tokens (the tokens generated so far)",
+                    detail={"reason": tomb.reason},
+                )
             raise gateway_error(
                 "unknown_session", f"no session '{session_id}' on this gateway (closed, expired or never opened)"
             )
         session.last_used = time.monotonic()
         return session
 
-    def pop(self, session_id: str) -> Session:
-        session = self.get(session_id)
-        self._sessions.pop(session_id, None)
+    def pop(self, session_id: str, owner: str = "anonymous") -> Session:
+        session = self.get(session_id, owner)
+        self._drop(session_id)
         self._finished.pop(session_id, None)
         return session
 
     def finish(self, session_id: str, keep: int = 256) -> None:
         """Drop a finished session's KV cache now; remember its last reply a while for retries."""
-        session = self._sessions.pop(session_id, None)
+        session = self._drop(session_id)
         if session is None:
             return
         session.engine.reset()
@@ -94,13 +235,15 @@ class SessionStore:
             self._finished.popitem(last=False)
 
     def sweep(self) -> None:
-        """Drop sessions idle for longer than the TTL (their caches are the gateway's memory)."""
-        cutoff = time.monotonic() - self.ttl_s
-        for sid in [sid for sid, s in self._sessions.items() if s.last_used < cutoff and not s.lock.locked()]:
-            del self._sessions[sid]
-            self.expired += 1
+        """Evict sessions idle for longer than the TTL (their caches are the gateway's memory)."""
+        now = time.monotonic()
+        cutoff = now - self.ttl_s
+        for s in [s for s in self._sessions.values() if s.last_used < cutoff and not s.busy]:
+            self._evict(s, "ttl")
         for sid in [sid for sid, s in self._finished.items() if s.last_used < cutoff]:
             del self._finished[sid]
+        while self._evicted and next(iter(self._evicted.values())).at < now - max(3600.0, 4 * self.ttl_s):
+            self._evicted.popitem(last=False)
 
 
-__all__ = ["Session", "SessionStore"]
+__all__ = ["Session", "SessionStore", "replica_of"]

@@ -1,0 +1,87 @@
+"""Per-key rate limits: a token bucket per API key.
+
+A key may spend `tokens_per_minute` target tokens a minute, counted as the gateway's cost: the
+tokens a forward pass processes (prompt tokens at open, k + 1 per verify of k drafts, the appended
+tokens plus one per append, one per generated token in cloud mode). The bucket holds at most a
+minute's worth and refills continuously:
+
+    level(t) = min(capacity, level(t0) + rate * (t - t0)),   rate = capacity / 60 s
+
+A request that needs n tokens passes when level >= n and takes them; otherwise it is refused with
+the time until the bucket holds n: (n - level) / rate, sent as Retry-After. Streams already
+running are charged as they go and may drive the level below zero (a debt the key's next request
+waits out), so a stream is never cut off half-way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..protocols.errors import gateway_error
+from .auth import Principal
+
+
+@dataclass
+class TokenBucket:
+    capacity: float
+    level: float
+    updated: float
+
+    @property
+    def rate(self) -> float:
+        return self.capacity / 60.0
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + self.rate * max(0.0, now - self.updated))
+        self.updated = now
+
+    def wait_for(self, n: float, now: float) -> float:
+        """Seconds until `n` tokens are available (0: now). Does not take them."""
+        self.refill(now)
+        return 0.0 if self.level >= n else (n - self.level) / self.rate
+
+
+class RateLimiter:
+    def __init__(self, default_tokens_per_minute: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.default = default_tokens_per_minute
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, principal: Principal) -> TokenBucket | None:
+        tpm = principal.tokens_per_minute if principal.tokens_per_minute is not None else self.default
+        if tpm is None:
+            return None
+        b = self._buckets.get(principal.id)
+        if b is None or b.capacity != tpm:
+            b = self._buckets[principal.id] = TokenBucket(capacity=float(tpm), level=float(tpm), updated=self.clock())
+        return b
+
+    def charge(self, principal: Principal, n: int, *, strict: bool = True) -> None:
+        """Take n tokens from the key's bucket; strict: refuse (429, or 413 for more than a
+        minute's worth) rather than go into debt."""
+        b = self._bucket(principal)
+        if b is None or n <= 0:
+            return
+        now = self.clock()
+        if strict:
+            if n > b.capacity:
+                raise gateway_error(
+                    "too_large", f"this request needs {n} tokens, more than key '{principal.id}' may use in a minute ({int(b.capacity)})"
+                )
+            wait = b.wait_for(n, now)
+            if wait > 0:
+                raise gateway_error(
+                    "rate_limited",
+                    f"key '{principal.id}' has used its {int(b.capacity)} tokens per minute; retry in {math.ceil(wait)} s",
+                    detail={"retry_after_s": round(wait, 3), "tokens_per_minute": int(b.capacity), "needed": n},
+                    retry_after_s=wait,
+                )
+        else:
+            b.refill(now)
+        b.level -= n
+
+
+__all__ = ["TokenBucket", "RateLimiter"]
