@@ -122,29 +122,9 @@ def generate(
         err.print(_usage_table(record))
 
 
-@gateway_app.command("serve")
-def gateway_serve(
-    config: Optional[Path] = typer.Option(None, help="Gateway config file (YAML)."),
-    model: Optional[str] = typer.Option(None, help=f"Target model (default {DEFAULT_TARGET})."),
-    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
-) -> None:
-    """Serve the gateway over HTTP (uvicorn)."""
-    from ..remote_gateway.app import serve
-    from ..remote_gateway.config import load_config
-    from ..remote_gateway.service import Gateway
+from . import cli_gateway  # noqa: E402 - gateway serve/new-key/route and bench gateway
 
-    try:
-        cfg = load_config(config)
-    except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc), code=2)
-    cfg = cfg.model_copy(update={k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None})
-    try:
-        gw = Gateway(cfg.model, cfg.limits())
-    except TandemError as exc:
-        _fail(str(exc))
-    err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port}")
-    serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+cli_gateway.register(gateway_app, bench_app)
 
 
 @models_app.command("list")

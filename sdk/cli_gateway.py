@@ -1,0 +1,114 @@
+"""Gateway-side commands: `tandem gateway serve|new-key|route` and `tandem bench gateway`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..protocols.errors import TandemError
+
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def gateway_serve(
+    config: Optional[Path] = typer.Option(None, help="Gateway config file (YAML); see samples/gateway.yaml."),
+    model: Optional[str] = typer.Option(None, help="Target model (default gemma3-270m)."),
+    host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+) -> None:
+    """Serve the gateway over HTTP (uvicorn)."""
+    from ..remote_gateway.app import serve
+    from ..remote_gateway.backends import make_backend
+    from ..remote_gateway.config import load_config
+    from ..remote_gateway.service import Gateway
+
+    try:
+        cfg = load_config(config)
+        cfg = cfg.model_copy(update={k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None})
+        cfg.check_exposure()
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), code=2)
+    keys = cfg.keyring()
+    try:
+        backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled)
+        gw = Gateway(limits=cfg.limits(), batching=cfg.batching.config(), backend=backend, replica_id=cfg.replica_id)
+    except TandemError as exc:
+        _fail(str(exc))
+    auth = f"{len(keys)} API key(s)" if keys.required else "no API keys (auth: none)"
+    err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port} (replica {gw.replica_id}, {auth})")
+    serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level, keys=keys, log_format=cfg.log_format)
+
+
+def gateway_new_key(key_id: str = typer.Argument("my-key", help="The id the key will have in the config.")) -> None:
+    """Print a new random API key and the config entry that admits it (only its hash)."""
+    from ..remote_gateway.auth import hash_key, new_key
+
+    key = new_key()
+    print(f"key (give it to the client; it is not stored anywhere): {key}")
+    print("config entry (under keys:):")
+    print(f"  - id: {key_id}\n    sha256: {hash_key(key)}")
+
+
+def gateway_route(
+    replica: list[str] = typer.Option(..., "--replica", help="A replica's base URL (repeat for each)."),
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8080),
+) -> None:
+    """A reference sticky router: sends each session's requests to the replica that holds it."""
+    import uvicorn
+
+    from ..remote_gateway.replicas import StickyRouter, discover
+
+    try:
+        replicas = discover(replica)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach a replica ends here
+        _fail(f"could not reach every replica: {exc}")
+    router = StickyRouter(replicas)
+    err.print(f"router: {', '.join(f'{r}={u}' for r, u in replicas.items())} on http://{host}:{port}")
+    uvicorn.run(router.app, host=host, port=port, log_level="warning")
+
+
+def bench_gateway_cmd(
+    sessions: int = typer.Option(32, min=1, max=1024, help="Concurrent sessions."),
+    rounds: int = typer.Option(8, min=1, help="Verify rounds per session."),
+    waves: int = typer.Option(1, min=1, help="Times the whole load repeats with fresh sessions (a longer run)."),
+    draft_len: int = typer.Option(4, min=0, max=64),
+    model: str = typer.Option("gemma3-270m", help="Target model."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Many concurrent sessions against one gateway over HTTP, batched vs unbatched in one run."""
+    from ..remote_gateway.bench import bench_gateway
+
+    try:
+        result = bench_gateway(model=model, sessions=sessions, rounds=rounds, waves=waves, draft_len=draft_len, progress=err.print)
+    except TandemError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(result))
+    else:
+        table = Table(title="bench gateway")
+        table.add_column("metric")
+        table.add_column("value")
+        for k, v in result.items():
+            table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        Console().print(table)
+
+
+def register(gateway_app: typer.Typer, bench_app: typer.Typer) -> None:
+    gateway_app.command("serve")(gateway_serve)
+    gateway_app.command("new-key")(gateway_new_key)
+    gateway_app.command("route")(gateway_route)
+    bench_app.command("gateway")(bench_gateway_cmd)
+
+
+__all__ = ["register"]
