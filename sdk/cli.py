@@ -6,7 +6,6 @@ import asyncio
 import json
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Optional
 
 import typer
