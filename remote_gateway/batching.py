@@ -289,7 +289,7 @@ class Batcher:
     async def run(self, block: Block) -> Any:
         loop = asyncio.get_running_loop()
         if not self.packed:
-            return (await loop.run_in_executor(self.executor, self._run_batch, [block]))[0].result()
+            return (await loop.run_in_executor(self.executor, self._run_batch, [block]))[0].unwrap()
         state = self._loops.setdefault(loop, _LoopState())
         fut = loop.create_future()
         state.queue.append((block, fut))
@@ -360,6 +360,11 @@ class Batcher:
 class _Outcome:
     value: Any = None
     error: BaseException | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 __all__ = ["Batcher", "BatchingConfig", "Block", "SessionEngine", "forward_packed", "install", "ragged_attention"]

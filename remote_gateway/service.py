@@ -186,6 +186,8 @@ class Gateway:
             else:
                 prompt = tok.prompt_tokens(req.prompt_text, chat=False)
             fingerprint = tok.fingerprint
+        if req.resume_text:
+            prompt = prompt + tok.encode(req.resume_text)
         self._check_prompt(prompt, fingerprint, req.max_new_tokens)
         return prompt
 
