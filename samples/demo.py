@@ -48,10 +48,12 @@ def main() -> None:
     ap.add_argument("--prompt", default="Explain in a few sentences why the sky is blue.")
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--draft-len", default="auto", help="a number, or 'auto' (chosen each round)")
+    ap.add_argument("--gateway-logs", action="store_true", help="show the gateway process's own output")
     args = ap.parse_args()
 
-    gateway = GatewayProcess(args.target)
-    console.print(f"starting the gateway ({args.target}) on {gateway.url}; loading a model takes a minute ...")
+    gateway = GatewayProcess(args.target, quiet=not args.gateway_logs)
+    with console.status(f"starting the gateway ({args.target}) on {gateway.url}; loading its model takes about a minute ..."):
+        gateway.start()
     with gateway:
         asyncio.run(stream(gateway.url, args.drafter, args.prompt, args.max_new_tokens, args.draft_len))
 

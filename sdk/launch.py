@@ -72,7 +72,7 @@ class GatewayProcess:
             self.proc.wait(timeout=5)
 
     def __enter__(self) -> "GatewayProcess":
-        return self.start()
+        return self if self.proc is not None and self.proc.poll() is None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
