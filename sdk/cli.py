@@ -42,6 +42,7 @@ class ModeChoice(str, Enum):
     local = "local"
     cloud = "cloud"
     speculative = "speculative"
+    assist = "assist"
     auto = "auto"
 
 

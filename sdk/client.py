@@ -29,8 +29,8 @@ from .usage import GenerationRecord, Usage
 if TYPE_CHECKING:
     from ..local_runtime.models import LoadedModel
 
-Mode = Literal["local", "cloud", "speculative", "auto"]
-MODES: tuple[str, ...] = ("local", "cloud", "speculative", "auto")
+Mode = Literal["local", "cloud", "speculative", "assist", "auto"]
+MODES: tuple[str, ...] = ("local", "cloud", "speculative", "assist", "auto")
 
 DEFAULT_DRAFTER = "smollm2-135m"
 DEFAULT_TARGET = "gemma3-270m"
@@ -104,6 +104,8 @@ class Client:
         auto_modes: tuple[str, ...] = ("cloud", "speculative"),
         objective: Literal["latency", "cost", "weighted"] = "latency",
         cost_weight: float = 0.0,
+        token_router: str = "confidence",
+        assist_threshold: float = 0.5,
         api_key: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -116,7 +118,9 @@ class Client:
         for a remote gateway, off in-process where both would share the same cores).
         Mode "auto" picks, per query, the mode among `auto_modes` with the best predicted
         `objective` from what this client has measured (round-trip time, both models' speeds,
-        acceptance); see sdk/auto.py. The default choices are the lossless ones."""
+        acceptance); see sdk/auto.py. The default choices are the lossless ones.
+        Mode "assist" lets the device write and asks the cloud for a token only where
+        `token_router` scores the device's own below `assist_threshold` (lossy; see sdk/assist.py)."""
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if draft_len != "auto" and not 0 <= int(draft_len) <= 64:
@@ -137,6 +141,8 @@ class Client:
         self.auto_modes = tuple(auto_modes)
         self.objective = objective
         self.cost_weight = cost_weight
+        self.token_router = token_router
+        self.assist_threshold = assist_threshold
         self.estimates = Estimates()
         self.progress = progress
         self._gateway_spec = gateway
@@ -213,6 +219,8 @@ class Client:
         seed: int | None = None,
         chat: bool = True,
         draft_len: int | Literal["auto"] | None = None,
+        token_router: str | None = None,
+        assist_threshold: float | None = None,
     ) -> Generation:
         mode = mode or self.mode
         if mode not in MODES:
@@ -223,6 +231,10 @@ class Client:
             "local": lambda rec: self._run_local(rec, prompt, chat, sampling, max_new_tokens),
             "cloud": lambda rec: self._run_cloud(rec, prompt, chat, sampling, max_new_tokens),
             "speculative": lambda rec: self._run_speculative(rec, prompt, chat, sampling, max_new_tokens, k),
+            "assist": lambda rec: self._run_assist(
+                rec, prompt, chat, sampling, max_new_tokens, token_router or self.token_router,
+                self.assist_threshold if assist_threshold is None else assist_threshold,
+            ),
         }
         runs["auto"] = lambda rec: self._run_auto(rec, runs, max_new_tokens)
         return Generation(mode, runs[mode], on_done=self._observe)
@@ -265,6 +277,8 @@ class Client:
             e.local_token_s = mix(e.local_token_s, u.wall_s / n)
         elif rec.mode == "cloud" and u.wall_s > 0:
             e.cloud_token_s = mix(e.cloud_token_s, max(1e-4, (u.wall_s - e.rtt_s) / n))
+        elif rec.mode == "assist" and rec.tokens:
+            e.escalate_rate = mix(e.escalate_rate, u.rounds / len(rec.tokens))
         elif rec.mode == "speculative" and rec.rounds:
             drafted = sum(r.k for r in rec.rounds)
             if drafted:
@@ -324,6 +338,12 @@ class Client:
         finally:
             rec.usage.bytes_up += transport.bytes_up - up
             rec.usage.bytes_down += transport.bytes_down - down
+
+    async def _run_assist(self, rec, prompt, chat, sampling, max_new_tokens, router, threshold) -> AsyncIterator[str]:
+        from .assist import AssistRun
+
+        async for piece in AssistRun(self, rec, prompt, chat, sampling, max_new_tokens, router, threshold).run():
+            yield piece
 
     async def _shares_tokenizer(self) -> bool:
         """Whether drafter and target tokenize alike (verify token ids) or not (verify text)."""

@@ -62,3 +62,24 @@ def tiny_server(tiny_gateway):
 
 def run(coro):
     return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def text_gateway():
+    """A tiny byte-level target that only ever writes printable ASCII, so its output is text a
+    drafter can propose (a random model would mostly emit bytes that are not valid UTF-8)."""
+    from tandem.local_runtime.models import LoadedModel, load_model, tiny_llama
+    from tandem.remote_gateway.service import Gateway
+
+    lm = load_model("tiny-llama", progress=False)
+    model = tiny_llama(0, 64, 2, 4, 320)
+    head = torch.nn.Linear(64, 320, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.fill_(-1e4)
+        head.bias[32:127] = 0.0
+        head.bias[257] = -3.0  # end of sequence: possible, not likely
+    model.lm_head = head
+    gw = Gateway(LoadedModel("tiny-printable", model, lm.tokenizer, "random init"))
+    yield gw
+    gw.close()

@@ -50,26 +50,6 @@ def pair_drafter() -> LoadedModel:
     return LoadedModel("tiny-pair", tiny_llama(5, 64, 2, 4, len(tok.vocab)), tok, "random init")
 
 
-@pytest.fixture(scope="module")
-def text_gateway():
-    """A tiny byte-level target that only ever writes printable ASCII, so its output is text a
-    drafter can propose (a random model would mostly emit bytes that are not valid UTF-8)."""
-    import torch
-
-    lm = load_model("tiny-llama", progress=False)
-    model = tiny_llama(0, 64, 2, 4, 320)
-    head = torch.nn.Linear(64, 320, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.fill_(-1e4)
-        head.bias[32:127] = 0.0
-        head.bias[257] = -3.0  # end of sequence: possible, not likely
-    model.lm_head = head
-    gw = Gateway(LoadedModel("tiny-printable", model, lm.tokenizer, "random init"))
-    yield gw
-    gw.close()
-
-
 def reference(target: LoadedModel, prompt: str, n: int) -> tuple[list[int], str]:
     ids = list(generate_alone(target, target.tokenizer.prompt_tokens(prompt, chat=False), n))
     return ids, target.tokenizer.text(ids)

@@ -1,0 +1,58 @@
+"""assist: the device writes; the cloud supplies only the tokens the token router escalates."""
+
+import pytest
+
+from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.models import load_model
+from tandem.protocols.transport import InProcessTransport
+from tandem.sdk import Client
+
+from .conftest import run
+
+PROMPT = "Once upon a time"
+
+
+def _alone(lm, n):
+    return list(generate_alone(lm, lm.tokenizer.prompt_tokens(PROMPT, chat=False), n))
+
+
+def _assist(gateway, drafter, threshold, n=24, router="confidence"):
+    async def go():
+        async with Client(drafter=drafter, gateway=InProcessTransport(gateway)) as c:
+            return await c.generate(PROMPT, mode="assist", max_new_tokens=n, chat=False,
+                                    token_router=router, assist_threshold=threshold)
+
+    return run(go())
+
+
+def test_never_escalating_is_the_device_alone(tiny_gateway):
+    rec = _assist(tiny_gateway, "tiny-llama-b", threshold=0.0)
+    assert rec.tokens == _alone(load_model("tiny-llama-b"), 24)
+    assert rec.usage.rounds == 0 and rec.usage.cloud_tokens == 0
+
+
+def test_always_escalating_is_the_cloud_alone(tiny_gateway):
+    rec = _assist(tiny_gateway, "tiny-llama-b", threshold=1.01)
+    assert rec.tokens == _alone(tiny_gateway.lm, 24)
+    assert rec.usage.rounds == 24 and rec.usage.cloud_tokens == 24 and rec.usage.local_tokens == 0
+
+
+@pytest.mark.parametrize("router", ["confidence", "entropy"])
+def test_a_threshold_in_between_mixes(tiny_gateway, router):
+    rec = _assist(tiny_gateway, "tiny-llama-b", threshold=0.2, n=40, router=router)
+    assert len(rec.tokens) == 40
+    assert rec.usage.local_tokens + rec.usage.cloud_tokens == 40
+    assert rec.decision["token_router"] == router
+
+
+def test_assist_across_tokenizers_always_escalating_is_the_cloud_text(text_gateway):
+    from .test_text_space import pair_tokenizer
+
+    from tandem.local_runtime.models import LoadedModel, tiny_llama
+
+    tok = pair_tokenizer()
+    drafter = LoadedModel("tiny-pair", tiny_llama(5, 64, 2, 4, len(tok.vocab)), tok, "random init")
+    rec = _assist(text_gateway, drafter, threshold=1.01, n=20)
+    target = text_gateway.lm
+    assert rec.text == target.tokenizer.text(_alone(target, 20))
+    assert rec.usage.cloud_tokens == rec.usage.rounds >= 1
