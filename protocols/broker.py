@@ -79,7 +79,9 @@ class BrokerURL:
 
     def redacted(self) -> str:
         """For logs: the URL without its password."""
-        return str(replace(self, password="***" if self.password else None))
+        if self.password is None:
+            return str(self)
+        return str(replace(self, password=None)).replace("@", ":***@", 1)
 
 
 class EmbeddedBroker:

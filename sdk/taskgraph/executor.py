@@ -88,6 +88,7 @@ class RunReport:
     makespan_s: float = 0.0
     planned_makespan_s: float = 0.0  # HEFT's estimate at the start
     placements: dict[str, str] = field(default_factory=dict)  # task id -> where its result came from
+    busy_s: dict[str, float] = field(default_factory=dict)  # seconds each place spent on applied results
     events: list[str] = field(default_factory=list)
     error: str | None = None
 
@@ -147,6 +148,7 @@ class Coordinator:
         gateway_tokens_per_s: float = 50.0,
         gateway_slots: int = 4,
         host_slots: int = 2,
+        run_functions_here: bool = True,
         prefix: str = PREFIX,
         name: str | None = None,
         heartbeat_grace: float = 3.0,
@@ -161,6 +163,7 @@ class Coordinator:
         self.gateway_tokens_per_s = gateway_tokens_per_s
         self.gateway_slots = gateway_slots
         self.host_slots = host_slots
+        self.run_functions_here = run_functions_here
         self.name = name or uuid.uuid4().hex[:8]
         self.heartbeat_grace = heartbeat_grace
         self.min_deadline_s = min_deadline_s
@@ -273,6 +276,16 @@ class Coordinator:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
 
+    def running_on(self, device_id: str) -> set[str]:
+        """Ids of the tasks this coordinator has running on a device now."""
+        dev = self.devices.get(device_id)
+        return set(dev.running) if dev is not None else set()
+
+    def progress(self) -> tuple[int, int]:
+        """(tasks done, tasks known) over the runs in progress."""
+        tasks = [t for run in self._runs.values() for t in run.tasks.values()]
+        return sum(t.status == "done" for t in tasks), len(tasks)
+
     async def publish(self, topic: str, payload: bytes) -> None:
         if self._client is None:
             raise TandemError("not connected to the broker")
@@ -323,6 +336,7 @@ class _Run:
         self.local_jobs: set[asyncio.Task] = set()
         self.failure: str | None = None
         self.lost_devices: set[str] = set()
+        self.waiting = ""
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -379,6 +393,7 @@ class _Run:
             task.status, task.output, task.ran_on = "done", result.output, result.device_id
             self.applied[task.id] += 1
             self.report.placements[task.id] = result.device_id
+            self.report.busy_s[result.device_id] = round(self.report.busy_s.get(result.device_id, 0.0) + result.seconds, 3)
             work = self.work(task)
             if dev is not None and result.seconds > 0 and work > 0:
                 seen = work / result.seconds
@@ -435,7 +450,7 @@ class _Run:
         local = [r for r in node.reads() if r in self.graph.local_inputs]
         out: set[str] = set()
         ref = function_ref(getattr(node, "fn", None)) if task.kind == "function" else None
-        if task.kind == "function" and not node.private:
+        if task.kind == "function" and not node.private and (c.run_functions_here or not ref):
             out.add(HOST)
         for d in c.available(now):
             if (self.only is not None and d not in self.only) or d in task.excluded:
@@ -566,10 +581,13 @@ class _Run:
     def check_deadlines(self, now: float) -> None:
         for task in self.tasks.values():
             if task.status == "running" and task.deadline_at is not None and now > task.deadline_at:
+                self.report.timeouts += 1
+                if task.attempt >= self.c.max_attempts:
+                    self.failure = f"task {task.id} missed its deadline {task.attempt} times"
+                    return
                 self.event(f"{task.id} missed its deadline on {task.device}; placing it again")
                 task.status = "pending"
                 task.excluded.add(task.device or "")
-                self.report.timeouts += 1
 
     def free_slots(self, proc: Proc) -> int:
         if proc.name in (HOST, GATEWAY):
@@ -585,14 +603,16 @@ class _Run:
             plan = heft(jobs, procs, done)
         except PlacementError as exc:
             # nothing can take a task now; a device may come back (or the deadline ends the run)
-            if not any(t.status == "running" for t in self.tasks.values()) and not self.c.available(now):
+            if str(exc) != self.waiting:
+                self.waiting = str(exc)
                 self.event(f"waiting: {exc}")
             blocked = {j.name for j in jobs if not j.allowed}
             if len(blocked) == len(jobs):
                 return
             plan = heft([j for j in jobs if j.allowed and not (set(j.deps) & blocked)], procs, done)
-        if not self.report.planned_makespan_s:
-            self.report.planned_makespan_s = round(plan.makespan, 3)
+        # HEFT's estimate once every task is known (maps expanded), before anything ran late
+        if not self.report.planned_makespan_s and len(self.node_tasks) == len(self.graph.nodes):
+            self.report.planned_makespan_s = round(now - self.t0 + plan.makespan, 3)
         by_proc = {p.name: p for p in procs}
         for name, proc in by_proc.items():
             free = self.free_slots(proc)

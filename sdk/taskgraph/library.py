@@ -42,9 +42,15 @@ def join(items: list, sep: str = "\n") -> str:
     return sep.join(str(i) for i in items)
 
 
-def numbered(items: list) -> str:
-    """'1. first\\n2. second ...': a reduce input a model can cite by number."""
-    return "\n".join(f"{i + 1}. {str(item).strip()}" for i, item in enumerate(items))
+def numbered(items: list, max_chars: int | None = None) -> str:
+    """'1. first', '2. second', ... one per line: a reduce input a model can cite by number;
+    each item cut to `max_chars` when given (keeps a gathered prompt within a small context)."""
+    return "\n".join(f"{i + 1}. {str(item).strip()[:max_chars]}" for i, item in enumerate(items))
+
+
+def collect(*values: object) -> list:
+    """Its inputs, as one list."""
+    return list(values)
 
 
 def word_count(document: str) -> int:
@@ -57,4 +63,4 @@ def pause(value: object = None, seconds: float = 0.1) -> object:
     return value
 
 
-__all__ = ["split_chunks", "join", "numbered", "word_count", "pause"]
+__all__ = ["split_chunks", "join", "numbered", "collect", "word_count", "pause"]
