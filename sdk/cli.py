@@ -22,10 +22,6 @@ models_app = typer.Typer(help="Models tandem knows.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
-
-from . import cli_dag  # noqa: E402 - the task-graph commands (device agents, bench dag)
-
-cli_dag.register(app, bench_app)
 from .cli_route import policy_app, route_app  # noqa: E402 - routers and policy files
 
 app.add_typer(route_app, name="route")
