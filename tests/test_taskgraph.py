@@ -2,6 +2,7 @@
 with in-process device agents on tiny models."""
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,116 @@ nodes:
         load_graph_spec("nodes:\n  a: {prompt: '{b}'}\n  b: {prompt: '{a}'}\n")
     with pytest.raises(GraphError, match="cannot import function 'no.such.module:f'"):
         load_graph_spec("inputs: [x]\nnodes:\n  f: {function: 'no.such.module:f', inputs: [x]}\n")
+
+
+# -- runs: an embedded broker, in-process device agents on tiny models ---------------------------
+
+
+@contextlib.asynccontextmanager
+async def _cluster(agents, gateway=None, **coordinator):
+    """An amqtt broker, the given agents running, a coordinator (and a gateway bridge) on it."""
+    from tandem.protocols.broker import EmbeddedBroker
+    from tandem.protocols.mqtt import MqttTransport
+    from tandem.remote_gateway.mqtt_bridge import MqttBridge
+    from tandem.sdk.device_agent import DeviceAgent
+    from tandem.sdk.taskgraph import Coordinator
+
+    async with EmbeddedBroker() as broker:
+        running = [DeviceAgent(d, broker.url, threads=2, heartbeat_s=0.3, **kw) for d, kw in agents.items()]
+        tasks = [asyncio.create_task(a.run()) for a in running]
+        bridge = await MqttBridge(gateway, broker.url).start() if gateway is not None else None
+        transport = MqttTransport(broker.url, timeout_s=30) if gateway is not None else None
+        try:
+            async with Coordinator(broker.url, gateway=transport, **coordinator) as coord:
+                await coord.wait_for_devices(len(agents), timeout_s=30)
+                yield coord, {a.device_id: a for a in running}
+        finally:
+            if bridge is not None:
+                await bridge.stop()
+            if transport is not None:
+                await transport.aclose()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_constraints_place_private_and_cloud_nodes(tiny_gateway):
+    """Private data never leaves the device that holds it; a node that requires the cloud runs
+    on the gateway (through the MQTT bridge); plain lambdas run on the host."""
+    g = Graph(
+        [
+            Function("chunks", "tandem.sdk.taskgraph.library:split_chunks", inputs=["doc"], kwargs={"size": 25}),
+            Map("notes", over="chunks", prompt="Note: {item}", max_new_tokens=12),
+            LLM("mine", "Diary: {diary}", private=True, max_new_tokens=8),
+            Reduce("answer", over="notes", prompt="{items}\nAnswer:", requires="gateway", max_new_tokens=8),
+            Function("both", lambda answer, mine: [answer, mine], inputs=["answer", "mine"]),
+        ],
+        inputs=["doc"],
+        local_inputs=["diary"],
+        outputs=["both", "notes"],
+    )
+    agents = {"dev-a": {"model": "tiny-llama", "data": {"diary": "my secret diary"}}, "dev-b": {"model": "tiny-llama-b"}}
+
+    async def go():
+        async with _cluster(agents, gateway=tiny_gateway) as (coord, running):
+            report = await coord.run(g, {"doc": "One two three four. Five six seven eight. Nine ten."})
+            return report, {d: a.lm for d, a in running.items()}
+
+    report, lms = run(go())
+    where = {t.split("/", 1)[1]: d for t, d in report.placements.items()}
+    assert where["mine"] == "dev-a" and where["answer"] == "gateway"
+    assert where["chunks"] == "host" and where["both"] == "host"
+    assert {where[n] for n in where if n.startswith("notes/")} <= {"dev-a", "dev-b"}
+    answer, mine = report.outputs["both"]
+    assert isinstance(answer, str) and isinstance(mine, str)
+    # each map note is exactly what the model of the device that ran it writes
+    from tandem.local_runtime.engine import generate_alone
+    from tandem.sdk.taskgraph.library import split_chunks
+
+    for i, chunk in enumerate(split_chunks("One two three four. Five six seven eight. Nine ten.", 25)):
+        lm = lms[where[f"notes/{i}"]]
+        tok = lm.tokenizer
+        expected = tok.text(generate_alone(lm, tok.prompt_tokens(f"Note: {chunk}", chat=False), 12))
+        assert report.outputs["notes"][i] == expected
+
+
+def test_inputs_a_device_holds_travel_as_references():
+    """b reads a's output on the same device: sent as a reference. A device that has dropped it
+    (keep_results=0) says so and gets the value; the results are the same."""
+    g = Graph([LLM("a", "Start: {x}", max_new_tokens=10), LLM("b", "Then: {a}", max_new_tokens=10)], inputs=["x"],
+              outputs=["a", "b"])
+
+    async def go(keep):
+        async with _cluster({"dev": {"model": "tiny-llama", "keep_results": keep}}) as (coord, _):
+            return await coord.run(g, {"x": "hello"})
+
+    kept, dropped = run(go(2048)), run(go(0))
+    assert kept.outputs == dropped.outputs
+    assert not any("no longer holds an input" in e for e in kept.events)
+    assert any("dev no longer holds an input" in e for e in dropped.events)
+
+
+def test_deadlines_replace_slow_tasks_and_bound_the_run():
+    """A task past its deadline is placed again elsewhere while the first attempt goes on; the
+    first result to arrive wins. A run past its own deadline fails with a report."""
+    from tandem.sdk.taskgraph import GraphRunError
+
+    def nap(seconds, deadline):
+        return Graph([Function("nap", "tandem.sdk.taskgraph.library:pause", kwargs={"value": seconds, "seconds": seconds},
+                               deadline_s=deadline)])
+
+    agents = {"dev-0": {"model": None}, "dev-1": {"model": None}}
+
+    async def go():
+        async with _cluster(agents, run_functions_here=False) as (coord, _):
+            rescued = await coord.run(nap(0.8, 0.3), {})
+            with pytest.raises(GraphRunError, match="missed its deadline of 1 s") as e:
+                await coord.run(nap(2.0, 0.3), {}, deadline_s=1)
+            only = await coord.run(nap(0.05, 5), {}, devices=["dev-1"])
+            return rescued, e.value.report, only
+
+    rescued, failed, only = run(go())
+    assert rescued.completed and rescued.outputs == {"nap": 0.8} and rescued.timeouts >= 1
+    assert any("missed its deadline on dev-" in e for e in rescued.events)
+    assert not failed.completed and failed.lost == 1 and failed.timeouts >= 1
+    assert only.outputs == {"nap": 0.05} and set(only.placements.values()) == {"dev-1"}

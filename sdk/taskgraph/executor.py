@@ -403,6 +403,7 @@ class _Run:
             return  # a failed earlier attempt; the current one may still succeed
         task.status = "pending"
         if result.error_code == "missing_ref":
+            self.event(f"{task.id}: {result.device_id} no longer holds an input; sending values instead")
             task.inline = True
             return
         if result.device_id == HOST:  # a plain function here: running it again gives the same error
