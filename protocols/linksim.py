@@ -87,29 +87,27 @@ class LinkProxy:
         self._t0 = time.monotonic()
 
         async def main():
+            self._stopping = asyncio.Event()
             self._server = await asyncio.start_server(self._handle, sock=sock)
             self._ready.set()
-            async with self._server:
-                await self._server.serve_forever()
+            await self._stopping.wait()
+            self._server.close()
+            for w in list(self._conns):
+                w.transport.abort()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
 
         try:
             self._loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
         finally:
             self._loop.close()
 
     def stop(self) -> None:
         if self._loop is None:
             return
-
-        def shutdown():
-            for w in list(self._conns):
-                w.transport.abort()
-            for task in asyncio.all_tasks(self._loop):
-                task.cancel()
-
-        self._loop.call_soon_threadsafe(shutdown)
+        self._loop.call_soon_threadsafe(self._stopping.set)
         self._thread.join(timeout=10)
         self._loop = None
 

@@ -162,7 +162,16 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
-FIXED_MODES = ("local", "cloud", "speculative")
+FIXED_MODES = ("local", "cloud", "speculative", "assist@0.3", "assist@0.6", "assist@0.9")
+
+
+def _mode_args(mode: str) -> dict:
+    """'assist@0.6' -> assist mode at threshold 0.6; other names as they are."""
+    name, _, threshold = mode.partition("@")
+    args = {"mode": name}
+    if threshold:
+        args["assist_threshold"] = float(threshold)
+    return args
 
 
 async def bench_modes(
@@ -175,28 +184,31 @@ async def bench_modes(
     gateway: str = "inproc",
     modes: tuple[str, ...] = FIXED_MODES,
     auto_modes: tuple[str, ...] = ("cloud", "speculative"),
+    token_router: str = "confidence",
     progress=None,
 ) -> dict:
     """Every mode on the same prompts, through the same link, in one run; then `auto`, which
-    decides per prompt from what the client measured during the fixed modes' runs.
+    decides per prompt from what the client measured during the fixed modes' runs. `assist@T`
+    is the assist mode with `token_router` at threshold T.
 
     s_per_token is wall time over tokens (prefill included); agreement_with_target compares each
     mode's text with the cloud model's own (`similarity`); auto_vs_best is auto's s_per_token over
     the best fixed mode among those auto may choose (`auto_vs_fastest`: over every fixed mode).
     """
     with gateway_link(target, gateway, rtt_ms) as url:
-        client = Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, auto_modes=auto_modes)
+        client = Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, auto_modes=auto_modes,
+                        token_router=token_router)
         try:
             _ = client.drafter, client.transport
             for mode in modes:  # warm up: load, connect, first measurements for auto
-                await client.generate(BUILTIN_PROMPTS[2], mode=mode, max_new_tokens=8)
+                await client.generate(BUILTIN_PROMPTS[2], max_new_tokens=8, **_mode_args(mode))
             stats = {m: {"s": 0.0, "tokens": 0, "passes": 0.0, "agree": 0.0} for m in (*modes, "auto")}
             chosen: dict[str, int] = {}
             for i, prompt in enumerate(prompts):
                 records = {}
                 for mode in (*modes, "auto"):
                     t0 = time.perf_counter()
-                    rec = await client.generate(prompt, mode=mode, max_new_tokens=max_new_tokens)
+                    rec = await client.generate(prompt, max_new_tokens=max_new_tokens, **_mode_args(mode))
                     st = stats[mode]
                     st["s"] += time.perf_counter() - t0
                     st["tokens"] += len(rec.tokens)
@@ -221,7 +233,7 @@ async def bench_modes(
         }
         for m, st in stats.items()
     }
-    allowed = [m for m in auto_modes if m in modes]
+    allowed = [m for m in auto_modes if m in modes] or list(modes)
     best = min(table[m]["s_per_token"] for m in allowed)
     fastest = min(table[m]["s_per_token"] for m in modes)
     spec, cloud = table.get("speculative"), table.get("cloud")

@@ -86,6 +86,9 @@ def modes(
     limit: int = typer.Option(6, min=1),
     max_new_tokens: int = typer.Option(48, min=1),
     auto_modes: str = typer.Option("cloud,speculative", help="Modes auto may choose, comma-separated."),
+    modes_: str = typer.Option("local,cloud,speculative,assist@0.3,assist@0.6,assist@0.9", "--modes",
+                               help="Fixed modes to measure; assist@T is assist at threshold T."),
+    token_router: str = typer.Option("confidence", help="The token router assist uses."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -101,7 +104,8 @@ def modes(
 
     result = _run(bench_modes(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
-        rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress,
+        rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress, token_router=token_router,
+        modes=tuple(m.strip() for m in modes_.split(",") if m.strip()),
     ))
     _print(result, f"bench modes (rtt {rtt_ms} ms)", as_json)
 

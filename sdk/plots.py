@@ -46,10 +46,13 @@ def plot_rtt(results: list[dict], out: str | Path) -> dict:
         color = f"C{i}"
         ax.plot(rtts, [r["modes"][mode]["s_per_token"] * 1000 for r in results], "o-", color=color, label=f"{mode} (measured)")
         line = []
+        kind = mode.partition("@")[0]  # assist@T: assist, escalating as often as measured at the lowest RTT
         for rtt in grid:
             e = copy.copy(base)
             e.rtt_s = max(0.0, base_rtt) + rtt / 1000
-            line.append(predict_s_per_token(mode, e, n_tokens) * 1000)
+            if kind == "assist":
+                e.escalate_rate = results[0]["modes"][mode]["cloud_passes_per_token"]
+            line.append(predict_s_per_token(kind, e, n_tokens) * 1000)
         ax.plot(grid, line, "--", color=color, alpha=0.7, label=f"{mode} (predicted)")
         predicted[mode] = [round(v, 2) for v in line]
     ax.plot(rtts, [r["modes"]["auto"]["s_per_token"] * 1000 for r in results], "k*", markersize=10, label="auto (measured)")
