@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -91,6 +92,8 @@ def generate(
     seed: Optional[int] = typer.Option(None),
     draft_len: str = typer.Option("auto", help="Tokens drafted per verify round: a number, or 'auto' (from live acceptance and round-trip time)."),
     raw: bool = typer.Option(False, help="Complete the prompt as raw text, without a chat template."),
+    policy: Optional[Path] = typer.Option(None, help="A routing policy (YAML) for --mode auto."),
+    tag: list[str] = typer.Option([], "--tag", help="A tag describing the request to the policy (repeatable), e.g. --tag privacy."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
 ) -> None:
     """Generate text; streams it to stdout as it is accepted (the usage table goes to stderr)."""
@@ -98,9 +101,10 @@ def generate(
     k = _draft_len(draft_len)
 
     async def run():
-        async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=k) as client:
+        async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=k, policy=policy) as client:
             gen = client.stream(
-                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not raw
+                prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not raw,
+                tags=frozenset(tag),
             )
             async for piece in gen:
                 if not as_json:
@@ -112,11 +116,12 @@ def generate(
         record = asyncio.run(run())
     except TandemError as exc:
         _fail(str(exc))
-    except FileNotFoundError as exc:
-        _fail(str(exc))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc), code=2)
     if as_json:
         print(json.dumps({"text": record.text, "mode": record.mode, "usage": record.usage.to_dict(),
-                          "tokens": len(record.tokens), "finish_reason": record.finish_reason}))
+                          "tokens": len(record.tokens), "finish_reason": record.finish_reason,
+                          "decision": record.decision}, default=str))
     else:
         sys.stdout.write("\n")
         err.print(_usage_table(record))

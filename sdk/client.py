@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..protocols.errors import TandemError, TransportError
@@ -28,6 +30,7 @@ from .usage import GenerationRecord, Usage
 
 if TYPE_CHECKING:
     from ..local_runtime.models import LoadedModel
+    from ..routing.policy import Policy
 
 Mode = Literal["local", "cloud", "speculative", "assist", "auto"]
 MODES: tuple[str, ...] = ("local", "cloud", "speculative", "assist", "auto")
@@ -106,6 +109,7 @@ class Client:
         cost_weight: float = 0.0,
         token_router: str = "confidence",
         assist_threshold: float = 0.5,
+        policy: "str | Path | Policy | None" = None,
         api_key: str | None = None,
         progress: bool = True,
     ) -> None:
@@ -120,7 +124,9 @@ class Client:
         `objective` from what this client has measured (round-trip time, both models' speeds,
         acceptance); see sdk/auto.py. The default choices are the lossless ones.
         Mode "assist" lets the device write and asks the cloud for a token only where
-        `token_router` scores the device's own below `assist_threshold` (lossy; see sdk/assist.py)."""
+        `token_router` scores the device's own below `assist_threshold` (lossy; see sdk/assist.py).
+        `policy` (a YAML file or a routing.policy.Policy) makes "auto" follow its rules: mode,
+        draft length, token router and threshold per query, cloud budgets, offline behaviour."""
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         if draft_len != "auto" and not 0 <= int(draft_len) <= 64:
@@ -143,6 +149,12 @@ class Client:
         self.cost_weight = cost_weight
         self.token_router = token_router
         self.assist_threshold = assist_threshold
+        if isinstance(policy, (str, Path)):
+            from ..routing.policy import load_policy
+
+            policy = load_policy(policy)
+        self.policy = policy
+        self._cloud_log: deque[tuple[float, int]] = deque()  # (time, cloud tokens) for the budgets
         self.estimates = Estimates()
         self.progress = progress
         self._gateway_spec = gateway
@@ -221,23 +233,29 @@ class Client:
         draft_len: int | Literal["auto"] | None = None,
         token_router: str | None = None,
         assist_threshold: float | None = None,
+        tags: frozenset[str] | set[str] | tuple[str, ...] = (),
     ) -> Generation:
+        """Generate for one prompt; iterate the returned Generation for text as it is accepted.
+        `tags` describe the request to the policy (e.g. {"private"}) in mode "auto"."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
-        k = self.draft_len if draft_len is None else draft_len
-        runs = {
-            "local": lambda rec: self._run_local(rec, prompt, chat, sampling, max_new_tokens),
-            "cloud": lambda rec: self._run_cloud(rec, prompt, chat, sampling, max_new_tokens),
-            "speculative": lambda rec: self._run_speculative(rec, prompt, chat, sampling, max_new_tokens, k),
-            "assist": lambda rec: self._run_assist(
-                rec, prompt, chat, sampling, max_new_tokens, token_router or self.token_router,
-                self.assist_threshold if assist_threshold is None else assist_threshold,
-            ),
-        }
-        runs["auto"] = lambda rec: self._run_auto(rec, runs, max_new_tokens)
-        return Generation(mode, runs[mode], on_done=self._observe)
+
+        def runner(name: str, k=None, router=None, threshold=None):
+            k = k if k is not None else (self.draft_len if draft_len is None else draft_len)
+            router = router or token_router or self.token_router
+            if threshold is None:
+                threshold = self.assist_threshold if assist_threshold is None else assist_threshold
+            return {
+                "local": lambda rec: self._run_local(rec, prompt, chat, sampling, max_new_tokens),
+                "cloud": lambda rec: self._run_cloud(rec, prompt, chat, sampling, max_new_tokens),
+                "speculative": lambda rec: self._run_speculative(rec, prompt, chat, sampling, max_new_tokens, k),
+                "assist": lambda rec: self._run_assist(rec, prompt, chat, sampling, max_new_tokens, router, threshold),
+                "auto": lambda rec: self._run_auto(rec, prompt, frozenset(tags), runner, max_new_tokens),
+            }[name]
+
+        return Generation(mode, runner(mode), on_done=self._observe)
 
     # -- auto: measure, predict, choose ------------------------------------------------------------
 
@@ -254,21 +272,57 @@ class Client:
         self._rtt_samples += 1
         return rtt
 
-    async def _run_auto(self, rec, runs, max_new_tokens) -> AsyncIterator[str]:
-        allowed = [m for m in self.auto_modes if m in runs and m != "auto"]
-        if await self.measure_rtt() is None and self.fallback == "local":
-            chosen, table = "local", {}  # offline: the device alone
-            rec.usage.fallbacks += 1
-        else:
-            chosen, table = choose_mode(allowed, self.estimates, self.objective, self.cost_weight, max_new_tokens)
-        rec.mode = chosen
-        rec.decision = {"mode": chosen, "predicted": table, "estimates": self.estimates.to_dict()}
-        async for piece in runs[chosen](rec):
+    async def _run_auto(self, rec, prompt, tags, runner, max_new_tokens) -> AsyncIterator[str]:
+        """Decide the mode for this query, then run it. With a policy, its rules decide (tags,
+        prompt length, difficulty, budgets, network); a rule whose mode is "auto", or no policy at
+        all, leaves the choice to the predictions among the allowed modes."""
+        rtt = await self.measure_rtt()
+        online = rtt is not None
+        decision: dict = {"rtt_ms": None if rtt is None else round(rtt * 1000, 2)}
+        mode, k, router, threshold = None, None, None, None
+        allowed, objective, cost_weight = list(self.auto_modes), self.objective, self.cost_weight
+        if self.policy is not None:
+            from ..routing.policy import RequestContext
+
+            ctx = RequestContext(
+                tags=tags, online=online, rtt_ms=None if rtt is None else rtt * 1000,
+                cloud_tokens_last_minute=self._cloud_tokens_since(60), cloud_tokens_today=self._cloud_tokens_since(86_400),
+            )
+            d = self.policy.choose(prompt, ctx)
+            decision["policy"] = d.model_dump()
+            mode, k, router, threshold = d.mode, d.draft_len, d.token_router, d.threshold
+            auto = getattr(self.policy, "auto", None)
+            if mode == "auto" and auto is not None:
+                allowed, objective, cost_weight = list(auto.modes), auto.objective, auto.cost_weight
+                mode = None
+        if mode is None:
+            if not online and self.fallback == "local":
+                mode = "local"  # offline: the device alone
+                rec.usage.fallbacks += 1
+            else:
+                mode, table = choose_mode(allowed, self.estimates, objective, cost_weight, max_new_tokens)
+                decision["predicted"] = table
+                decision["objective"] = objective
+        decision["estimates"] = self.estimates.to_dict()
+        decision["mode"] = mode
+        rec.mode = mode
+        rec.decision = decision
+        async for piece in runner(mode, k, router, threshold)(rec):
             yield piece
 
+    def _cloud_tokens_since(self, seconds: float) -> int:
+        cutoff = time.time() - seconds
+        return sum(n for t, n in self._cloud_log if t >= cutoff)
+
     def _observe(self, rec: GenerationRecord) -> None:
-        """Fold a finished generation's timings into the estimates auto decides on."""
+        """Fold a finished generation's timings into the estimates auto decides on, and its cloud
+        tokens into the budget log."""
         e, u, n = self.estimates, rec.usage, max(1, len(rec.tokens))
+        if u.cloud_tokens or u.accepted_tokens:
+            now = time.time()
+            self._cloud_log.append((now, u.cloud_tokens + u.accepted_tokens))
+            while self._cloud_log and self._cloud_log[0][0] < now - 86_400:
+                self._cloud_log.popleft()
 
         def mix(old: float, new: float) -> float:
             return 0.5 * old + 0.5 * new

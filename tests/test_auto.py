@@ -87,3 +87,35 @@ def test_auto_mode_offline_runs_locally():
 
     rec = run(go())
     assert rec.mode == "local" and rec.usage.fallbacks == 1 and len(rec.tokens) == 8
+
+
+def test_auto_follows_a_policy_file(tiny_gateway, tmp_path):
+    from tandem.protocols.transport import InProcessTransport
+    from tandem.sdk import Client
+
+    from .conftest import run
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\n"
+        "defaults: {mode: speculative, draft_len: 3}\n"
+        "rules:\n"
+        "  - name: private-stays-home\n"
+        "    when: {tags_any: [privacy]}\n"
+        "    mode: local\n"
+        "  - name: ask-when-unsure\n"
+        "    when: {tags_any: [cheap]}\n"
+        "    mode: assist\n"
+        "    token_router: {name: confidence, threshold: 0.2}\n"
+    )
+
+    async def go():
+        async with Client(drafter="tiny-llama:int8", gateway=InProcessTransport(tiny_gateway), policy=policy) as c:
+            return [await c.generate("Hello", mode="auto", max_new_tokens=10, chat=False, tags=t)
+                    for t in ({"privacy"}, {"cheap"}, set())]
+
+    private, cheap, plain = run(go())
+    assert private.mode == "local" and private.usage.rounds == 0
+    assert private.decision["policy"]["rule"] == "private-stays-home"
+    assert cheap.mode == "assist" and cheap.decision["token_router"] == "confidence" and cheap.decision["threshold"] == 0.2
+    assert plain.mode == "speculative" and plain.decision["policy"]["draft_len"] == 3
