@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from ..local_runtime.engine import Engine
 from ..local_runtime.text import IncrementalDecoder
-from ..protocols.errors import TandemError, TransportError
+from ..protocols.errors import TandemError, TransportError, UnknownSessionError
 from ..protocols.messages import AppendRequest, ChatMessage, CloseSession, OpenSession, SamplingParams
 from .usage import GenerationRecord, Round
 
@@ -75,24 +75,29 @@ class AssistRun:
             tap = HiddenStateTap(self.lm)
         base = tok.prompt_tokens(self.prompt, self.chat)
         engine.append(base)
-        if text_space:
-            msg = OpenSession(
-                messages=[ChatMessage(role="user", content=self.prompt)] if self.chat else None,
-                prompt_text=None if self.chat else self.prompt, sampling=self.sampling,
-                max_new_tokens=self.max_new_tokens, model=self.client.target_name,
+        decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
+
+        def open_msg() -> OpenSession:
+            """A session for the prompt plus everything generated so far (a re-open starts there)."""
+            budget = max(1, self.max_new_tokens - len(rec.tokens))
+            if text_space:
+                return OpenSession(
+                    messages=[ChatMessage(role="user", content=self.prompt)] if self.chat else None,
+                    prompt_text=None if self.chat else self.prompt, resume_text=decoder.text or None,
+                    sampling=self.sampling, max_new_tokens=budget, model=self.client.target_name,
+                )
+            return OpenSession(
+                prompt_tokens=base + rec.tokens, tokenizer_fingerprint=tok.fingerprint, sampling=self.sampling,
+                max_new_tokens=budget, model=self.client.target_name,
             )
-        else:
-            msg = OpenSession(
-                prompt_tokens=base, tokenizer_fingerprint=tok.fingerprint, sampling=self.sampling,
-                max_new_tokens=self.max_new_tokens, model=self.client.target_name,
-            )
+
         up, down = transport.bytes_up, transport.bytes_down
-        opened = await transport.request(msg)
-        session_id = opened.session_id
+        session_id = (await transport.request(open_msg())).session_id
         decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
         eos = set(tok.eos_token_ids)
         pending: list[int] = []  # device tokens the gateway has not seen yet
-        synced_text = 0  # text space: characters the gateway has seen (its text_offset)
+        synced_text = 0  # text space: characters of the device's text the gateway has seen
+        session_base = 0  # text space: where the current session's own text starts (a re-open moves it)
         cloud_position = 0  # text space: target tokens the gateway has generated
         finished = False
         offline = False
@@ -116,12 +121,18 @@ class AssistRun:
                 if text_space:
                     new_text = decoder.text[synced_text:]
                     req = AppendRequest(session_id=session_id, position=cloud_position, text=new_text,
-                                        text_offset=synced_text)
+                                        text_offset=synced_text - session_base)
                 else:
                     req = AppendRequest(session_id=session_id, position=len(base) + len(rec.tokens) - len(pending),
                                         tokens=pending)
                 try:
                     res = await transport.request(req)
+                except UnknownSessionError:
+                    # expired or evicted: a new session re-prefilled with everything so far
+                    session_id = (await transport.request(open_msg())).session_id
+                    pending, synced_text, cloud_position = [], len(decoder.text), 0
+                    session_base = synced_text
+                    continue
                 except TransportError:
                     if self.client.fallback != "local":
                         raise
@@ -134,7 +145,7 @@ class AssistRun:
                 if text_space:
                     cloud_ids = tok.encode(res.text) if res.text else []
                     cloud_position = res.position
-                    synced_text = (res.text_offset or 0)
+                    synced_text = session_base + (res.text_offset or 0)
                 else:
                     cloud_ids = [res.next_token] if res.next_token is not None else []
                 engine.append(cloud_ids)

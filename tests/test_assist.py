@@ -56,3 +56,23 @@ def test_assist_across_tokenizers_always_escalating_is_the_cloud_text(text_gatew
     target = text_gateway.lm
     assert rec.text == target.tokenizer.text(_alone(target, 20))
     assert rec.usage.cloud_tokens == rec.usage.rounds >= 1
+
+
+def test_assist_reopens_an_evicted_session(tiny_gateway):
+    """The gateway drops the session mid-generation; the device opens a new one with everything
+    so far and carries on: with every token escalated the output is still the cloud's own."""
+
+    async def go():
+        async with Client(drafter="tiny-llama-b", gateway=InProcessTransport(tiny_gateway)) as c:
+            gen = c.stream(PROMPT, mode="assist", max_new_tokens=20, chat=False, assist_threshold=1.01)
+            dropped = False
+            async for _ in gen:
+                if not dropped and len(gen.tokens) >= 5:
+                    for session in list(tiny_gateway.sessions._sessions.values()):
+                        tiny_gateway.sessions._evict(session, "test")
+                    dropped = True
+            return gen.record
+
+    rec = run(go())
+    assert rec.tokens == _alone(tiny_gateway.lm, 20)
+    assert rec.usage.rounds == 20
