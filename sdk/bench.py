@@ -162,7 +162,8 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
 
 
-FIXED_MODES = ("local", "cloud", "speculative", "assist@0.3", "assist@0.6", "assist@0.9")
+# "assist" is the assist mode at the client's default threshold (0.5); assist@T at threshold T
+FIXED_MODES = ("local", "cloud", "speculative", "assist@0.3", "assist", "assist@0.8")
 
 
 def _mode_args(mode: str) -> dict:
