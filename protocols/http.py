@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -43,7 +44,14 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+# The API key when the caller gives none (like OPENAI_API_KEY): `Bearer $TANDEM_API_KEY`.
+API_KEY_ENV = "TANDEM_API_KEY"
+
+
 class HttpTransport(Transport):
+    """`headers` go with every request; without an `authorization` header, the key in the
+    TANDEM_API_KEY environment variable (if set) is sent as `Bearer <key>`."""
+
     def __init__(
         self,
         base_url: str,
@@ -54,6 +62,9 @@ class HttpTransport(Transport):
     ) -> None:
         super().__init__()
         self.base_url = base_url.rstrip("/")
+        headers = dict(headers or {})
+        if not any(k.lower() == "authorization" for k in headers) and os.environ.get(API_KEY_ENV):
+            headers["authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
         self._client = client or httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0)),

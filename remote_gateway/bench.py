@@ -48,13 +48,13 @@ PROMPTS = [
 
 
 @contextmanager
-def serving(app):
+def serving(app, lifespan: str = "off"):
     """A uvicorn server for `app` on a free loopback port, in a thread; yields its URL."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan=lifespan, access_log=False))
     thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

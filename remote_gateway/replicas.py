@@ -20,7 +20,8 @@ nothing, so capacity grows linearly with them; per-key limits are per replica (a
 N x its limit across N replicas; put a shared limiter in the load balancer if that matters).
 
 `StickyRouter` is a small reference implementation of that load balancer (an ASGI app over
-httpx), used by the tests and by `tandem gateway route`. For production, use the balancer you
+httpx; serve it with lifespan on, so that its connections close at shutdown), used by the tests
+and by `tandem gateway route`. For production, use the balancer you
 run anyway with the rule above.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from contextlib import asynccontextmanager
 
 import httpx
 from starlette.applications import Starlette
@@ -60,9 +62,25 @@ class StickyRouter:
             raise ValueError("a router needs at least one replica")
         self.replicas = {rid: url.rstrip("/") for rid, url in replicas.items()}
         self._next = itertools.cycle(sorted(self.replicas))
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0), limits=httpx.Limits(max_connections=512))
+        self._timeout_s = timeout_s
+        self._client: httpx.AsyncClient | None = None  # made in the serving loop, closed at its shutdown
         self.routed: dict[str, int] = {rid: 0 for rid in self.replicas}
-        self.app = Starlette(routes=[Route("/{path:path}", self._proxy, methods=["GET", "POST"])])
+        self.app = Starlette(routes=[Route("/{path:path}", self._proxy, methods=["GET", "POST"])], lifespan=self._lifespan)
+
+    @asynccontextmanager
+    async def _lifespan(self, app):
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                timeout=httpx.Timeout(self._timeout_s, connect=10.0), limits=httpx.Limits(max_connections=512)
+            )
+        return self._client
 
     def pick(self, session_id: str | None) -> str | None:
         """The replica for a request: the one its session names, else the next in turn."""
@@ -86,11 +104,11 @@ class StickyRouter:
             return JSONResponse(err.to_reply().model_dump(mode="json"), status_code=err.status)
         self.routed[rid] += 1
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        upstream = self._client.build_request(
+        upstream = self.client.build_request(
             request.method, self.replicas[rid] + request.url.path, params=request.query_params, headers=headers, content=body
         )
         try:
-            response = await self._client.send(upstream, stream=True)
+            response = await self.client.send(upstream, stream=True)
         except httpx.TransportError as exc:
             err = gateway_error("not_ready", f"replica '{rid}' did not answer: {type(exc).__name__}")
             return JSONResponse(err.to_reply().model_dump(mode="json"), status_code=502)
@@ -101,7 +119,9 @@ class StickyRouter:
         )
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
 
 __all__ = ["StickyRouter", "discover", "replica_of"]
