@@ -180,11 +180,12 @@ class DeviceAgent:
                 try:
                     await self._serve(client)
                 except asyncio.CancelledError:
+                    # a clean stop says so itself (the will is for unclean ones); never wait long for it
                     with contextlib.suppress(Exception):
-                        await client.publish(
+                        await asyncio.wait_for(client.publish(
                             self.topics.presence(self.device_id),
                             Presence(device_id=self.device_id, online=False).model_dump_json().encode(), qos=1, retain=True,
-                        )
+                        ), 1.0)
                     raise
                 except Exception as exc:  # the broker went away
                     log.warning("device %s lost the broker (%s); reconnecting", self.device_id, exc)
