@@ -190,8 +190,7 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
 
     @app.get("/readyz", responses={503: {"model": ErrorReply}})
     async def readyz() -> JSONResponse:
-        worker_ok = not getattr(gateway._worker, "_shutdown", False)
-        if gateway.ready and worker_ok:
+        if gateway.ready:
             return JSONResponse({"status": "ready", "model": gateway.model_name, "replica": gateway.replica_id})
         return _error(gateway_error("not_ready", "the gateway is starting or draining"))
 

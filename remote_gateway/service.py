@@ -131,6 +131,7 @@ class Gateway:
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def close(self) -> None:
+        """Stop taking work (readiness goes to 503) and let the model worker go."""
         self.ready = False
         self._worker.shutdown(wait=False, cancel_futures=True)
 
@@ -240,7 +241,7 @@ class Gateway:
                     for upto in [*range(chunk, engine_len - 1, chunk), engine_len - 1]:
                         await self._run(self.backend.fill, engine, upto)
         except BaseException:
-            self.sessions._drop(session.id)
+            self.sessions.discard(session.id)
             engine.reset()
             raise
         self.sessions.make_room(keep=session.id)

@@ -160,6 +160,10 @@ class SessionStore:
         if self._on_evict is not None:
             self._on_evict(reason)
 
+    def discard(self, session_id: str) -> Session | None:
+        """Forget a session (whoever owns it); None if it was not live."""
+        return self._drop(session_id)
+
     def _drop(self, session_id: str) -> Session | None:
         session = self._sessions.pop(session_id, None)
         if session is not None:
