@@ -348,7 +348,8 @@ class MqttTransport(Transport):
         self.gateway = gateway
         self.timeout_s = timeout_s
         self.topics = Topics(prefix)
-        self._client_id = f"tandem-rpc-{device_id or uuid.uuid4().hex[:12]}"
+        # unique per transport: a second connection under one client id would push the first off
+        self._client_id = f"tandem-rpc-{device_id + '-' if device_id else ''}{uuid.uuid4().hex[:8]}"
         self.response_topic = (
             self.topics.responses(check_device_id(device_id)) if device_id else self.topics.client_responses(self._client_id)
         )

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -118,6 +119,7 @@ class DeviceAgent:
         self._queue: asyncio.Queue[TaskAssignment] | None = None
         self._client: "aiomqtt.Client | None" = None
         self.connected = asyncio.Event()
+        self._stopping = threading.Event()  # ends a generation in progress when the agent stops
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class DeviceAgent:
                     await close_client(client)
                 await asyncio.sleep(self.reconnect_s)
         finally:
+            self._stopping.set()
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
@@ -336,6 +339,8 @@ class DeviceAgent:
             out.append(t)
             if deadline is not None and time.monotonic() > deadline:
                 raise _Deadline(f"deadline of {task.deadline_s:g} s passed after {len(out)} tokens")
+            if self._stopping.is_set():
+                raise _Deadline("the device is stopping")
         return tok.text(out), len(out)
 
     def _run_function(self, task: TaskAssignment, values: dict[str, Any]) -> Any:

@@ -586,6 +586,12 @@ class _Run:
                 if task.attempt >= self.c.max_attempts:
                     self.failure = f"task {task.id} missed its deadline {task.attempt} times"
                     return
+                if not self.allowed(task, now) - {task.device}:
+                    # nowhere else can run it (the gateway, the host, the one device with the data):
+                    # a second copy there would only queue behind the first
+                    self.event(f"{task.id} is past its deadline on {task.device}, the only place that can run it; waiting")
+                    task.deadline_at = now + self.deadline(task, 0.0)
+                    continue
                 self.event(f"{task.id} missed its deadline on {task.device}; placing it again")
                 task.status = "pending"
                 task.excluded.add(task.device or "")
