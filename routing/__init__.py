@@ -42,6 +42,7 @@ _EXPORTS = {
     "RequestContext": ".policy",
     "PolicyFileError": ".policy",
     "load_policy": ".policy",
+    "default_policy": ".policy",
     "check_policy_text": ".policy",
     "policy_json_schema": ".policy",
     # evaluation

@@ -539,6 +539,15 @@ def load_policy(path: str | Path) -> Policy:
     return policy
 
 
+def default_policy() -> Policy:
+    """The policy `auto` mode uses when it is given none: no rules; the default query router
+    decides, hard queries (score >= 0.5: the strong model is expected to do better) go
+    speculative, easy ones stay local; offline is local."""
+    from .base import DEFAULT_QUERY_ROUTER
+
+    return Policy(name="default", query_router=QueryRouterSpec(name=DEFAULT_QUERY_ROUTER))
+
+
 def policy_json_schema() -> dict:
     """The JSON Schema of policy files (for editors: yaml-language-server and the like)."""
     schema = Policy.model_json_schema()
@@ -562,6 +571,7 @@ __all__ = [
     "PolicyFileError",
     "check_policy_text",
     "load_policy",
+    "default_policy",
     "policy_json_schema",
     "CLOUD_MODES",
 ]

@@ -35,7 +35,7 @@ from .linear import LinearHeads
 from .metrics import route_metrics
 from .query import ARTIFACTS
 
-L2_GRID = (0.3, 3.0, 30.0, 300.0)
+L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)
 FOLDS = 5
 
 

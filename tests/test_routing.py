@@ -293,3 +293,46 @@ def test_importing_routing_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------
+# training helpers
+
+
+def test_token_labels_compare_text_across_tokenizers():
+    from tandem.routing.train_token import label_tokens
+
+    # same split; the cloud wanted " there" instead of " world"
+    assert label_tokens(["Hello", " world"], ["Hello", " there"], ["Hello", " world"], [True, False]) == [1, 0]
+    # the device splits finer than the cloud: both halves agree with the cloud's "Hello"
+    assert label_tokens(["Hel", "lo"], ["Hello"], ["Hello"], [True]) == [1, 1]
+    # the cloud splits finer: walk through its agreeing tokens
+    assert label_tokens(["Hello"], ["Hel", "lo"], ["Hel", "lo"], [True, True]) == [1]
+    # the cloud agrees on "Hel" then wants "p": the device's "Hello" and "!" are both wrong
+    assert label_tokens(["Hello", "!"], ["Hel", "p"], ["Hel", "lo!"], [True, False]) == [0, 0]
+    # an empty piece (half a character) has no label
+    assert label_tokens(["", "a"], ["a"], ["a"], [True]) == [None, 1]
+
+
+def test_logistic_fit_recovers_a_known_model():
+    from tandem.routing.linear import LinearHeads, sigmoid
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(20000, 2))
+    y = (rng.random(20000) < sigmoid(2.0 * X[:, 0] - 1.0 * X[:, 1] + 0.5)).astype(float)
+    h = LinearHeads.fit(X, {"p": y}, l2=1e-6, standardize=False)
+    assert h.W[0] == pytest.approx([2.0, -1.0], abs=0.1) and h.b[0] == pytest.approx(0.5, abs=0.1)
+    two = LinearHeads.fit(X, {"strong": y, "weak": 1 - y}, l2=1.0)
+    s = two.router_score(X)
+    assert (0 <= s).all() and (s <= 1).all()
+    back = LinearHeads.from_arrays(two.to_arrays())
+    assert np.allclose(back.router_score(X[:5]), s[:5], atol=1e-5)
+
+
+def test_assist_tradeoff_by_hand():
+    from tandem.routing.train_token import assist_tradeoff
+
+    y = np.array([1, 0, 1, 0])
+    # the two lowest scores are the two bad tokens: sending half to the cloud fixes both
+    assert assist_tradeoff(np.array([0.9, 0.1, 0.8, 0.2]), y, shares=(0.5, 0.25))["0.50"] == 1.0
+    assert assist_tradeoff(np.array([0.9, 0.1, 0.8, 0.2]), y, shares=(0.25,))["0.25"] == 0.75
