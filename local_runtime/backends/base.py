@@ -1,0 +1,87 @@
+"""The two interfaces a device backend implements.
+
+    PrefillBackend      prompt in, next-token logits (and the prompt's keys/values) out;
+                        what an accelerator runs: fixed-shape chunks, int8, compiled once
+    DraftingEngine      the part of `Engine` the speculative loop drives: a token sequence with a
+                        cache written by position, `draft(k)`, `truncate(pos)`; torch, llama.cpp
+                        and MLC engines all provide it, so the loop runs unchanged on any of them
+
+Both report `resident_bytes()`: the memory their copy of the model occupies.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from ...protocols.errors import TandemError
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..engine import Draft
+    from ..prefill import PrefillResult
+
+
+class BackendUnavailable(TandemError):
+    """An optional backend whose package is not installed, or that cannot run this model."""
+
+
+@runtime_checkable
+class PrefillBackend(Protocol):
+    name: str
+    # what actually runs it, e.g. "onnxruntime CPUExecutionProvider" or "torch cpu, oneDNN u8s8"
+    device: str
+
+    def prefill(self, tokens: list[int]) -> "PrefillResult": ...
+
+    def resident_bytes(self) -> int: ...
+
+
+@runtime_checkable
+class DraftingEngine(Protocol):
+    """One sequence and its cache. `tokens` may run ahead of the cache: whatever is not cached yet
+    is computed on the next `next_logits`/`draft`/`step`."""
+
+    tokens: list[int]
+
+    def reset(self) -> None: ...
+
+    def append(self, tokens: list[int]) -> None: ...
+
+    def truncate(self, pos: int) -> None: ...
+
+    def next_logits(self) -> "torch.Tensor": ...
+
+    def prefill(self, prompt: list[int]) -> "torch.Tensor": ...
+
+    def step(self, token: int) -> "torch.Tensor": ...
+
+    def greedy_token(self, logits: "torch.Tensor", prefix_len: int) -> int: ...
+
+    def draft(self, k: int, *, temperature: float = 0.0, top_p: float = 1.0, generator: Any = None,
+              support: int = ...) -> "Draft": ...
+
+
+def missing_extra(package: str, extra: str, what: str) -> BackendUnavailable:
+    """The one-line error for an optional backend whose package is not installed."""
+    return BackendUnavailable(f"{what} needs the '{package}' package: pip install 'tandem[{extra}]'")
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes held by distinct tensors (shared storage counted once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            size = t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # opaque layouts (oneDNN-packed weights)
+            ptr, size = id(t), t.numel() * t.element_size()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += size
+    return total
+
+
+__all__ = ["PrefillBackend", "DraftingEngine", "BackendUnavailable", "missing_extra", "tensor_bytes"]

@@ -1,0 +1,271 @@
+"""W8A8: int8 weights *and* int8 activations, the form NPUs run, with "shadow" outlier channels.
+
+One linear layer y = x W^T becomes
+
+    y = (s_x * s_w) * (q(x_main) @ Wq^T)  +  x[:, O] @ W[:, O]^T
+        `-------- int8 GEMM, int32 acc ---'    `-- float, |O| columns ---'
+
+    O        the input channels whose activations are outliers, found by calibration on sample text
+    x_main   x with the channels O zeroed
+    q(v)     clamp(round(v / s_x), -Q, Q); s_x = max|x_main| over the calibration text / Q,
+             one scale per tensor, fixed ahead of time (an NPU graph has no room for a dynamic one);
+             Q = 127, or 63 on x86 CPUs without VNNI (below)
+    Wq       round(W / s_w) with W[:, O] zeroed; s_w per tensor (or per output channel)
+
+A handful of channels in an LLM's hidden states carry values 10-100x larger than the rest; with one
+per-tensor scale they would flatten every other channel to a few int8 levels. Taking them out of
+the int8 product and computing them in float beside it (mllm-NPU's "shadow outlier execution",
+ASPLOS'25) keeps per-tensor scales accurate; it costs a |O|-column float matmul, a few percent.
+Because s_x is fixed, a row's result never depends on the other rows: chunked prefill gives the
+same numbers as one-shot prefill.
+
+The int8 GEMM has two kernels with the same int32 arithmetic, so they give the same results:
+
+    int_mm   torch._int_mm (int8 x int8 -> int32): fast on CUDA and on CPUs with VNNI/AMX; on an
+             AVX2-only CPU torch falls back to a reference loop (~50x slower than fp32 here)
+    onednn   oneDNN's u8s8 GEMM (torch.ops.onednn.qlinear_pointwise; activations offset by Q + 1),
+             which has AVX2 code: ~2x faster than fp32 on this kind of machine
+
+`pick_kernel("auto")` times both once on a representative shape and keeps the faster.
+
+Why Q = 63 without VNNI: AVX2's u8 x s8 instruction (vpmaddubsw) adds pairs of products into
+int16 and saturates, so u8 codes up to 255 times int8 weights up to 127 can overflow (255*127*2 >
+32767) and silently give a wrong sum. With 7-bit activations (u8 codes 1..127) no pair can
+overflow and the GEMM is exact; ONNX Runtime's u8s8 kernels have the same limit. VNNI, AMX and
+GPUs accumulate in int32 and keep the full 8 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import torch
+
+KERNELS = ("int_mm", "onednn")
+
+
+@functools.cache
+def activation_qmax() -> int:
+    """127, or 63 on an x86 CPU whose int8 dot product saturates (no VNNI/AMX; see above)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return 127
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return 63
+    return 127 if any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8")) else 63
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration and quantisation (pure functions of tensors)
+
+
+def outlier_channels(absmax: torch.Tensor, k: int) -> torch.Tensor:
+    """The k input channels with the largest calibrated max|x| (sorted ids; empty when k == 0)."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    k = min(k, absmax.numel())
+    return torch.sort(torch.topk(absmax.float(), k).indices).values
+
+
+def symmetric_scale(absmax: float | torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """The step for values within +-absmax on integer levels -qmax..qmax (never zero)."""
+    return torch.as_tensor(absmax, dtype=torch.float32).clamp(min=1e-8) / float(qmax)
+
+
+def quantize_symmetric(x: torch.Tensor, scale: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """round(x / scale) clamped to [-qmax, qmax], as int8 (scale broadcasts)."""
+    return torch.clamp(torch.round(x / scale), -qmax, qmax).to(torch.int8)
+
+
+@dataclass
+class W8A8Weights:
+    """One linear layer in W8A8 form (see the module docstring for the maths)."""
+
+    weight_q: torch.Tensor  # (out, in) int8, outlier columns zeroed
+    weight_scale: torch.Tensor  # (out,) float: s_w per output channel (all equal when per tensor)
+    act_scale: torch.Tensor  # () float: s_x
+    act_qmax: int  # activation codes lie in -act_qmax..act_qmax
+    outlier_idx: torch.Tensor  # (k,) long
+    outlier_weight: torch.Tensor  # (k, out) float: W[:, O]^T
+    bias: torch.Tensor | None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight_q.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight_q.shape[0])
+
+    def nbytes(self) -> int:
+        tensors = [self.weight_q, self.weight_scale, self.act_scale, self.outlier_idx, self.outlier_weight]
+        return sum(t.numel() * t.element_size() for t in tensors + ([self.bias] if self.bias is not None else []))
+
+
+def quantize_w8a8(
+    weight: torch.Tensor,
+    act_absmax: torch.Tensor,
+    *,
+    n_outliers: int,
+    bias: torch.Tensor | None = None,
+    per_channel: bool = False,
+    act_qmax: int | None = None,
+) -> W8A8Weights:
+    """Quantise `weight` (out, in) for inputs whose calibrated per-channel max|x| is `act_absmax`."""
+    act_qmax = activation_qmax() if act_qmax is None else act_qmax
+    w = weight.detach().float()
+    idx = outlier_channels(act_absmax, n_outliers)
+    keep = torch.ones(w.shape[1], dtype=torch.bool)
+    keep[idx] = False
+    w_main = w * keep
+    if per_channel:
+        w_scale = symmetric_scale(w_main.abs().amax(dim=1))
+    else:
+        w_scale = symmetric_scale(w_main.abs().max()).expand(w.shape[0]).clone()
+    return W8A8Weights(
+        weight_q=quantize_symmetric(w_main, w_scale[:, None]),
+        weight_scale=w_scale,
+        act_scale=symmetric_scale(act_absmax[keep].max() if keep.any() else torch.tensor(1.0), act_qmax),
+        act_qmax=act_qmax,
+        outlier_idx=idx,
+        outlier_weight=w[:, idx].t().contiguous(),
+        bias=None if bias is None else bias.detach().float().clone(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+
+@dataclass
+class PackedW8A8:
+    """A W8A8 layer laid out for one kernel: the tensors the chunk graph takes as inputs."""
+
+    inv_act_scale: torch.Tensor  # () 1 / s_x
+    keep: torch.Tensor  # (in,) 1.0 for int8 channels, 0.0 for the outlier channels
+    packed: torch.Tensor  # the kernel's weight layout
+    out_scale: torch.Tensor  # (out,) s_x * s_w
+    outlier_idx: torch.Tensor
+    outlier_weight: torch.Tensor
+    bias: torch.Tensor | None
+    act_qmax: int = 127
+    nbytes: int = 0
+
+
+def pack(w: W8A8Weights, kernel: str, *, rows: int = 128) -> PackedW8A8:
+    """Lay `w` out for `kernel` ("int_mm" or "onednn"); `rows` is the expected batch of rows."""
+    keep = torch.ones(w.in_features)
+    keep[w.outlier_idx] = 0.0
+    if kernel == "int_mm":
+        packed = w.weight_q.t().contiguous()  # (in, out)
+    elif kernel == "onednn":
+        packed = torch.ops.onednn.qlinear_prepack(w.weight_q.contiguous(), [rows, w.in_features])
+    else:
+        raise ValueError(f"unknown int8 kernel '{kernel}' (known: {', '.join(KERNELS)})")
+    return PackedW8A8(
+        inv_act_scale=(1.0 / w.act_scale).reshape(()),
+        keep=keep,
+        packed=packed,
+        out_scale=(w.act_scale * w.weight_scale).float().contiguous(),
+        outlier_idx=w.outlier_idx,
+        outlier_weight=w.outlier_weight,
+        bias=w.bias,
+        act_qmax=w.act_qmax,
+        nbytes=w.nbytes(),
+    )
+
+
+_ZERO_POINTS: dict[int, torch.Tensor] = {}
+
+
+@torch.library.custom_op("tandem::onednn_u8s8_mm", mutates_args=())
+def _onednn_u8s8_mm(xq: torch.Tensor, packed: torch.Tensor, out_scale: torch.Tensor, zero_point: int) -> torch.Tensor:
+    """(xq - zero_point) @ Wq^T * out_scale, xq uint8 (m, in), through oneDNN's u8s8 GEMM.
+
+    An opaque op for torch.compile: inductor fuses the quantisation before it and the float
+    epilogue after it, and calls oneDNN with the pre-packed weight in between."""
+    n = out_scale.shape[0]
+    zp = _ZERO_POINTS.get(n)
+    if zp is None:
+        zp = _ZERO_POINTS[n] = torch.zeros(n, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        xq, 1.0, zero_point, packed, out_scale, zp, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+@_onednn_u8s8_mm.register_fake
+def _(xq: torch.Tensor, packed: torch.Tensor, out_scale: torch.Tensor, zero_point: int) -> torch.Tensor:
+    return xq.new_empty((xq.shape[0], out_scale.shape[0]), dtype=torch.float32)
+
+
+def w8a8_linear(x: torch.Tensor, p: PackedW8A8, kernel: str) -> torch.Tensor:
+    """y = x W^T in W8A8 with shadow outliers; x is (m, in) float."""
+    return w8a8_apply(
+        x, p.inv_act_scale, p.keep, p.packed, p.out_scale, p.outlier_idx, p.outlier_weight, p.bias, p.act_qmax, kernel
+    )
+
+
+def w8a8_apply(x, inv_act_scale, keep, packed, out_scale, outlier_idx, outlier_weight, bias, qmax: int, kernel: str):
+    """`w8a8_linear` on the packed tensors themselves (the form a compiled graph takes)."""
+    q = torch.clamp(torch.round(x * keep * inv_act_scale), -qmax, qmax)
+    if kernel == "onednn":
+        y = _onednn_u8s8_mm((q + (qmax + 1)).to(torch.uint8), packed, out_scale, qmax + 1)
+    else:
+        y = torch._int_mm(q.to(torch.int8), packed).float() * out_scale
+    if outlier_idx.numel():
+        # the shadow path: the outlier channels, in float, beside the int8 product
+        y = y + x.index_select(-1, outlier_idx) @ outlier_weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@functools.cache
+def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, out_features: int = 1536) -> str:
+    """`kernel` itself, or for "auto" the faster of the two on this machine (timed once per process)."""
+    if kernel != "auto":
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown int8 kernel '{kernel}' (known: auto, {', '.join(KERNELS)})")
+        return kernel
+    gen = torch.Generator().manual_seed(0)
+    w = quantize_w8a8(
+        torch.randn(out_features, in_features, generator=gen), torch.ones(in_features), n_outliers=0
+    )
+    x = torch.randn(rows, in_features, generator=gen)
+    best, best_t = "onednn", float("inf")
+    for name in KERNELS:
+        try:
+            p = pack(w, name, rows=rows)
+            w8a8_linear(x, p, name)
+        except (RuntimeError, NotImplementedError, AttributeError):
+            continue  # a torch build without this kernel
+        t0 = time.perf_counter()
+        n = 0
+        while n < 1 or (time.perf_counter() < t0 + 0.3 and n < 20):
+            w8a8_linear(x, p, name)
+            n += 1
+        t = (time.perf_counter() - t0) / n
+        if t < best_t:
+            best, best_t = name, t
+    return best
+
+
+__all__ = [
+    "W8A8Weights",
+    "PackedW8A8",
+    "quantize_w8a8",
+    "pack",
+    "w8a8_linear",
+    "w8a8_apply",
+    "pick_kernel",
+    "outlier_channels",
+    "symmetric_scale",
+    "quantize_symmetric",
+    "KERNELS",
+]
