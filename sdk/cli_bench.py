@@ -122,16 +122,24 @@ def rtt_plot(
 ) -> None:
     """Seconds per token against RTT for each mode, measured, with the analytical prediction
     (sdk/auto.py, fed with the speeds measured at the lowest RTT) drawn beside."""
+    from ..protocols.linksim import LinkProxy
     from .bench import bench_modes
+    from .launch import GatewayProcess
     from .plots import plot_rtt
 
     points = sorted(float(x) for x in rtts.split(","))
     prompt_list = _prompts(prompts, limit)
     results = []
-    for rtt in points:
-        err.print(f"rtt {rtt:.0f} ms ...")
-        results.append(_run(bench_modes(drafter=drafter, target=target, prompts=prompt_list,
-                                        max_new_tokens=max_new_tokens, rtt_ms=rtt)))
+    # one gateway process for every point; only the link in front of it changes
+    with GatewayProcess(target, quiet=True) as gateway:
+        for rtt in points:
+            err.print(f"rtt {rtt:.0f} ms ...")
+            with LinkProxy(gateway.port, delay_ms=rtt / 2) as link:
+                result = _run(bench_modes(drafter=drafter, target=target, prompts=prompt_list,
+                                          max_new_tokens=max_new_tokens, gateway=link.url))
+            result["rtt_ms"] = rtt
+            results.append(result)
+            err.print(json.dumps(result))
     summary = plot_rtt(results, out)
     summary["png"] = str(out)
     _print(summary, "seconds per token vs RTT", as_json)
