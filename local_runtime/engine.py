@@ -29,6 +29,7 @@ import torch
 from .sampling import DEFAULT_DRAFT_SUPPORT, logits_to_probs, sample_sparse, top2_margin, truncate_support
 
 if TYPE_CHECKING:
+    from .backends.base import PrefillBackend
     from .models import LoadedModel
 
 # Logit gap under which a greedy choice is recomputed canonically. Block-vs-step differences
@@ -46,9 +47,13 @@ class Draft:
 
 
 class Engine:
-    def __init__(self, lm: "LoadedModel", *, tie_margin: float = DEFAULT_TIE_MARGIN) -> None:
+    def __init__(
+        self, lm: "LoadedModel", *, tie_margin: float = DEFAULT_TIE_MARGIN, prefill_backend: "PrefillBackend | None" = None
+    ) -> None:
         self.lm = lm
         self.tie_margin = tie_margin
+        # an accelerated prefill (local_runtime.backends) for a prompt run from an empty cache
+        self.prefill_backend = prefill_backend
         self.tokens: list[int] = []
         self.cached = 0
         self.forward_passes = 0
@@ -115,7 +120,24 @@ class Engine:
     def prefill(self, prompt: list[int]) -> torch.Tensor:
         self.reset()
         self.append(prompt)
+        if self._backend_prefills():
+            return self._backend_prefill()
         return self.compute()[-1]
+
+    def _backend_prefills(self) -> bool:
+        if self.prefill_backend is None or self.cached:
+            return False
+        from .backends import MIN_BACKEND_PREFILL
+
+        return len(self.tokens) >= MIN_BACKEND_PREFILL
+
+    def _backend_prefill(self) -> torch.Tensor:
+        """Run the whole uncached sequence on the prefill backend; its keys/values become the cache."""
+        result = self.prefill_backend.prefill(self.tokens)
+        self._cache = result.to_cache()
+        self.cached = len(self.tokens)
+        self.forward_passes += 1
+        return result.logits
 
     def step(self, token: int) -> torch.Tensor:
         self.append([token])
@@ -124,6 +146,8 @@ class Engine:
     def next_logits(self) -> torch.Tensor:
         """Logits for the position after the sequence, computing what is not cached yet.
         A fully cached sequence recomputes its last token (one position, cheap)."""
+        if self._backend_prefills():
+            return self._backend_prefill()
         if self.cached == len(self.tokens):
             self.truncate_cache(len(self.tokens) - 1)
         return self.compute()[-1]
@@ -185,7 +209,8 @@ def generate_alone(
 ):
     """One model decoding by itself, one token per step: the reference speculative output is
     compared against, and the `local`/`cloud` modes. Yields token ids as they are chosen."""
-    engine = Engine(lm, tie_margin=tie_margin)
+    # a device model with an engine of its own (llama.cpp, MLC: local_runtime.backends) brings it
+    engine = lm.new_engine(tie_margin=tie_margin) if hasattr(lm, "new_engine") else Engine(lm, tie_margin=tie_margin)
     eos = set(lm.tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     logits = engine.prefill(prompt)

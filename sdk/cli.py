@@ -36,6 +36,10 @@ from . import cli_bench  # noqa: E402 - the benchmark commands live in their own
 
 cli_bench.register(bench_app)
 
+from . import cli_device  # noqa: E402 - bench device: the on-device backends side by side
+
+cli_device.register(bench_app)
+
 err = Console(stderr=True)
 
 

@@ -93,6 +93,7 @@ class Client:
         self,
         *,
         drafter: "str | LoadedModel | None" = DEFAULT_DRAFTER,
+        drafter_backend: str | None = None,
         gateway: str | Transport | GatewayHandler = "inproc",
         target: str | None = None,
         mode: Mode = "speculative",
@@ -135,6 +136,10 @@ class Client:
             raise ValueError(f"fallback must be 'local' or 'error', got '{fallback}'")
         # a name loads lazily; an already loaded model is used as it is
         self.drafter_name = drafter if isinstance(drafter, str) or drafter is None else drafter.name
+        # "NAME@BACKEND" or drafter_backend picks the device engine (see local_runtime.backends)
+        from ..local_runtime.backends import split_backend
+
+        self.drafter_name, self.drafter_backend = split_backend(self.drafter_name, drafter_backend)
         self.target_name = target
         self.mode = mode
         self.draft_len = draft_len
@@ -201,10 +206,16 @@ class Client:
         if self._drafter is None:
             if self.drafter_name is None:
                 raise TandemError("this mode needs a device model: pass drafter=NAME")
-            from ..local_runtime.models import load_model
+            from ..local_runtime.backends import load_drafter
 
-            self._drafter = load_model(self.drafter_name, progress=self.progress)
+            self._drafter = load_drafter(self.drafter_name, self.drafter_backend, progress=self.progress)
         return self._drafter
+
+    def new_drafter_engine(self):
+        """A fresh drafting engine (one sequence) over the device model, on its backend."""
+        from ..local_runtime.backends import drafter_engine
+
+        return drafter_engine(self.drafter, self.drafter_backend)
 
     async def aclose(self) -> None:
         if self._transport is not None:

@@ -71,7 +71,7 @@ class SpeculativeRun:
         )
         self.lm = client.drafter
         self.tok = self.lm.tokenizer
-        self.engine = Engine(self.lm)
+        self.engine = client.new_drafter_engine()
         self.finished = False
         self.session_id: str | None = None
         transport = client.transport

@@ -1,0 +1,238 @@
+"""`tandem bench device`: every device backend on one model, measured side by side in one run.
+
+For each backend:
+
+    prefill_tok_per_s    an N-token prompt (Spec-Bench text) from an empty cache
+    decode_tok_per_s     greedy drafting of `decode_tokens` tokens after a short prompt, through the
+                         backend's `DraftingEngine.draft` (what the speculative loop calls); for
+                         `llama.cpp`, llama.cpp's own generation loop (`Llama.generate`)
+    greedy_agreement     share of Spec-Bench prompts whose next-token argmax after prefill equals
+                         the fp32 reference's
+    max_abs_logit_err    the largest |logit - reference logit| over those prompts
+    resident_mb          the backend's own copy of the model (weights, plus llama.cpp's context)
+
+Timings are medians over `reps` rounds, each round running every backend once in turn (the
+order rotating), so load from other processes falls on all of them alike.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .bench import load_prompts
+
+Progress = Callable[[str], None]
+
+
+def _median(xs: list[float]) -> float:
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(xs) if xs else math.nan
+
+
+def _bench_prompt(tokenizer: Any, prompts: list[str], n: int) -> list[int]:
+    """Exactly n token ids: Spec-Bench prompts run together through the chat template."""
+    ids: list[int] = []
+    i = 0
+    while len(ids) < n:
+        ids += tokenizer.prompt_tokens(prompts[i % len(prompts)])
+        i += 1
+    return ids[:n]
+
+
+def bench_device(
+    model: str = "smollm2-135m",
+    tokens: int = 512,
+    *,
+    decode_tokens: int = 128,
+    prompts_path: str | None = None,
+    limit: int | None = None,
+    reps: int = 3,
+    backends: list[str] | None = None,
+    threads: int | None = None,
+    chunk: int = 128,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Measure the device backends on `model`; returns the `bench device` JSON object."""
+    import torch
+
+    from ..local_runtime.backends import BackendUnavailable, gguf_path, prefill_backend
+    from ..local_runtime.engine import Engine
+    from ..local_runtime.models import load_model
+    from ..protocols.errors import ModelLoadError
+
+    say = progress or (lambda _msg: None)
+    t_start = time.perf_counter()
+    threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    wanted = set(backends or ["reference-fp32", "cpu-int8", "onnx", "torch-int8", "llama.cpp"])
+
+    lm = load_model(model, progress=False)
+    texts = load_prompts(prompts_path, None)
+    agree_prompts = load_prompts(prompts_path, limit)
+    bench_ids = _bench_prompt(lm.tokenizer, texts, tokens)
+    agree_ids = [lm.tokenizer.prompt_tokens(p)[:tokens] for p in agree_prompts]
+    decode_prompt = bench_ids[: min(64, tokens)]
+
+    out: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    prefill_fns: dict[str, Callable[[list[int]], Any]] = {}  # name -> tokens -> logits
+    decode_fns: dict[str, Callable[[], float]] = {}  # name -> seconds for decode_tokens tokens
+
+    def entry(name: str, device: str, resident: int, setup_s: float, role: str) -> None:
+        out[name] = {
+            "prefill_tok_per_s": None, "decode_tok_per_s": None, "greedy_agreement": None,
+            "max_abs_logit_err": None, "resident_mb": round(resident / 2**20, 1), "device": device,
+            "setup_s": round(setup_s, 2), "role": role,
+        }
+
+    def torch_decode(make_engine: Callable[[], Any]) -> Callable[[], float]:
+        def run() -> float:
+            engine = make_engine()
+            engine.prefill(decode_prompt)
+            t0 = time.perf_counter()
+            engine.draft(decode_tokens)
+            return time.perf_counter() - t0
+
+        return run
+
+    # -- build ------------------------------------------------------------------------------------
+    ref = prefill_backend("reference-fp32", lm)
+    entry(ref.name, ref.device, ref.resident_bytes(), 0.0, "prefill+decode")
+    prefill_fns[ref.name] = lambda ids: ref.prefill(ids).logits
+    decode_fns[ref.name] = torch_decode(lambda: Engine(lm))
+
+    for name, opts in (("cpu-int8", {"chunk": chunk}), ("onnx", {"chunk": chunk, "threads": threads})):
+        if name not in wanted:
+            continue
+        say(f"building {name} (calibration, quantisation, {'compile' if name == 'cpu-int8' else 'export'}) ...")
+        t0 = time.perf_counter()
+        try:
+            b = prefill_backend(name, lm, **opts)
+            b.prefill(bench_ids[: chunk + 1])  # compile / first-run costs belong to setup
+        except BackendUnavailable as exc:
+            skipped[name] = str(exc)
+            continue
+        entry(name, b.device, b.resident_bytes(), time.perf_counter() - t0, "prefill")
+        prefill_fns[name] = lambda ids, b=b: b.prefill(ids).logits
+
+    if "torch-int8" in wanted:
+        from ..local_runtime.backends.lean import StaticInt8Model
+
+        t0 = time.perf_counter()
+        lean = StaticInt8Model(lm, capacity=tokens + decode_tokens + 8)
+        entry("torch-int8", "torch cpu, int8 weights, static cache (lean loop)", lean.resident_bytes(),
+              time.perf_counter() - t0, "prefill+decode")
+        prefill_fns["torch-int8"] = lambda ids: lean.new_engine().prefill(ids)
+        decode_fns["torch-int8"] = torch_decode(lean.new_engine)
+
+    if "llama.cpp" in wanted:
+        try:
+            from ..local_runtime.backends.llamacpp import LlamaCppModel, native_generate_rate
+
+            path = gguf_path(model.partition(":")[0])
+            t0 = time.perf_counter()
+            n_ctx = max(2048, tokens + decode_tokens + 64)
+            native = LlamaCppModel(model, path, lm.tokenizer, n_ctx=n_ctx, n_threads=threads)
+            drafter = LlamaCppModel(model, path, lm.tokenizer, n_ctx=n_ctx, n_threads=threads)
+            setup = time.perf_counter() - t0
+        except (BackendUnavailable, ModelLoadError) as exc:
+            skipped["llama.cpp"] = str(exc)
+        else:
+            entry("llama.cpp", f"llama.cpp ({native.n_threads} threads), its own eval and generate loop",
+                  native.resident_bytes(), setup, "prefill+decode (reference implementation)")
+            entry("llama.cpp-draft", f"tandem DraftingEngine over llama.cpp ({drafter.n_threads} threads)",
+                  drafter.resident_bytes(), setup, "decode")
+            native_rates: dict[str, list[float]] = {"prefill": [], "decode": []}
+
+            def native_run() -> float:
+                p, d = native_generate_rate(native, bench_ids, decode_tokens)
+                native_rates["prefill"].append(p)
+                native_rates["decode"].append(d)
+                return decode_tokens / d
+
+            def draft_prefill(ids: list[int]) -> Any:
+                return drafter.new_engine().prefill(ids)
+
+            prefill_fns["llama.cpp"] = draft_prefill  # logits for agreement; speed from native_run
+            decode_fns["llama.cpp"] = native_run
+            decode_fns["llama.cpp-draft"] = torch_decode(drafter.new_engine)
+
+    # -- speed, interleaved ---------------------------------------------------------------------
+    prefill_t: dict[str, list[float]] = {n: [] for n in prefill_fns if n != "llama.cpp"}
+    decode_t: dict[str, list[float]] = {n: [] for n in decode_fns}
+    order = list(prefill_t) + [n for n in decode_t if n not in prefill_t]
+    for rep in range(reps):
+        say(f"timing round {rep + 1}/{reps} ...")
+        rot = order[rep % len(order):] + order[: rep % len(order)]
+        for name in rot:
+            if name in prefill_t:
+                gc.collect()
+                t0 = time.perf_counter()
+                prefill_fns[name](bench_ids)
+                prefill_t[name].append(time.perf_counter() - t0)
+            if name in decode_t:
+                gc.collect()
+                decode_t[name].append(decode_fns[name]())
+    for name, ts in prefill_t.items():
+        out[name]["prefill_tok_per_s"] = round(tokens / _median(ts), 1)
+    for name, ts in decode_t.items():
+        out[name]["decode_tok_per_s"] = round(decode_tokens / _median(ts), 1)
+    if "llama.cpp" in decode_t:
+        out["llama.cpp"]["prefill_tok_per_s"] = round(_median(native_rates["prefill"]), 1)
+
+    # -- agreement with the fp32 reference ------------------------------------------------------
+    say(f"agreement over {len(agree_ids)} prompts ...")
+    errs: dict[str, list[float]] = {n: [] for n in prefill_fns}
+    agree: dict[str, int] = {n: 0 for n in prefill_fns}
+    for ids in agree_ids:
+        reference = prefill_fns[ref.name](ids).float()
+        top = int(reference.argmax())
+        for name, fn in prefill_fns.items():
+            logits = reference if name == ref.name else fn(ids).float()
+            agree[name] += int(int(logits.argmax()) == top)
+            errs[name].append(float((logits[: reference.shape[0]] - reference).abs().max()))
+    for name in prefill_fns:
+        out[name]["greedy_agreement"] = round(agree[name] / len(agree_ids), 4)
+        out[name]["max_abs_logit_err"] = round(max(errs[name]), 4)
+        out[name]["median_abs_logit_err"] = round(statistics.median(errs[name]), 4)
+    if "llama.cpp-draft" in out:
+        for key in ("greedy_agreement", "max_abs_logit_err", "median_abs_logit_err"):
+            out["llama.cpp-draft"][key] = out["llama.cpp"][key]
+        out["llama.cpp-draft"]["prefill_tok_per_s"] = out["llama.cpp"]["prefill_tok_per_s"]
+
+    # -- summary ----------------------------------------------------------------------------------
+    summary: dict[str, Any] = {}
+    accel = {n: v for n, v in out.items() if n in ("cpu-int8", "onnx") and v["greedy_agreement"] is not None}
+    if accel:
+        best = max(accel, key=lambda n: accel[n]["prefill_tok_per_s"])
+        summary["best_prefill"] = best
+        summary["prefill_vs_reference"] = round(out[best]["prefill_tok_per_s"] / out[ref.name]["prefill_tok_per_s"], 2)
+        if "llama.cpp" in out:
+            summary["prefill_vs_llama_cpp"] = round(out[best]["prefill_tok_per_s"] / out["llama.cpp"]["prefill_tok_per_s"], 2)
+    drafters = {n: v for n, v in out.items() if n != "llama.cpp" and v["decode_tok_per_s"] is not None}
+    if drafters:
+        best = max(drafters, key=lambda n: drafters[n]["decode_tok_per_s"])
+        summary["best_drafter"] = best
+        if "llama.cpp" in out:
+            summary["decode_vs_llama_cpp"] = round(out[best]["decode_tok_per_s"] / out["llama.cpp"]["decode_tok_per_s"], 3)
+    return {
+        "model": model,
+        "tokens": tokens,
+        "decode_tokens": decode_tokens,
+        "prompts": len(agree_ids),
+        "reps": reps,
+        "threads": threads,
+        "backends": out,
+        "skipped": skipped,
+        **summary,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+
+
+__all__ = ["bench_device"]

@@ -1,0 +1,229 @@
+"""Device backends: each one passes the same lossless speculative test, engines agree with the
+torch engine, and missing optional backends fail with a one-line error naming the extra."""
+
+import sys
+
+import pytest
+import torch
+
+from tandem.local_runtime.backends import (
+    BackendUnavailable,
+    DraftingEngine,
+    PrefillBackend,
+    WithPrefill,
+    drafter_engine,
+    split_backend,
+)
+from tandem.local_runtime.engine import Engine, generate_alone
+from tandem.local_runtime.models import load_model
+from tandem.local_runtime.prefill import calibrate
+from tandem.protocols.transport import InProcessTransport
+from tandem.sdk import Client
+
+from .conftest import run
+
+# long enough (>= 16 tokens) that the prefill backends, not the engine, run the prompt
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog, again and again.",
+    "Once upon a time, in a land far away, there lived a king",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15",
+]
+
+
+@pytest.fixture(scope="module")
+def drafter_lm():
+    return load_model("tiny-llama-b", progress=False)
+
+
+@pytest.fixture(scope="module")
+def act_stats(drafter_lm):
+    gen = torch.Generator().manual_seed(0)
+    return calibrate(drafter_lm.model, [torch.randint(0, 256, (160,), generator=gen).tolist()])
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(drafter_lm, tmp_path_factory):
+    pytest.importorskip("llama_cpp")
+    from tandem.local_runtime.backends.gguf_writer import write_llama_gguf
+
+    return write_llama_gguf(drafter_lm, tmp_path_factory.mktemp("gguf") / "tiny-llama-b.gguf")
+
+
+def _drafter(kind, lm, stats, gguf):
+    if kind == "torch":
+        return lm
+    if kind == "cpu-int8":
+        from tandem.local_runtime.backends.cpu_int8 import CpuInt8Prefill
+
+        return WithPrefill(lm, CpuInt8Prefill(lm, chunk=16, act_absmax=stats, n_outliers=4, compile=False))
+    if kind == "onnx":
+        pytest.importorskip("onnxruntime")
+        from tandem.local_runtime.backends.onnx_rt import OnnxPrefill
+
+        return WithPrefill(lm, OnnxPrefill(lm, chunk=16, act_absmax=stats, n_outliers=4))
+    if kind == "torch-int8":
+        from tandem.local_runtime.backends.lean import StaticInt8Model
+
+        return StaticInt8Model(lm, capacity=32)  # small: the cache must grow during the test
+    if kind == "llama.cpp":
+        from tandem.local_runtime.backends.llamacpp import LlamaCppModel
+
+        return LlamaCppModel(lm.name, gguf, lm.tokenizer, n_ctx=512, n_threads=2)
+    raise AssertionError(kind)
+
+
+BACKENDS = ["torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp"]
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+@pytest.mark.parametrize("draft_len", [1, 4])
+def test_greedy_speculative_equals_target_alone_on_every_backend(tiny_gateway, drafter_lm, act_stats, kind, draft_len, request):
+    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    drafter = _drafter(kind, drafter_lm, act_stats, gguf)
+    target = tiny_gateway.lm
+
+    async def go():
+        async with Client(drafter=drafter, gateway=InProcessTransport(tiny_gateway), draft_len=draft_len) as c:
+            return [await c.generate(p, max_new_tokens=24, chat=False) for p in PROMPTS]
+
+    for prompt, rec in zip(PROMPTS, run(go())):
+        reference = list(generate_alone(target, target.tokenizer.prompt_tokens(prompt, chat=False), 24))
+        assert rec.tokens == reference, (kind, prompt)
+        assert rec.usage.accepted_tokens + rec.usage.cloud_tokens == len(rec.tokens)
+
+
+@pytest.mark.parametrize("kind", ["cpu-int8", "onnx", "torch-int8", "llama.cpp"])
+def test_engines_follow_the_interface_and_roll_back(drafter_lm, act_stats, kind, request):
+    """Draft, roll back, draft again: the same tokens as a fresh engine on the same prefix."""
+    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    model = _drafter(kind, drafter_lm, act_stats, gguf)
+    engine = drafter_engine(model)
+    assert isinstance(engine, DraftingEngine)
+    prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[1], chat=False)
+    engine.prefill(prompt)
+    first = engine.draft(8)
+    assert len(first.tokens) == 8 and all(0 < q <= 1 for q in first.probs)
+    engine.truncate(len(prompt) + 3)
+    again = engine.draft(5)
+    assert again.tokens == first.tokens[3:8]
+    fresh = drafter_engine(model)
+    fresh.prefill(prompt + first.tokens[:3])
+    assert fresh.draft(5).tokens == again.tokens
+
+
+@pytest.mark.parametrize("kind", ["torch-int8", "llama.cpp"])
+def test_drafting_engines_agree_with_the_torch_engine(drafter_lm, act_stats, kind, request):
+    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    """llama.cpp on float32 weights against the float engine; the lean loop against the engine
+    over the same int8 weights (`NAME:int8`, per-output-channel scales)."""
+    engine = drafter_engine(_drafter(kind, drafter_lm, act_stats, gguf))
+    ref = Engine(load_model("tiny-llama-b:int8" if kind == "torch-int8" else "tiny-llama-b", progress=False))
+    prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False)
+    a, b = engine.prefill(prompt), ref.prefill(prompt)
+    assert (a - b).abs().max() < (1e-3 if kind == "torch-int8" else 0.02)
+    assert engine.draft(12).tokens == ref.draft(12).tokens
+
+
+def test_sampled_drafts_from_llama_cpp_are_reproducible(drafter_lm, tiny_gguf):
+    engine = drafter_engine(_drafter("llama.cpp", drafter_lm, None, tiny_gguf))
+    prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[2], chat=False)
+    drafts = []
+    for _ in range(2):
+        engine.prefill(prompt)
+        drafts.append(engine.draft(6, temperature=0.8, generator=torch.Generator().manual_seed(3)))
+    assert drafts[0].tokens == drafts[1].tokens and drafts[0].dists is not None
+
+
+def test_engine_prefill_backend_hook_matches_plain_engine(drafter_lm):
+    from tandem.local_runtime.backends.cpu_int8 import ReferencePrefill
+
+    backend = ReferencePrefill(drafter_lm)
+    assert isinstance(backend, PrefillBackend)
+    hooked, plain = Engine(drafter_lm, prefill_backend=backend), Engine(drafter_lm)
+    prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False)
+    torch.testing.assert_close(hooked.prefill(prompt), plain.prefill(prompt), atol=1e-5, rtol=1e-5)
+    assert hooked.draft(10).tokens == plain.draft(10).tokens
+    hooked.truncate(len(prompt) + 2)
+    plain.truncate(len(prompt) + 2)
+    assert hooked.draft(4).tokens == plain.draft(4).tokens
+
+
+def test_onnx_graph_matches_the_torch_chunk_graph(drafter_lm, act_stats):
+    pytest.importorskip("onnxruntime")
+    from tandem.local_runtime.backends.cpu_int8 import CpuInt8Prefill
+    from tandem.local_runtime.backends.onnx_rt import OnnxPrefill
+
+    onnx = OnnxPrefill(drafter_lm, chunk=16, act_absmax=act_stats, n_outliers=4)
+    torch_int8 = CpuInt8Prefill(drafter_lm, chunk=16, act_absmax=act_stats, n_outliers=4, compile=False)
+    assert "CPUExecutionProvider" in onnx.device or onnx.provider != "CPUExecutionProvider"
+    for n in (3, 16, 41):
+        ids = list(range(40, 40 + n))
+        a, b = onnx.prefill(ids), torch_int8.prefill(ids)
+        torch.testing.assert_close(a.logits, b.logits, atol=1e-3, rtol=1e-3)
+        torch.testing.assert_close(a.keys[-1], b.keys[-1], atol=1e-3, rtol=1e-3)
+    assert onnx.resident_bytes() > 0
+
+
+def test_execution_provider_choice():
+    from tandem.local_runtime.backends.onnx_rt import choose_providers
+
+    assert choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert choose_providers(["QNNExecutionProvider", "CPUExecutionProvider"]) == ["QNNExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(["OpenVINOExecutionProvider", "CoreMLExecutionProvider", "CPUExecutionProvider"])[0] == "CoreMLExecutionProvider"
+    with pytest.raises(BackendUnavailable, match="not available"):
+        choose_providers(["CPUExecutionProvider"], prefer="QNNExecutionProvider")
+
+
+def test_backend_names():
+    assert split_backend("smollm2-135m@llama.cpp") == ("smollm2-135m", "llama.cpp")
+    assert split_backend("smollm2-135m", "llamacpp") == ("smollm2-135m", "llama.cpp")
+    assert split_backend("tiny-llama@smollm2-135m") == ("tiny-llama@smollm2-135m", None)
+    assert split_backend("tiny-llama@smollm2-135m@cpu-int8") == ("tiny-llama@smollm2-135m", "cpu-int8")
+    assert split_backend("smollm2-135m:int8@torch-int8") == ("smollm2-135m:int8", "torch-int8")
+    with pytest.raises(BackendUnavailable, match="unknown device backend"):
+        split_backend("x", "tpu")
+    with pytest.raises(BackendUnavailable, match="names backend"):
+        split_backend("x@llama.cpp", "onnx")
+
+
+def test_client_picks_the_backend_from_the_name(tiny_gateway):
+    async def go():
+        async with Client(drafter="tiny-llama-b@torch-int8", gateway=InProcessTransport(tiny_gateway), draft_len=3) as c:
+            assert (c.drafter_name, c.drafter_backend) == ("tiny-llama-b", "torch-int8")
+            engine = c.new_drafter_engine()
+            return type(engine).__name__, await c.generate(PROMPTS[0], max_new_tokens=8, chat=False)
+
+    name, rec = run(go())
+    assert name == "StaticInt8Engine" and len(rec.tokens) == 8
+
+
+def test_local_mode_runs_on_a_backend_engine(drafter_lm):
+    from tandem.local_runtime.backends.lean import StaticInt8Model
+
+    model = StaticInt8Model(drafter_lm)
+    prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False)
+    assert len(list(generate_alone(model, prompt, 10))) == 10
+
+
+def test_missing_optional_backends_name_their_extra(monkeypatch, drafter_lm):
+    from tandem.local_runtime.backends import llamacpp, mlc
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'tandem\[llamacpp\]'"):
+        llamacpp.LlamaCppModel("x", "x.gguf", drafter_lm.tokenizer)
+    monkeypatch.setitem(sys.modules, "mlc_llm", None)
+    with pytest.raises(BackendUnavailable, match="not on PyPI"):
+        mlc.MlcModel("x", drafter_lm.tokenizer)
+    from tandem.local_runtime.backends import onnx_rt
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendUnavailable, match=r"tandem\[onnx\]"):
+        onnx_rt.OnnxPrefill(drafter_lm)
+
+
+def test_import_stays_light():
+    import subprocess
+
+    code = "import sys, tandem.sdk, tandem.local_runtime.backends; print(sorted(m for m in ('torch', 'onnxruntime', 'llama_cpp') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
