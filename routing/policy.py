@@ -35,8 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .base import query_router_names, token_router_names, valid_score
 
 Mode = Literal["local", "cloud", "speculative", "assist"]
+# what a rule or the defaults may choose: a mode, or "auto": the client predicts seconds and
+# cloud passes per token for each of `objective.modes` from what it measured, and picks by
+# `objective.kind` (sdk/auto.py)
+Choice = Literal["local", "cloud", "speculative", "assist", "auto"]
 NetworkState = Literal["online", "offline", "slow"]
-CLOUD_MODES: frozenset[str] = frozenset({"cloud", "speculative", "assist"})
+CLOUD_MODES: frozenset[str] = frozenset({"cloud", "speculative", "assist", "auto"})
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
@@ -77,8 +81,8 @@ class QueryRouterSpec(_Strict):
         None, ge=0.0, le=1.0,
         description="Instead of a threshold: the share of queries to treat as hard (calibrated on the router's training prompts).",
     )
-    hard_mode: Mode = Field("speculative", description="Mode for hard queries.")
-    easy_mode: Mode = Field("local", description="Mode for easy queries.")
+    hard_mode: Choice = Field("speculative", description="Mode for hard queries.")
+    easy_mode: Choice = Field("local", description="Mode for easy queries.")
 
     @field_validator("name")
     @classmethod
@@ -125,7 +129,7 @@ class Rule(_Strict):
     name: str = Field(..., pattern=_NAME, description="Shown in every decision this rule makes.")
     description: str | None = None
     when: Match = Field(default_factory=Match)
-    mode: Mode
+    mode: Choice
     draft_len: int | None = Field(None, ge=1, le=64, description="Tokens drafted per verify round (speculative).")
     token_router: TokenRouterSpec | None = None
 
@@ -149,8 +153,20 @@ class Network(_Strict):
     on_slow: Mode | None = Field(None, description="Mode replacing speculative on a slow network (e.g. assist or local).")
 
 
+class Objective(_Strict):
+    """How `auto` (a rule's or the defaults' mode) picks among `modes`."""
+
+    kind: Literal["latency", "cost", "weighted"] = Field(
+        "latency", description="latency: fewest seconds per token; cost: fewest cloud passes per token; "
+        "weighted: seconds + cost_weight x cloud passes, per token",
+    )
+    cost_weight: float = Field(0.0, ge=0, description="Seconds one cloud forward pass is worth (weighted only).")
+    modes: list[Mode] = Field(default_factory=lambda: ["cloud", "speculative"], min_length=1,
+                              description="The modes auto may choose (default: the lossless ones).")
+
+
 class Defaults(_Strict):
-    mode: Mode = "speculative"
+    mode: Choice = "speculative"
     draft_len: int = Field(4, ge=1, le=64)
     token_router: TokenRouterSpec = Field(default_factory=TokenRouterSpec)
 
@@ -169,6 +185,7 @@ class Policy(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     budgets: Budgets = Field(default_factory=Budgets)
     network: Network = Field(default_factory=Network)
+    objective: Objective = Field(default_factory=Objective)
     fallbacks: dict[Mode, list[Mode]] = Field(
         default_factory=_default_fallbacks,
         description="Modes to try, in order, when a mode fails at run time (e.g. the cloud is unreachable).",
@@ -283,7 +300,7 @@ class Decision(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    mode: Mode
+    mode: Choice
     draft_len: int
     token_router: str
     threshold: float
@@ -574,4 +591,5 @@ __all__ = [
     "default_policy",
     "policy_json_schema",
     "CLOUD_MODES",
+    "Objective",
 ]

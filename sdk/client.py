@@ -302,9 +302,9 @@ class Client:
             d = self.policy.choose(prompt, ctx)
             decision["policy"] = d.model_dump()
             mode, k, router, threshold = d.mode, d.draft_len, d.token_router, d.threshold
-            auto = getattr(self.policy, "auto", None)
-            if mode == "auto" and auto is not None:
-                allowed, objective, cost_weight = list(auto.modes), auto.objective, auto.cost_weight
+            if mode == "auto":
+                o = self.policy.objective
+                allowed, objective, cost_weight = list(o.modes), o.kind, o.cost_weight
                 mode = None
         if mode is None:
             if not online and self.fallback == "local":

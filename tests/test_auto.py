@@ -119,3 +119,27 @@ def test_auto_follows_a_policy_file(tiny_gateway, tmp_path):
     assert private.decision["policy"]["rule"] == "private-stays-home"
     assert cheap.mode == "assist" and cheap.decision["token_router"] == "confidence" and cheap.decision["threshold"] == 0.2
     assert plain.mode == "speculative" and plain.decision["policy"]["draft_len"] == 3
+
+
+def test_policy_auto_uses_the_objective(tiny_gateway, tmp_path):
+    from tandem.protocols.transport import InProcessTransport
+    from tandem.sdk import Client
+
+    from .conftest import run
+
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "version: 1\n"
+        "defaults: {mode: auto}\n"
+        "objective: {kind: cost, modes: [cloud, speculative, assist]}\n"
+    )
+
+    async def go():
+        async with Client(drafter="tiny-llama:int8", gateway=InProcessTransport(tiny_gateway), policy=policy) as c:
+            return await c.generate("Hello", mode="auto", max_new_tokens=10, chat=False)
+
+    rec = run(go())
+    assert rec.decision["objective"] == "cost"
+    assert set(rec.decision["predicted"]) == {"cloud", "speculative", "assist"}
+    passes = {m: p["cloud_passes_per_token"] for m, p in rec.decision["predicted"].items()}
+    assert rec.mode == min(passes, key=passes.get)
