@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ from tandem.protocols.broker import EmbeddedBroker
 from tandem.protocols.mqtt import MqttTransport
 from tandem.remote_gateway.mqtt_bridge import MqttBridge
 from tandem.remote_gateway.service import Gateway
+from tandem.sdk.device_agent import spawn_agent, stop_agents
 from tandem.sdk.taskgraph import Coordinator, Graph
 
 HERE = Path(__file__).resolve().parent
@@ -48,14 +47,6 @@ def default_document() -> str:
     return FALLBACK
 
 
-def spawn_device(device_id: str, broker: str, model: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tandem.sdk.cli", "device", "serve", "--id", device_id, "--broker", broker, "--model", model],
-        stdin=subprocess.DEVNULL, env=env,
-    )
-
-
 async def main(args: argparse.Namespace) -> None:
     graph = Graph.from_yaml(HERE / "minions.yaml")
     document = Path(args.document).read_text() if args.document else default_document()
@@ -64,7 +55,7 @@ async def main(args: argparse.Namespace) -> None:
 
     print(f"cloud: {cloud_model}; devices: {', '.join(device_models)}; document: {len(document):,} characters", file=sys.stderr)
     async with EmbeddedBroker() as broker:
-        procs = [spawn_device(f"minion-{i}", broker.url, m) for i, m in enumerate(device_models)]
+        procs = [spawn_agent(f"minion-{i}", broker.url, model=m) for i, m in enumerate(device_models)]
         gateway = await asyncio.to_thread(Gateway, cloud_model)
         transport = MqttTransport(broker.url, timeout_s=600)
         try:
@@ -79,13 +70,7 @@ async def main(args: argparse.Namespace) -> None:
         finally:
             await transport.aclose()
             gateway.close()
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    await asyncio.to_thread(p.wait, 10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            await asyncio.to_thread(stop_agents, procs)
 
     print(f"question: {args.question}\n")
     print(f"answer: {report.outputs['answer'].strip()}\n")

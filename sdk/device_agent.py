@@ -46,6 +46,8 @@ from ..protocols.mqtt import (
 from .taskgraph.graph import render_prompt, resolve_function
 
 if TYPE_CHECKING:
+    import subprocess
+
     import aiomqtt
 
 log = logging.getLogger(__name__)
@@ -351,6 +353,61 @@ class DeviceAgent:
         return resolve_function(ref)(*values.values(), **task.kwargs)
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this process when the one that spawned it dies, so no agent outlives it."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def spawn_agent(
+    device_id: str,
+    broker: str,
+    *,
+    model: str = "smollm2-135m",
+    threads: int = 1,
+    heartbeat_s: float = 2.0,
+    log_path: str | os.PathLike | None = None,
+    extra_args: Sequence[str] = (),
+) -> "subprocess.Popen":
+    """`tandem device serve` as a child process, the way a separate device would run it: its
+    own session (Linux's autogroup scheduler shares a session's CPU among all its processes, so
+    agents started from one session could not compute side by side on a busy machine), one
+    torch thread by default, and tied to this process's life."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
+    out = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tandem.sdk.cli", "device", "serve", "--id", device_id, "--broker", broker,
+             "--model", model, "--threads", str(threads), "--heartbeat-s", str(heartbeat_s), *extra_args],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if log_path is not None else subprocess.DEVNULL,
+            env=env, start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    finally:
+        if log_path is not None:
+            out.close()  # type: ignore[union-attr]
+
+
+def stop_agents(procs: "Sequence[subprocess.Popen]", timeout_s: float = 10.0) -> None:
+    """SIGTERM (an agent marks itself offline), then SIGKILL what lingers."""
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=timeout_s)
+
+
 def serve_device(device_id: str, broker: str, **kwargs: Any) -> None:
     """Run an agent until interrupted (SIGINT/SIGTERM leave it marked offline)."""
     import signal
@@ -368,4 +425,4 @@ def serve_device(device_id: str, broker: str, **kwargs: Any) -> None:
     asyncio.run(main())
 
 
-__all__ = ["DeviceAgent", "serve_device", "power_class", "memory_mb", "DEFAULT_FUNCTIONS"]
+__all__ = ["DeviceAgent", "serve_device", "spawn_agent", "stop_agents", "power_class", "memory_mb", "DEFAULT_FUNCTIONS"]

@@ -3,16 +3,14 @@ placed again and the graph completes, each result applied once), repeated assign
 from the stored result, retained capabilities seen by a coordinator that starts later."""
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from tandem.protocols.broker import EmbeddedBroker
 from tandem.protocols.mqtt import TaskAssignment, TaskInput, TaskResult, Topics, close_client, open_client
-from tandem.sdk.device_agent import DeviceAgent
+from tandem.sdk.device_agent import DeviceAgent, spawn_agent
 from tandem.sdk.taskgraph import Coordinator, Function, Graph
 
 from .conftest import run
@@ -21,13 +19,8 @@ pytestmark = pytest.mark.timeout(180)
 LIB = "tandem.sdk.taskgraph.library"
 
 
-def _spawn(device_id: str, url: str, model: str = "none") -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen(
-        [sys.executable, "-m", "tandem.sdk.cli", "device", "serve", "--id", device_id, "--broker", url,
-         "--model", model, "--heartbeat-s", "0.3"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-    )
+def _spawn(device_id: str, url: str) -> subprocess.Popen:
+    return spawn_agent(device_id, url, model="none", heartbeat_s=0.3)
 
 
 def _graph(steps: int = 6, seconds: float = 0.6) -> Graph:

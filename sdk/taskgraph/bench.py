@@ -1,7 +1,7 @@
 """`tandem bench dag`: one task graph on 1 device and on N devices, side by side, K of them killed.
 
-Each device is its own process (`tandem device serve`, one torch thread), so devices compute in
-parallel as far as the machine's cores allow. The graph is a map over document chunks:
+Each device is its own process (`tandem device serve`, one torch thread, its own session), so
+devices compute in parallel as far as the machine's cores allow. The graph is a map over document chunks:
 
     chunks (function) -> notes (map: one LLM call per chunk) -> digest (function) -> summary (LLM)
 
@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -29,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ...protocols.broker import EmbeddedBroker
+from ..device_agent import spawn_agent, stop_agents
 from .executor import Coordinator, GraphRunError, RunReport
 from .graph import Function, Graph, LLM, Map, Reduce
 
@@ -59,31 +58,6 @@ def bench_document(chunks: int, chunk_chars: int) -> str:
             k += 1
         parts.append(body.strip())
     return "\n\n".join(parts)
-
-
-def _spawn(device_id: str, url: str, model: str, log_dir: Path, heartbeat_s: float) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    log = open(log_dir / f"{device_id}.log", "wb")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-m", "tandem.sdk.cli", "device", "serve", "--id", device_id, "--broker", url,
-             "--model", model, "--threads", "1", "--heartbeat-s", str(heartbeat_s)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-        )
-    finally:
-        log.close()
-
-
-def _stop(procs: dict[str, subprocess.Popen]) -> None:
-    for p in procs.values():
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs.values():
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
 
 
 async def _killer(coord: Coordinator, procs: dict[str, subprocess.Popen], candidates: list[str], fail: int,
@@ -136,7 +110,7 @@ async def bench_dag(
     with tempfile.TemporaryDirectory(prefix="tandem-bench-dag-") as tmp:
         try:
             for d in ids:
-                procs[d] = _spawn(d, url, model, Path(tmp), heartbeat_s)
+                procs[d] = spawn_agent(d, url, model=model, heartbeat_s=heartbeat_s, log_path=Path(tmp) / f"{d}.log")
             async with Coordinator(url) as coord:
                 t0 = time.perf_counter()
                 await coord.wait_for_devices(devices, timeout_s=timeout_s, ids=ids)
@@ -175,7 +149,7 @@ async def bench_dag(
                         ones.append(await one_device())
                 failed = await all_devices(fail) if fail else None
         finally:
-            _stop(procs)
+            stop_agents(list(procs.values()))
             if embedded is not None:
                 await embedded.stop()
     return _summary(ones, manys, failed, devices, fail, killed, model, chunks, tokens, load_before)
