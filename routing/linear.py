@@ -9,6 +9,10 @@ fitted by Newton's method on the L2-penalised log-loss
 (the bias is not penalised). The problems here are small (hundreds of features, thousands of
 rows), where Newton converges in a handful of steps and the result is deterministic.
 
+Features may first be centred and projected on their top principal components
+(x -> (x - center) @ proj, fitted on the training rows): with hundreds of embedding dimensions
+and a few dozen training domains, the heads otherwise learn directions that only name a domain.
+
 A `LinearHeads` holds one or more such heads on the same features. With two heads named
 `strong` and `weak` (each model's chance of answering correctly), a query router's score is the
 expected gain of the strong model, mapped into [0, 1]: (1 + p_strong - p_weak) / 2.
@@ -57,10 +61,16 @@ class LinearHeads:
     W: np.ndarray  # (heads, d)
     b: np.ndarray  # (heads,)
     names: tuple[str, ...]
+    center: np.ndarray | None = None  # (D,) subtracted before the projection
+    proj: np.ndarray | None = None  # (D, d) principal directions
+
+    def project(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(np.asarray(X, dtype=np.float64))
+        return X if self.proj is None else (X - self.center) @ self.proj
 
     def probs(self, X: np.ndarray) -> np.ndarray:
         """(n, heads) probabilities."""
-        Z = (np.atleast_2d(np.asarray(X, dtype=np.float64)) - self.mean) / self.scale
+        Z = (self.project(X) - self.mean) / self.scale
         return sigmoid(Z @ self.W.T + self.b)
 
     def router_score(self, X: np.ndarray) -> np.ndarray:
@@ -73,28 +83,47 @@ class LinearHeads:
 
     @classmethod
     def fit(
-        cls, X: np.ndarray, targets: dict[str, np.ndarray], *, l2: float = 1.0, standardize: bool = True
+        cls,
+        X: np.ndarray,
+        targets: dict[str, np.ndarray],
+        *,
+        l2: float = 1.0,
+        standardize: bool = True,
+        components: int | None = None,
+        weights: np.ndarray | None = None,
     ) -> "LinearHeads":
+        """Fit every head on X; `components` projects on that many principal directions first,
+        `weights` weighs the rows of the log-loss."""
         X = np.asarray(X, dtype=np.float64)
+        center = proj = None
+        if components is not None and components < X.shape[1]:
+            center = X.mean(0)
+            _, _, vt = np.linalg.svd(X - center, full_matrices=False)
+            proj = vt[:components].T
+            X = (X - center) @ proj
         mean = X.mean(0) if standardize else np.zeros(X.shape[1])
         scale = X.std(0) if standardize else np.ones(X.shape[1])
         scale = np.where(scale > 1e-12, scale, 1.0)
         Z = (X - mean) / scale
         W, b = [], []
         for name in targets:
-            w, c = fit_logistic(Z, targets[name], l2=l2)
+            w, c = fit_logistic(Z, targets[name], l2=l2, weights=weights)
             W.append(w)
             b.append(c)
-        return cls(mean=mean, scale=scale, W=np.array(W), b=np.array(b), names=tuple(targets))
+        return cls(mean=mean, scale=scale, W=np.array(W), b=np.array(b), names=tuple(targets), center=center, proj=proj)
 
     def to_arrays(self, prefix: str = "") -> dict[str, np.ndarray]:
-        return {
+        out = {
             prefix + "mean": self.mean.astype(np.float32),
             prefix + "scale": self.scale.astype(np.float32),
             prefix + "W": self.W.astype(np.float32),
             prefix + "b": self.b.astype(np.float32),
             prefix + "names": np.array(self.names),
         }
+        if self.proj is not None:
+            out[prefix + "center"] = self.center.astype(np.float32)
+            out[prefix + "proj"] = self.proj.astype(np.float32)
+        return out
 
     @classmethod
     def from_arrays(cls, z, prefix: str = "") -> "LinearHeads":
@@ -104,6 +133,8 @@ class LinearHeads:
             W=np.asarray(z[prefix + "W"], np.float64),
             b=np.asarray(z[prefix + "b"], np.float64),
             names=tuple(str(s) for s in z[prefix + "names"]),
+            center=np.asarray(z[prefix + "center"], np.float64) if prefix + "center" in z else None,
+            proj=np.asarray(z[prefix + "proj"], np.float64) if prefix + "proj" in z else None,
         )
 
 

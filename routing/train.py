@@ -3,13 +3,15 @@
     training rows   the train part of the fixed split in routing/data.py (GSM8K: ~70% of the
                     prompts by a salted hash; MMLU: 25 of the 38 domains); held-out rows are
                     never read here
-    embedding       all-MiniLM-L6-v2 embeddings of every training prompt -> two L2-penalised
-                    logistic heads (P(strong correct), P(weak correct)); the penalty is chosen by
-                    5-fold cross-validation on the training rows (folds by MMLU domain, and by
-                    hash for GSM8K), maximising the mean APGR over the folds
+    embedding       all-MiniLM-L6-v2 embeddings of every training prompt, projected on their top
+                    64 principal directions -> two L2-penalised logistic heads (P(strong correct),
+                    P(weak correct)), the GSM8K rows weighted up to as much total weight as the
+                    MMLU rows (so one data set does not set the direction alone); the penalty is
+                    chosen by 5-fold cross-validation on the training rows (folds by MMLU domain,
+                    and by hash for GSM8K), maximising the mean APGR within each data set and fold
     prefill         the device model's prefill signals (routing/signals.py) for a sample of the
-                    training rows (all GSM8K training prompts, up to `per_domain` prompts of each
-                    MMLU training domain) -> the same two heads, same selection
+                    training rows (`gsm8k_sample` GSM8K training prompts, `per_domain` prompts of
+                    each MMLU training domain) -> the same two heads, same selection, no projection
     calibration     quantiles of the out-of-fold scores (scores of prompts the heads did not see),
                     so a target share of cloud calls carries over to new prompts
 
@@ -35,8 +37,9 @@ from .linear import LinearHeads
 from .metrics import route_metrics
 from .query import ARTIFACTS
 
-L2_GRID = (1.0, 10.0, 100.0, 1000.0, 10000.0)
+L2_GRID = (1.0, 10.0, 100.0, 1000.0)
 FOLDS = 5
+EMBEDDING_COMPONENTS = 64
 
 
 def fold_ids(table: RoutingTable, folds: int = FOLDS) -> np.ndarray:
@@ -54,11 +57,26 @@ def _targets(table: RoutingTable) -> dict[str, np.ndarray]:
     return {"strong": table.strong.astype(float), "weak": table.weak.astype(float)}
 
 
+def balance_weights(table: RoutingTable) -> np.ndarray:
+    """Row weights giving each data set (GSM8K, MMLU) the same total weight."""
+    fam = np.array([mmlu_domain(s) is not None for s in table.sources])
+    w = np.ones(len(table))
+    for f in (True, False):
+        m = fam == f
+        if m.any():
+            w[m] = len(table) / (2 * m.sum()) if (~m).any() else 1.0
+    return w
+
+
 def cross_validate(
-    X: np.ndarray, table: RoutingTable, l2_grid=L2_GRID, folds: int = FOLDS, log: Callable[[str], None] = print
+    X: np.ndarray, table: RoutingTable, l2_grid=L2_GRID, folds: int = FOLDS, components: int | None = None,
+    log: Callable[[str], None] = print,
 ) -> tuple[float, np.ndarray, dict]:
-    """(best l2, out-of-fold scores for it, {l2: mean APGR}) by grouped K-fold."""
+    """(best l2, out-of-fold scores for it, {l2: mean APGR}) by grouped K-fold; the APGR is taken
+    within each data set of each fold (routing ranks prompts of one workload)."""
     fid = fold_ids(table, folds)
+    fam = np.array([mmlu_domain(s) is not None for s in table.sources])
+    weights = balance_weights(table)
     results: dict[float, float] = {}
     oof_by_l2: dict[float, np.ndarray] = {}
     for l2 in l2_grid:
@@ -66,11 +84,13 @@ def cross_validate(
         apgrs = []
         for f in range(folds):
             tr, te = fid != f, fid == f
-            heads = LinearHeads.fit(X[tr], {k: v[tr] for k, v in _targets(table).items()}, l2=l2)
+            heads = LinearHeads.fit(X[tr], {k: v[tr] for k, v in _targets(table).items()}, l2=l2,
+                                    components=components, weights=weights[tr])
             oof[te] = heads.router_score(X[te])
-            part = table.subset(te)
-            if part.strong.mean() != part.weak.mean():
-                apgrs.append(route_metrics(oof[te], part.weak, part.strong).apgr)
+            for m in (te & fam, te & ~fam):
+                part = table.subset(m)
+                if len(part) > 20 and part.strong.mean() != part.weak.mean():
+                    apgrs.append(route_metrics(oof[m], part.weak, part.strong).apgr)
         results[l2] = float(np.mean(apgrs))
         oof_by_l2[l2] = oof
         log(f"  l2={l2:g}: mean out-of-fold APGR {results[l2]:.3f}")
@@ -79,11 +99,12 @@ def cross_validate(
 
 
 def _fit_and_save(
-    name: str, X: np.ndarray, table: RoutingTable, out: Path, meta: dict, log: Callable[[str], None]
+    name: str, X: np.ndarray, table: RoutingTable, out: Path, meta: dict, log: Callable[[str], None],
+    components: int | None = None,
 ) -> dict:
-    log(f"{name}: {len(table)} training prompts, {X.shape[1]} features")
-    l2, oof, cv = cross_validate(X, table, log=log)
-    heads = LinearHeads.fit(X, _targets(table), l2=l2)
+    log(f"{name}: {len(table)} training prompts, {X.shape[1]} features" + (f" -> {components} components" if components else ""))
+    l2, oof, cv = cross_validate(X, table, components=components, log=log)
+    heads = LinearHeads.fit(X, _targets(table), l2=l2, components=components, weights=balance_weights(table))
     cal = Calibration.from_scores(oof)
     arrays = heads.to_arrays()
     arrays["quantiles"] = np.asarray(cal.quantiles, dtype=np.float32)
@@ -92,22 +113,20 @@ def _fit_and_save(
     path = out / f"{name}_router.npz"
     np.savez_compressed(path, **arrays)
     log(f"{name}: l2={l2:g}, wrote {path.name} ({path.stat().st_size / 1024:.0f} KiB)")
-    return {"l2": l2, "cv_mean_apgr": cv, "n_train": len(table), "file": path.name}
+    return {"l2": l2, "components": components, "cv_mean_apgr": cv, "n_train": len(table), "file": path.name}
 
 
-def _sample(table: RoutingTable, per_domain: int) -> RoutingTable:
-    """Every non-MMLU row, and the first `per_domain` rows (by prompt hash order) of each MMLU domain."""
+def _sample(table: RoutingTable, per_domain: int, others: int) -> RoutingTable:
+    """The first `per_domain` rows (in prompt-hash order) of each MMLU domain and the first
+    `others` of the remaining rows."""
     keep = np.zeros(len(table), dtype=bool)
-    by_domain: dict[str, list[int]] = {}
+    groups: dict[str, list[int]] = {}
     for i, s in enumerate(table.sources):
         d = mmlu_domain(s)
-        if d is None:
-            keep[i] = True
-        else:
-            by_domain.setdefault(d, []).append(i)
-    for rows in by_domain.values():
+        groups.setdefault("mmlu:" + d if d is not None else "other", []).append(i)
+    for key, rows in groups.items():
         rows.sort(key=lambda i: prompt_hash("sample:" + table.prompts[i]))
-        keep[rows[:per_domain]] = True
+        keep[rows[: (others if key == "other" else per_domain)]] = True
     return table.subset(keep)
 
 
@@ -116,7 +135,8 @@ def train_query_routers(
     data_dir: str | Path | None = None,
     out: str | Path | None = None,
     routers: tuple[str, ...] = ("embedding", "prefill"),
-    per_domain: int = 40,
+    per_domain: int = 8,
+    gsm8k_sample: int = 200,
     device_model: str = "smollm2-135m",
     max_tokens: int = 256,
     cache_dir: str | Path | None = None,
@@ -151,14 +171,15 @@ def train_query_routers(
         X = embed_cached(train.prompts, cache_dir=cache_dir)
         log(f"embedding: {len(train)} prompts embedded in {time.perf_counter() - t0:.0f} s")
         manifest["routers"]["embedding"] = _fit_and_save(
-            "embedding", X, train, out, {"model": EMBEDDING_MODEL, "train_sha256": digest}, log
+            "embedding", X, train, out, {"model": EMBEDDING_MODEL, "train_sha256": digest}, log,
+            components=EMBEDDING_COMPONENTS,
         )
     if "prefill" in routers:
         from ..local_runtime.models import load_model
         from .cache import FeatureCache
         from .signals import SIGNAL_NAMES, prefill_signals
 
-        sample = _sample(train, per_domain)
+        sample = _sample(train, per_domain, gsm8k_sample)
         lm = load_model(device_model, progress=False)
         t0 = time.perf_counter()
         cache = FeatureCache(f"prefill-{device_model}-{max_tokens}", cache_dir)
@@ -169,7 +190,7 @@ def train_query_routers(
             {"model": device_model, "max_tokens": max_tokens, "features": ",".join(SIGNAL_NAMES), "train_sha256": digest},
             log,
         )
-        manifest["routers"]["prefill"]["per_domain"] = per_domain
+        manifest["routers"]["prefill"].update(per_domain=per_domain, gsm8k_sample=gsm8k_sample)
     path = out / "train_manifest.json"
     old = json.loads(path.read_text()) if path.exists() else {}
     old_routers = old.get("routers", {}) if old.get("split", {}).get("train_prompts_sha256") == digest else {}

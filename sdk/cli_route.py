@@ -47,6 +47,7 @@ def route_eval(
     weak: Optional[str] = typer.Option(None, help="Weak model's correctness column (default: the first)."),
     strong: Optional[str] = typer.Option(None, help="Strong model's correctness column (default: the second)."),
     cache: bool = typer.Option(True, help="Keep per-prompt features in the on-disk cache ($TANDEM_CACHE_DIR)."),
+    only_unseen: bool = typer.Option(False, help="Judge only prompts the trained routers never saw in training."),
 ) -> None:
     """Share of strong-model calls each router needs for 95% of the strong model's quality,
     next to random and oracle routing; also writes a quality-vs-cloud-calls plot."""
@@ -60,6 +61,12 @@ def route_eval(
         table = load_table(data, weak=weak, strong=strong)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc), code=2)
+    if only_unseen:
+        from ..routing.evaluate import seen_mask
+
+        table = table.subset(~seen_mask(table))
+        if len(table) == 0:
+            _fail("every prompt in this data was seen in training", code=2)
     if limit:
         table = table.subset(np.isin(np.arange(len(table)), spread_sample(len(table), limit)))
     if router in (None, ""):
@@ -105,7 +112,8 @@ def route_eval(
 def route_train(
     data: Optional[Path] = typer.Option(None, help="Folder with gsm8k.csv and mmlu/ (default ../shared/data/routing)."),
     routers: str = typer.Option("embedding,prefill", help="Which query routers to train."),
-    per_domain: int = typer.Option(20, min=1, help="Prefill router: training prompts per MMLU domain."),
+    per_domain: int = typer.Option(8, min=1, help="Prefill router: training prompts per MMLU domain."),
+    gsm8k_sample: int = typer.Option(200, min=1, help="Prefill router: GSM8K training prompts."),
     max_tokens: int = typer.Option(128, min=8, help="Prefill router: prompt tokens read."),
     out: Optional[Path] = typer.Option(None, help="Artefact folder (default: the package's routing/artifacts)."),
 ) -> None:
@@ -115,7 +123,7 @@ def route_train(
     try:
         manifest = train_query_routers(
             data_dir=data, out=out, routers=tuple(r.strip() for r in routers.split(",") if r.strip()),
-            per_domain=per_domain, max_tokens=max_tokens, log=lambda s: err.print(s),
+            per_domain=per_domain, gsm8k_sample=gsm8k_sample, max_tokens=max_tokens, log=lambda s: err.print(s),
         )
     except (FileNotFoundError, ValueError, ImportError) as exc:
         _fail(str(exc))
