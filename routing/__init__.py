@@ -24,6 +24,7 @@ _EXPORTS = {
     "TokenContext": ".base",
     "FailSafe": ".base",
     "Calibration": ".base",
+    "RollingCalibration": ".base",
     "valid_score": ".base",
     "query_to_cloud": ".base",
     "token_to_cloud": ".base",

@@ -141,6 +141,39 @@ class Calibration:
         return float(np.interp(1.0 - cloud_share, np.linspace(0.0, 1.0, len(q)), q))
 
 
+class RollingCalibration:
+    """A threshold for a target share of cloud calls from the scores of recent queries (no labels
+    needed): the quantile 1 - share of the last `window` valid scores, or the `prior` calibration
+    (e.g. the router's, from its training prompts) until `min_scores` have been seen.
+
+    A router's score distribution moves with the traffic (a math-heavy stream scores higher than
+    a trivia stream); the share of cloud calls is only held where the threshold follows the
+    traffic it is applied to. `observe` every score, ask `threshold_for_share` per decision."""
+
+    def __init__(self, prior: "Calibration | None" = None, *, window: int = 1000, min_scores: int = 100) -> None:
+        from collections import deque
+
+        if window < 1 or min_scores < 1:
+            raise ValueError("window and min_scores must be positive")
+        self.prior = prior
+        self.min_scores = min_scores
+        self._scores: "deque[float]" = deque(maxlen=window)
+
+    def observe(self, score: float) -> None:
+        if valid_score(score):
+            self._scores.append(float(score))
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def threshold_for_share(self, cloud_share: float) -> float:
+        if len(self._scores) >= self.min_scores:
+            return calibrate_threshold(list(self._scores), cloud_share)
+        if self.prior is not None:
+            return self.prior.threshold_for_share(cloud_share)
+        return 0.5
+
+
 # ---------------------------------------------------------------------------------------------
 # fail-safe
 
@@ -319,6 +352,7 @@ __all__ = [
     "token_to_cloud",
     "calibrate_threshold",
     "Calibration",
+    "RollingCalibration",
     "FailSafe",
     "FailSafeStats",
     "register_query_router",

@@ -31,7 +31,7 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic(
-    X: np.ndarray, y: np.ndarray, *, l2: float = 1.0, weights: np.ndarray | None = None, steps: int = 50, tol: float = 1e-8
+    X: np.ndarray, y: np.ndarray, *, l2: "float | np.ndarray" = 1.0, weights: np.ndarray | None = None, steps: int = 50, tol: float = 1e-8
 ) -> tuple[np.ndarray, float]:
     """(w, b) minimising the penalised log-loss above on already standardised X."""
     X = np.asarray(X, dtype=np.float64)
@@ -40,8 +40,8 @@ def fit_logistic(
     sw = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
     A = np.hstack([X, np.ones((n, 1))])
     theta = np.zeros(d + 1)
-    reg = np.full(d + 1, l2)
-    reg[-1] = 0.0
+    reg = np.zeros(d + 1)
+    reg[:-1] = l2  # a number, or one penalty per feature
     for _ in range(steps):
         p = sigmoid(A @ theta)
         grad = A.T @ (sw * (p - y)) + reg * theta
@@ -87,7 +87,7 @@ class LinearHeads:
         X: np.ndarray,
         targets: dict[str, np.ndarray],
         *,
-        l2: float = 1.0,
+        l2: "float | np.ndarray" = 1.0,
         standardize: bool = True,
         components: int | None = None,
         weights: np.ndarray | None = None,

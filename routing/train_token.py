@@ -17,7 +17,10 @@ teacher-forced agreement that assist mode needs: would the cloud have said this 
 Features: the device's final hidden state at the step that chose the token (the input of its
 LM head, 576 numbers), log p(token), the entropy and the top probability. The head is one
 L2-penalised logistic regression (routing/linear.py; the penalty chosen by cross-validation
-over training prompts): 580 numbers, a few KB in routing/artifacts/reward_head.npz.
+over training prompts; the three token features are barely penalised, so the head starts from
+what the draft probability knows and the hidden state corrects it): 580 numbers, a few KB in
+routing/artifacts/reward_head.npz. The collected tokens are kept in the feature cache
+($TANDEM_CACHE_DIR), so refitting does not rerun the models.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from .metrics import auc
 from .query import ARTIFACTS
 
 HELDOUT_EVERY = 4
-L2_GRID = (1.0, 10.0, 100.0, 1000.0)
+L2_GRID = (10.0, 100.0, 1000.0, 10000.0)
 
 
 def default_prompts_path() -> Path:
@@ -175,6 +178,7 @@ def train_reward_head(
     device_model: str = "smollm2-135m",
     cloud_model: str = "gemma3-270m",
     out: str | Path | None = None,
+    reuse: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
     from ..local_runtime.models import load_model
@@ -186,12 +190,25 @@ def train_reward_head(
     train_p = spread([p for i, p in enumerate(allp) if i % HELDOUT_EVERY != 0], limit)
     test_p = spread([p for i, p in enumerate(allp) if i % HELDOUT_EVERY == 0], max(8, limit // 3))
     log(f"reward head: {len(train_p)} training prompts, {len(test_p)} held-out prompts (indices divisible by {HELDOUT_EVERY})")
-    device = load_model(device_model, progress=False)
-    cloud = load_model(cloud_model, progress=False)
-    log("collecting training tokens")
-    tr = collect(device, cloud, train_p, max_new_tokens, log)
-    log("collecting held-out tokens")
-    te = collect(device, cloud, test_p, max_new_tokens, log)
+    from .cache import default_cache_dir
+
+    stash = default_cache_dir() / f"reward-tokens-{device_model}-{cloud_model}-{limit}-{max_new_tokens}.npz"
+    if reuse and stash.exists():
+        with np.load(stash) as z:
+            tr = {k[3:]: z[k] for k in z.files if k.startswith("tr_")}
+            te = {k[3:]: z[k] for k in z.files if k.startswith("te_")}
+        log(f"reusing collected tokens from {stash}")
+    else:
+        device = load_model(device_model, progress=False)
+        cloud = load_model(cloud_model, progress=False)
+        log("collecting training tokens")
+        tr = collect(device, cloud, train_p, max_new_tokens, log)
+        log("collecting held-out tokens")
+        te = collect(device, cloud, test_p, max_new_tokens, log)
+        stash.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(stash, **{f"tr_{k}": v for k, v in tr.items()}, **{f"te_{k}": v for k, v in te.items()})
+    hidden = tr["X"].shape[1] - 3
+    penalty = lambda l2: np.concatenate([np.full(hidden, l2), np.full(3, 1e-2)])  # noqa: E731
 
     # penalty by grouped CV over training prompts
     folds = tr["groups"] % 4
@@ -202,12 +219,12 @@ def train_reward_head(
             m = folds == f
             if m.all() or not m.any():
                 continue
-            h = LinearHeads.fit(tr["X"][~m], {"agree": tr["y"][~m]}, l2=l2)
+            h = LinearHeads.fit(tr["X"][~m], {"agree": tr["y"][~m]}, l2=penalty(l2))
             aucs.append(auc(h.probs(tr["X"][m])[:, 0], tr["y"][m]))
         cv[l2] = float(np.nanmean(aucs))
         log(f"  l2={l2:g}: cross-validated AUC {cv[l2]:.3f}")
     l2 = max(cv, key=lambda k: cv[k])
-    head = LinearHeads.fit(tr["X"], {"agree": tr["y"]}, l2=l2)
+    head = LinearHeads.fit(tr["X"], {"agree": tr["y"]}, l2=penalty(l2))
     reward = head.probs(te["X"])[:, 0]
     # a default threshold: the score below which about 20% of training tokens fall
     threshold = float(np.quantile(head.probs(tr["X"])[:, 0], 0.2))

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from tandem.routing.base import Calibration, calibrate_threshold, query_to_cloud, token_to_cloud, valid_score
+from tandem.routing.base import Calibration, RollingCalibration, calibrate_threshold, query_to_cloud, token_to_cloud, valid_score
 from tandem.routing.metrics import apgr, auc, oracle_curve, quality_curve, random_curve, route_metrics, strong_calls_at
 
 # weak right on row 2 only, strong right on rows 0-2: weak 0.25, strong 0.75
@@ -108,3 +108,17 @@ def test_calibration_quantiles_hit_the_share_on_fresh_scores():
     for share in (0.1, 0.3, 0.5, 0.8):
         t = cal.threshold_for_share(share)
         assert np.mean(fresh >= t) == pytest.approx(share, abs=0.01)
+
+
+def test_rolling_calibration_follows_the_traffic():
+    rng = np.random.default_rng(1)
+    prior = Calibration(tuple(np.linspace(0.0, 1.0, 101)))  # uniform scores expected
+    roll = RollingCalibration(prior, window=2000, min_scores=200)
+    assert roll.threshold_for_share(0.3) == pytest.approx(0.7)  # the prior, until enough scores
+    for x in rng.beta(5, 2, 2000):  # the traffic scores much higher than the prior thought
+        roll.observe(x)
+    roll.observe(float("nan"))  # ignored
+    assert len(roll) == 2000
+    fresh = rng.beta(5, 2, 20000)
+    assert np.mean(fresh >= roll.threshold_for_share(0.3)) == pytest.approx(0.3, abs=0.03)
+    assert np.mean(fresh >= prior.threshold_for_share(0.3)) > 0.5  # the stale prior would not
