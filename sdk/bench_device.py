@@ -56,6 +56,7 @@ def bench_device(
     backends: list[str] | None = None,
     threads: int | None = None,
     chunk: int = 128,
+    compile: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Measure the device backends on `model`; returns the `bench device` JSON object."""
@@ -107,7 +108,7 @@ def bench_device(
     prefill_fns[ref.name] = lambda ids: ref.prefill(ids).logits
     decode_fns[ref.name] = torch_decode(lambda: Engine(lm))
 
-    for name, opts in (("cpu-int8", {"chunk": chunk}), ("onnx", {"chunk": chunk, "threads": threads})):
+    for name, opts in (("cpu-int8", {"chunk": chunk, "compile": compile}), ("onnx", {"chunk": chunk, "threads": threads})):
         if name not in wanted:
             continue
         say(f"building {name} (calibration, quantisation, {'compile' if name == 'cpu-int8' else 'export'}) ...")
