@@ -99,9 +99,12 @@ class _Edge:
         status = {"code": 500}
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            err = gateway_error("too_large", f"request body of {length.decode(errors='replace')} bytes exceeds the limit of {limit}")
+            if length.isdigit():
+                err = gateway_error("too_large", f"request body of {length.decode()} bytes exceeds the limit of {limit}")
+            else:
+                err = gateway_error("bad_request", "the content-length header is not a number")
             await _error(err, scope.get("path", ""))(scope, receive, send)
-            self._record(scope, 413, t0)
+            self._record(scope, err.status, t0)
             return
         seen = 0
 
