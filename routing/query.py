@@ -6,7 +6,8 @@
     embedding  all-MiniLM-L6-v2 embedding -> two logistic heads predicting whether the strong
                and the weak model answer correctly; score = (1 + p_strong - p_weak) / 2, the
                expected gain of asking the strong model
-    prefill    the device model's own prefill signals (routing/signals.py) -> the same two heads;
+    prefill    the device model's own prefill signals (routing/signals.py: prompt length, mean
+               log-perplexity, mean entropy) -> the same two heads;
                costs nothing extra where the device prefills the prompt anyway
                (`score_prefill(logits_rows, token_ids)`)
 
@@ -117,8 +118,12 @@ class PrefillRouter(_TrainedRouter):
         self, path: str | Path | None = None, *, model=None, cache_dir: str | Path | None = None, use_cache: bool = False
     ) -> None:
         super().__init__(path)
+        from .signals import SIGNAL_NAMES
+
         self.model_name = str(self.meta.get("meta_model", "smollm2-135m"))
         self.max_tokens = int(self.meta.get("meta_max_tokens", 256))
+        names = str(self.meta.get("meta_features", ",".join(SIGNAL_NAMES))).split(",")
+        self.columns = [SIGNAL_NAMES.index(n) for n in names]
         self._lm = model
         self.cache_dir = cache_dir
         self.use_cache = use_cache or cache_dir is not None
@@ -136,12 +141,12 @@ class PrefillRouter(_TrainedRouter):
 
         compute = lambda qs: prefill_signals(self.lm, qs, max_tokens=self.max_tokens)  # noqa: E731
         if not self.use_cache:
-            return compute(queries)
+            return compute(queries)[:, self.columns]
         from .cache import FeatureCache
 
         return FeatureCache(f"prefill-{self.model_name}-{self.max_tokens}", self.cache_dir).get_many(
-            queries, compute, save_every=256
-        )
+            queries, compute, save_every=64
+        )[:, self.columns]
 
     def score_prefill(self, logits_rows, token_ids: Sequence[int]) -> float:
         """The score from a prefill the device has already run: its logits rows (one per prompt
@@ -151,7 +156,7 @@ class PrefillRouter(_TrainedRouter):
 
         ids = list(token_ids)
         k = min(len(ids), self.max_tokens)
-        feats = signals_from_logits(logits_rows[:k], ids[:k], len(ids))
+        feats = signals_from_logits(logits_rows[:k], ids[:k], len(ids))[self.columns]
         return float(self.heads.router_score(feats[None])[0])
 
 

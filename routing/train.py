@@ -11,7 +11,9 @@
                     and by hash for GSM8K), maximising the mean APGR within each data set and fold
     prefill         the device model's prefill signals (routing/signals.py) for a sample of the
                     training rows (`gsm8k_sample` GSM8K training prompts, `per_domain` prompts of
-                    each MMLU training domain) -> the same two heads, same selection, no projection
+                    each MMLU training domain); of them prompt length, mean log-perplexity and
+                    mean entropy (PREFILL_FEATURES: the ones whose relation to the gain has the
+                    same sign on both training sets) -> the same two heads, same selection
     calibration     quantiles of the out-of-fold scores (scores of prompts the heads did not see),
                     so a target share of cloud calls carries over to new prompts
 
@@ -40,6 +42,9 @@ from .query import ARTIFACTS
 L2_GRID = (1.0, 10.0, 100.0, 1000.0)
 FOLDS = 5
 EMBEDDING_COMPONENTS = 64
+# The prefill signals whose relation to the strong model's gain points the same way on both
+# training sets (GSM8K and MMLU); the others flip sign between them.
+PREFILL_FEATURES = ("log_len", "nll_mean", "entropy_mean")
 
 
 def fold_ids(table: RoutingTable, folds: int = FOLDS) -> np.ndarray:
@@ -185,9 +190,10 @@ def train_query_routers(
         cache = FeatureCache(f"prefill-{device_model}-{max_tokens}", cache_dir)
         X = cache.get_many(sample.prompts, lambda ps: prefill_signals(lm, ps, max_tokens=max_tokens), save_every=128)
         log(f"prefill: signals of {len(sample)} prompts in {time.perf_counter() - t0:.0f} s")
+        cols = [SIGNAL_NAMES.index(f) for f in PREFILL_FEATURES]
         manifest["routers"]["prefill"] = _fit_and_save(
-            "prefill", X, sample, out,
-            {"model": device_model, "max_tokens": max_tokens, "features": ",".join(SIGNAL_NAMES), "train_sha256": digest},
+            "prefill", X[:, cols], sample, out,
+            {"model": device_model, "max_tokens": max_tokens, "features": ",".join(PREFILL_FEATURES), "train_sha256": digest},
             log,
         )
         manifest["routers"]["prefill"].update(per_domain=per_domain, gsm8k_sample=gsm8k_sample)
