@@ -140,10 +140,10 @@ def train_query_routers(
     data_dir: str | Path | None = None,
     out: str | Path | None = None,
     routers: tuple[str, ...] = ("embedding", "prefill"),
-    per_domain: int = 8,
-    gsm8k_sample: int = 200,
+    per_domain: int = 5,
+    gsm8k_sample: int = 120,
     device_model: str = "smollm2-135m",
-    max_tokens: int = 256,
+    max_tokens: int = 128,
     cache_dir: str | Path | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:

@@ -173,8 +173,8 @@ def assist_tradeoff(scores: np.ndarray, y: np.ndarray, shares=(0.1, 0.2, 0.3, 0.
 def train_reward_head(
     *,
     prompts_path: str | Path | None = None,
-    limit: int = 48,
-    max_new_tokens: int = 48,
+    limit: int = 40,
+    max_new_tokens: int = 32,
     device_model: str = "smollm2-135m",
     cloud_model: str = "gemma3-270m",
     out: str | Path | None = None,

@@ -112,8 +112,8 @@ def route_eval(
 def route_train(
     data: Optional[Path] = typer.Option(None, help="Folder with gsm8k.csv and mmlu/ (default ../shared/data/routing)."),
     routers: str = typer.Option("embedding,prefill", help="Which query routers to train."),
-    per_domain: int = typer.Option(8, min=1, help="Prefill router: training prompts per MMLU domain."),
-    gsm8k_sample: int = typer.Option(200, min=1, help="Prefill router: GSM8K training prompts."),
+    per_domain: int = typer.Option(5, min=1, help="Prefill router: training prompts per MMLU domain."),
+    gsm8k_sample: int = typer.Option(120, min=1, help="Prefill router: GSM8K training prompts."),
     max_tokens: int = typer.Option(128, min=8, help="Prefill router: prompt tokens read."),
     out: Optional[Path] = typer.Option(None, help="Artefact folder (default: the package's routing/artifacts)."),
 ) -> None:
@@ -133,8 +133,9 @@ def route_train(
 @route_app.command("train-token")
 def route_train_token(
     prompts: Optional[Path] = typer.Option(None, help="Spec-Bench JSONL (default ../shared/data/specbench/question.jsonl)."),
-    limit: int = typer.Option(48, min=4, help="Prompts to generate on (spread over the file; a quarter are held out)."),
-    max_new_tokens: int = typer.Option(48, min=4),
+    limit: int = typer.Option(40, min=4, help="Training prompts, spread over the file's non-held-out lines (a third as many held-out ones are measured)."),
+    max_new_tokens: int = typer.Option(32, min=4),
+    reuse: bool = typer.Option(True, help="Reuse tokens collected by an earlier run with the same settings (in the feature cache)."),
     device_model: str = typer.Option("smollm2-135m", help="The device model whose hidden state the head reads."),
     cloud_model: str = typer.Option("gemma3-270m", help="The cloud model whose greedy choices are the labels."),
     out: Optional[Path] = typer.Option(None, help="Artefact folder (default: the package's routing/artifacts)."),
@@ -146,7 +147,7 @@ def route_train_token(
     try:
         report = train_reward_head(
             prompts_path=prompts, limit=limit, max_new_tokens=max_new_tokens, device_model=device_model,
-            cloud_model=cloud_model, out=out, log=lambda s: err.print(s),
+            cloud_model=cloud_model, out=out, reuse=reuse, log=lambda s: err.print(s),
         )
     except (FileNotFoundError, ValueError, ImportError) as exc:
         _fail(str(exc))
