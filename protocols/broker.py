@@ -12,6 +12,8 @@ client offers MQTT 5 and falls back to 3.1.1 when the broker refuses it (amqtt s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -107,19 +109,44 @@ class EmbeddedBroker:
             raise TransportError("the embedded broker needs amqtt: pip install 'tandem[mqtt]'") from exc
         # amqtt logs every refused MQTT 5 probe and client drop at ERROR; they are expected here
         logging.getLogger("amqtt").setLevel(logging.CRITICAL)
-        self._broker = Broker(
+        broker = Broker(
             {
                 "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
                 "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
             }
         )
-        await self._broker.start()
+        # amqtt's shutdown leaves some client connections open (a session taken over by a
+        # reconnecting client, one dropped mid-handshake): keep their writers to close them
+        served = broker.stream_connected
+
+        async def stream_connected(reader, writer, listener_name):
+            self._writers.add(writer)
+            try:
+                await served(reader, writer, listener_name=listener_name)
+            finally:
+                self._writers.discard(writer)
+                if not writer.is_closing():  # amqtt returns from some error paths with it open
+                    writer.close()
+
+        broker.stream_connected = stream_connected  # type: ignore[method-assign]
+        self._writers: set = set()
+        await broker.start()
+        self._broker = broker
         return self
 
     async def stop(self) -> None:
         if self._broker is not None:
             broker, self._broker = self._broker, None
-            await broker.shutdown()
+            try:
+                await asyncio.wait_for(broker.shutdown(), 10.0)
+            except asyncio.TimeoutError:
+                logging.getLogger(__name__).warning("the embedded broker took over 10 s to shut down; closing its connections")
+            writers, self._writers = list(self._writers), set()
+            for writer in writers:
+                writer.close()
+            for writer in writers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(writer.wait_closed(), 1.0)
 
     async def __aenter__(self) -> "EmbeddedBroker":
         return await self.start()

@@ -304,6 +304,7 @@ async def open_client(
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
+            _release_socket(client)
             last = exc
             if protocol == "5" and "protocol version" in str(exc).lower():
                 continue  # an MQTT 3.1.1 broker: offer 3.1.1
@@ -313,10 +314,18 @@ async def open_client(
     raise TransportError(f"cannot connect to the MQTT broker at {url.redacted()}: {last}") from last
 
 
+def _release_socket(client: "aiomqtt.Client") -> None:
+    """Close the paho socket under an aiomqtt client. aiomqtt leaves it open after a refused
+    connection or a broken one; paho's own close also unhooks it from the event loop."""
+    with contextlib.suppress(Exception):
+        client._client._sock_close()  # noqa: SLF001
+
+
 async def close_client(client: "aiomqtt.Client") -> None:
     """Disconnect, whatever state the connection is in."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.__aexit__(None, None, None), 3.0)
+    _release_socket(client)
 
 
 # ---------------------------------------------------------------------------------------------
