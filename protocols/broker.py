@@ -47,7 +47,7 @@ class BrokerURL:
     protocol: Protocol = "auto"
 
     @classmethod
-    def parse(cls, url: "str | BrokerURL") -> "BrokerURL":
+    def parse(cls, url: str | BrokerURL) -> BrokerURL:
         if isinstance(url, BrokerURL):
             return url
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
@@ -66,7 +66,7 @@ class BrokerURL:
             protocol=protocol,  # type: ignore[arg-type]
         )
 
-    def with_credentials(self, username: str | None, password: str | None) -> "BrokerURL":
+    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
         return replace(self, username=username, password=password)
 
     def __str__(self) -> str:
@@ -102,7 +102,7 @@ class EmbeddedBroker:
     def url(self) -> str:
         return str(BrokerURL(self.host, self.port, protocol="3.1.1"))
 
-    async def start(self) -> "EmbeddedBroker":
+    async def start(self) -> EmbeddedBroker:
         try:
             from amqtt.broker import Broker
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -148,7 +148,7 @@ class EmbeddedBroker:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def __aenter__(self) -> "EmbeddedBroker":
+    async def __aenter__(self) -> EmbeddedBroker:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -244,7 +244,7 @@ class Mosquitto:
             conf += [f"acl_file {acl_path}"]
         self.config_path.write_text("\n".join(c for c in conf if c) + "\n")
 
-    def start(self, timeout_s: float = 10.0) -> "Mosquitto":
+    def start(self, timeout_s: float = 10.0) -> Mosquitto:
         if self.proc is not None:
             return self
         if not self.config_path.exists():
@@ -286,11 +286,11 @@ class Mosquitto:
         self.stop()
         self.start()
 
-    def __enter__(self) -> "Mosquitto":
+    def __enter__(self) -> Mosquitto:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-__all__ = ["BrokerURL", "EmbeddedBroker", "Mosquitto", "device_acl", "free_port", "DEFAULT_PORT"]
+__all__ = ["DEFAULT_PORT", "BrokerURL", "EmbeddedBroker", "Mosquitto", "device_acl", "free_port"]

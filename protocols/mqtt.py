@@ -31,7 +31,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -160,7 +160,7 @@ class TaskInput(_Wire):
     ref: str | None = None
     index: int | None = None
     local: str | None = None
-    items: list["TaskInput"] | None = None
+    items: list[TaskInput] | None = None
 
 
 class TaskAssignment(_Wire):
@@ -217,13 +217,13 @@ class RpcEnvelope(_Wire):
 
 
 GatewayRequest = Annotated[
-    Union[OpenSession, VerifyRequest, VerifyTextRequest, CloseSession, GenerateRequest, GetInfo],
+    OpenSession | VerifyRequest | VerifyTextRequest | CloseSession | GenerateRequest | GetInfo,
     Field(discriminator="type"),
 ]
 GATEWAY_REQUEST: TypeAdapter = TypeAdapter(GatewayRequest)
 
 
-def decode_rpc(message: "aiomqtt.Message") -> tuple[str | None, bytes | None, bytes]:
+def decode_rpc(message: aiomqtt.Message) -> tuple[str | None, bytes | None, bytes]:
     """(response topic, correlation data, body) of a request or reply, MQTT 5 or enveloped."""
     props = message.properties
     correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -258,15 +258,15 @@ _PROTOCOL_SEEN: dict[tuple[str, int], str] = {}
 
 
 async def open_client(
-    broker: "str | BrokerURL",
+    broker: str | BrokerURL,
     *,
     identifier: str | None = None,
-    will: "aiomqtt.Will | None" = None,
+    will: aiomqtt.Will | None = None,
     persistent: bool = False,
     keepalive: int = 10,
     timeout_s: float = 10.0,
     session_expiry_s: int = 3600,
-) -> tuple["aiomqtt.Client", str]:
+) -> tuple[aiomqtt.Client, str]:
     """A connected aiomqtt client and the protocol it speaks ("5" or "3.1.1").
 
     `persistent` keeps the session on the broker (subscriptions and queued QoS 1 messages) while
@@ -314,14 +314,14 @@ async def open_client(
     raise TransportError(f"cannot connect to the MQTT broker at {url.redacted()}: {last}") from last
 
 
-def _release_socket(client: "aiomqtt.Client") -> None:
+def _release_socket(client: aiomqtt.Client) -> None:
     """Close the paho socket under an aiomqtt client. aiomqtt leaves it open after a refused
     connection or a broken one; paho's own close also unhooks it from the event loop."""
     with contextlib.suppress(Exception):
-        client._client._sock_close()  # noqa: SLF001
+        client._client._sock_close()
 
 
-async def close_client(client: "aiomqtt.Client") -> None:
+async def close_client(client: aiomqtt.Client) -> None:
     """Disconnect, whatever state the connection is in."""
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.__aexit__(None, None, None), 3.0)
@@ -345,7 +345,7 @@ class MqttTransport(Transport):
 
     def __init__(
         self,
-        broker: "str | BrokerURL",
+        broker: str | BrokerURL,
         *,
         gateway: str = "default",
         device_id: str | None = None,
@@ -362,14 +362,14 @@ class MqttTransport(Transport):
         self.response_topic = (
             self.topics.responses(check_device_id(device_id)) if device_id else self.topics.client_responses(self._client_id)
         )
-        self._client: "aiomqtt.Client | None" = None
+        self._client: aiomqtt.Client | None = None
         self.protocol: str | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[bytes, asyncio.Queue] = {}
         self._lock = asyncio.Lock()
         self._closed = False
 
-    async def _connection(self) -> "aiomqtt.Client":
+    async def _connection(self) -> aiomqtt.Client:
         if self._closed:
             raise TransportError("transport is closed")
         async with self._lock:
@@ -384,7 +384,7 @@ class MqttTransport(Transport):
                 self._reader = asyncio.create_task(self._read(client), name="tandem-mqtt-rpc-reader")
             return self._client
 
-    async def _read(self, client: "aiomqtt.Client") -> None:
+    async def _read(self, client: aiomqtt.Client) -> None:
         error: Exception | None = None
         try:
             async for message in client.messages:
@@ -483,21 +483,21 @@ class MqttTransport(Transport):
 
 
 __all__ = [
+    "GATEWAY_REQUEST",
     "PREFIX",
+    "DeviceCapabilities",
+    "GetInfo",
+    "Heartbeat",
+    "MqttTransport",
+    "Presence",
+    "RpcEnvelope",
+    "TaskAssignment",
+    "TaskInput",
+    "TaskResult",
     "Topics",
     "check_device_id",
-    "DeviceCapabilities",
-    "Presence",
-    "Heartbeat",
-    "TaskInput",
-    "TaskAssignment",
-    "TaskResult",
-    "GetInfo",
-    "RpcEnvelope",
-    "GATEWAY_REQUEST",
+    "close_client",
     "decode_rpc",
     "encode_rpc",
     "open_client",
-    "close_client",
-    "MqttTransport",
 ]

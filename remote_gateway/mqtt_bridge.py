@@ -22,8 +22,23 @@ from pydantic import ValidationError
 
 from ..protocols.broker import BrokerURL
 from ..protocols.errors import GatewayError, TransportError, gateway_error
-from ..protocols.messages import CloseSession, GenerateRequest, OpenSession, VerifyRequest, VerifyTextRequest
-from ..protocols.mqtt import GATEWAY_REQUEST, PREFIX, GetInfo, Topics, close_client, decode_rpc, encode_rpc, open_client
+from ..protocols.messages import (
+    CloseSession,
+    GenerateRequest,
+    OpenSession,
+    VerifyRequest,
+    VerifyTextRequest,
+)
+from ..protocols.mqtt import (
+    GATEWAY_REQUEST,
+    PREFIX,
+    GetInfo,
+    Topics,
+    close_client,
+    decode_rpc,
+    encode_rpc,
+    open_client,
+)
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -44,8 +59,8 @@ class MqttBridge:
 
     def __init__(
         self,
-        gateway: "Gateway",
-        broker: "str | BrokerURL",
+        gateway: Gateway,
+        broker: str | BrokerURL,
         *,
         name: str = "default",
         prefix: str = PREFIX,
@@ -63,7 +78,7 @@ class MqttBridge:
         self._ready = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
 
-    async def start(self, timeout_s: float = 10.0) -> "MqttBridge":
+    async def start(self, timeout_s: float = 10.0) -> MqttBridge:
         self._runner = asyncio.create_task(self.run(), name=f"tandem-mqtt-bridge-{self.name}")
         ready = asyncio.create_task(self._ready.wait())
         done, _ = await asyncio.wait({ready, self._runner}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -85,7 +100,7 @@ class MqttBridge:
                     await task
         self._runner = None
 
-    async def __aenter__(self) -> "MqttBridge":
+    async def __aenter__(self) -> MqttBridge:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -119,12 +134,12 @@ class MqttBridge:
             await close_client(client)
             await asyncio.sleep(self.reconnect_s)
 
-    async def _reply(self, client: "aiomqtt.Client", topic: str, correlation: bytes, bodies: list[bytes]) -> None:
+    async def _reply(self, client: aiomqtt.Client, topic: str, correlation: bytes, bodies: list[bytes]) -> None:
         for body in bodies:
             payload, props = encode_rpc(self.protocol or "3.1.1", body, correlation)
             await client.publish(topic, payload, qos=1, properties=props)
 
-    async def _handle(self, client: "aiomqtt.Client", message: "aiomqtt.Message") -> None:
+    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         try:
             response_topic, correlation, body = decode_rpc(message)
         except (ValidationError, ValueError):

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -28,7 +27,7 @@ def device_serve(
     broker: str = typer.Option("mqtt://127.0.0.1:1883", help="mqtt://[user:password@]host[:port][?protocol=5|3.1.1]"),
     model: str = typer.Option("smollm2-135m", help="The model this device runs (a registered name, a path, NAME:int8; 'none': functions only)."),
     threads: int = typer.Option(1, min=1, help="torch threads for this device's model."),
-    power: Optional[str] = typer.Option(None, help="mains | battery | unknown (default: read from the system)."),
+    power: str | None = typer.Option(None, help="mains | battery | unknown (default: read from the system)."),
     data: list[str] = typer.Option([], help="Private data held here, NAME=FILE (repeatable); only private nodes read it."),
     functions: list[str] = typer.Option([], help="Module prefixes of functions this device runs (repeatable; default: tandem's library)."),
     heartbeat_s: float = typer.Option(2.0, min=0.05, help="Seconds between heartbeats."),
@@ -70,7 +69,7 @@ def bench_dag_cmd(
     model: str = typer.Option("tiny-llama", help="The devices' model (tiny-llama: seconds; smollm2-135m: the real one)."),
     chunks: int = typer.Option(12, min=1, help="Map tasks (document chunks)."),
     tokens: int = typer.Option(160, min=1, help="New tokens per map task."),
-    broker: Optional[str] = typer.Option(None, help="An existing broker's URL (default: amqtt in this process)."),
+    broker: str | None = typer.Option(None, help="An existing broker's URL (default: amqtt in this process)."),
     rounds: int = typer.Option(2, min=1, help="1-device/N-device pairs, in mirrored order (1 N N 1 ...)."),
     timeout_s: float = typer.Option(300.0, min=1.0),
     as_json: bool = typer.Option(False, "--json"),
@@ -101,4 +100,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("dag")(bench_dag_cmd)
 
 
-__all__ = ["device_app", "bench_dag_cmd", "register"]
+__all__ = ["bench_dag_cmd", "device_app", "register"]

@@ -86,7 +86,7 @@ class DeviceAgent:
     def __init__(
         self,
         device_id: str,
-        broker: "str | BrokerURL",
+        broker: str | BrokerURL,
         *,
         model: str | None = "smollm2-135m",
         threads: int = 1,
@@ -119,7 +119,7 @@ class DeviceAgent:
         self._running: list[str] = []
         self._outbox: list[TaskResult] = []
         self._queue: asyncio.Queue[TaskAssignment] | None = None
-        self._client: "aiomqtt.Client | None" = None
+        self._client: aiomqtt.Client | None = None
         self.connected = asyncio.Event()
         self._stopping = threading.Event()  # ends a generation in progress when the agent stops
 
@@ -204,7 +204,7 @@ class DeviceAgent:
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
 
-    async def _serve(self, client: "aiomqtt.Client") -> None:
+    async def _serve(self, client: aiomqtt.Client) -> None:
         t = self.topics
         await client.subscribe(t.tasks(self.device_id), qos=1)
         await client.publish(t.caps(self.device_id), self.capabilities().model_dump_json().encode(), qos=1, retain=True)
@@ -230,7 +230,7 @@ class DeviceAgent:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await beat
 
-    async def _heartbeat(self, client: "aiomqtt.Client") -> None:
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
         while True:
             beat = Heartbeat(device_id=self.device_id, running=list(self._running), done=len(self.results))
             await client.publish(self.topics.heartbeat(self.device_id), beat.model_dump_json().encode(), qos=0)
@@ -371,7 +371,7 @@ def spawn_agent(
     heartbeat_s: float = 2.0,
     log_path: str | os.PathLike | None = None,
     extra_args: Sequence[str] = (),
-) -> "subprocess.Popen":
+) -> subprocess.Popen:
     """`tandem device serve` as a child process, the way a separate device would run it: its
     own session (Linux's autogroup scheduler shares a session's CPU among all its processes, so
     agents started from one session could not compute side by side on a busy machine), one
@@ -393,7 +393,7 @@ def spawn_agent(
             out.close()  # type: ignore[union-attr]
 
 
-def stop_agents(procs: "Sequence[subprocess.Popen]", timeout_s: float = 10.0) -> None:
+def stop_agents(procs: Sequence[subprocess.Popen], timeout_s: float = 10.0) -> None:
     """SIGTERM (an agent marks itself offline), then SIGKILL what lingers."""
     import subprocess
 
@@ -425,4 +425,4 @@ def serve_device(device_id: str, broker: str, **kwargs: Any) -> None:
     asyncio.run(main())
 
 
-__all__ = ["DeviceAgent", "serve_device", "spawn_agent", "stop_agents", "power_class", "memory_mb", "DEFAULT_FUNCTIONS"]
+__all__ = ["DEFAULT_FUNCTIONS", "DeviceAgent", "memory_mb", "power_class", "serve_device", "spawn_agent", "stop_agents"]

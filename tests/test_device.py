@@ -7,9 +7,15 @@ import signal
 import subprocess
 
 import pytest
-
 from tandem.protocols.broker import EmbeddedBroker
-from tandem.protocols.mqtt import TaskAssignment, TaskInput, TaskResult, Topics, close_client, open_client
+from tandem.protocols.mqtt import (
+    TaskAssignment,
+    TaskInput,
+    TaskResult,
+    Topics,
+    close_client,
+    open_client,
+)
 from tandem.sdk.device_agent import DeviceAgent, spawn_agent
 from tandem.sdk.taskgraph import Coordinator, Function, Graph
 

@@ -7,12 +7,18 @@ import contextlib
 import shutil
 
 import pytest
-
 from tandem.local_runtime.engine import generate_alone
 from tandem.protocols.broker import BrokerURL, EmbeddedBroker, Mosquitto, device_acl
 from tandem.protocols.errors import TransportError, UnknownSessionError
 from tandem.protocols.messages import CloseSession, OpenSession, SessionOpened
-from tandem.protocols.mqtt import MqttTransport, Topics, close_client, decode_rpc, encode_rpc, open_client
+from tandem.protocols.mqtt import (
+    MqttTransport,
+    Topics,
+    close_client,
+    decode_rpc,
+    encode_rpc,
+    open_client,
+)
 from tandem.remote_gateway.mqtt_bridge import MqttBridge
 from tandem.sdk import Client
 

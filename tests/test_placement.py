@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from tandem.sdk.taskgraph.placement import (
     Done,
     Job,

@@ -6,7 +6,6 @@ import contextlib
 from pathlib import Path
 
 import pytest
-
 from tandem.sdk.taskgraph import LLM, Function, Graph, GraphError, Map, Reduce
 from tandem.sdk.taskgraph.graph import render_prompt, template_fields
 from tandem.sdk.taskgraph.spec import load_graph_spec

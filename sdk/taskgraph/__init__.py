@@ -18,9 +18,24 @@ _LAZY = {
 }
 
 __all__ = [
-    "Graph", "Node", "LLM", "Map", "Reduce", "Function", "GraphError",
-    "Proc", "Job", "Done", "Slot", "Schedule", "PlacementError", "heft",
-    *_LAZY,
+    "LLM",
+    "Coordinator",
+    "Done",
+    "Function",
+    "Graph",
+    "GraphError",
+    "GraphRunError",
+    "Job",
+    "Map",
+    "Node",
+    "PlacementError",
+    "Proc",
+    "Reduce",
+    "RunReport",
+    "Schedule",
+    "Slot",
+    "heft",
+    "load_graph_spec",
 ]
 
 

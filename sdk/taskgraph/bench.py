@@ -29,7 +29,7 @@ from typing import Any
 from ...protocols.broker import EmbeddedBroker
 from ..device_agent import spawn_agent, stop_agents
 from .executor import Coordinator, GraphRunError, RunReport
-from .graph import Function, Graph, LLM, Map, Reduce
+from .graph import LLM, Function, Graph, Map, Reduce
 
 LIBRARY = "tandem.sdk.taskgraph.library"
 
@@ -196,4 +196,4 @@ def _summary(ones: list[RunReport], manys: list[RunReport], failed: RunReport | 
     }
 
 
-__all__ = ["bench_dag", "bench_graph", "bench_document"]
+__all__ = ["bench_dag", "bench_document", "bench_graph"]

@@ -47,7 +47,16 @@ from ...protocols.mqtt import (
     close_client,
     open_client,
 )
-from .graph import LLM, Function, Graph, Map, Node, Reduce, function_ref, render_prompt, resolve_function
+from .graph import (
+    Function,
+    Graph,
+    Map,
+    Node,
+    Reduce,
+    function_ref,
+    render_prompt,
+    resolve_function,
+)
 from .placement import Done, Job, PlacementError, Proc, heft
 
 if TYPE_CHECKING:
@@ -68,7 +77,7 @@ CHARS_PER_TOKEN = 4.0
 class GraphRunError(TandemError):
     """A run that could not complete; `report` says how far it got."""
 
-    def __init__(self, message: str, report: "RunReport") -> None:
+    def __init__(self, message: str, report: RunReport) -> None:
         super().__init__(message)
         self.report = report
 
@@ -142,9 +151,9 @@ class Coordinator:
 
     def __init__(
         self,
-        broker: "str | BrokerURL",
+        broker: str | BrokerURL,
         *,
-        gateway: "Transport | None" = None,
+        gateway: Transport | None = None,
         gateway_tokens_per_s: float = 50.0,
         gateway_slots: int = 4,
         host_slots: int = 2,
@@ -171,17 +180,17 @@ class Coordinator:
         self.max_attempts = max_attempts
         self.reconnect_s = reconnect_s
         self.devices: dict[str, _Device] = {}
-        self._client: "aiomqtt.Client | None" = None
+        self._client: aiomqtt.Client | None = None
         self._runner: asyncio.Task | None = None
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
-        self._runs: dict[str, "_Run"] = {}
+        self._runs: dict[str, _Run] = {}
         self._local: dict[str, int] = {HOST: 0, GATEWAY: 0}  # busy slots
         self._cloud = None
 
     # -- the connection ------------------------------------------------------------------------
 
-    async def start(self, timeout_s: float = 10.0) -> "Coordinator":
+    async def start(self, timeout_s: float = 10.0) -> Coordinator:
         self._runner = asyncio.create_task(self._connection(), name=f"tandem-coordinator-{self.name}")
         try:
             await asyncio.wait_for(self._connected.wait(), timeout_s)
@@ -197,7 +206,7 @@ class Coordinator:
                 await self._runner
             self._runner = None
 
-    async def __aenter__(self) -> "Coordinator":
+    async def __aenter__(self) -> Coordinator:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -760,4 +769,4 @@ class _Run:
         self.c._wake.set()
 
 
-__all__ = ["Coordinator", "RunReport", "GraphRunError", "HOST", "GATEWAY"]
+__all__ = ["GATEWAY", "HOST", "Coordinator", "GraphRunError", "RunReport"]

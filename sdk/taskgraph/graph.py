@@ -64,7 +64,7 @@ def render_prompt(template: str, values: Mapping[str, Any]) -> str:
         raise ValueError(f"the prompt needs {exc.args[0]!r}, which the task was not given") from None
 
 
-def function_ref(fn: "Callable | str") -> str | None:
+def function_ref(fn: Callable | str) -> str | None:
     """'module:qualname' when `fn` can be imported by name elsewhere (so a device may run it)."""
     if isinstance(fn, str):
         return fn
@@ -273,7 +273,7 @@ class Graph:
     # -- YAML ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_yaml(cls, source: str | Path) -> "Graph":
+    def from_yaml(cls, source: str | Path) -> Graph:
         """A graph from a YAML file (a path) or YAML text; see `samples/minions.yaml`."""
         from .spec import load_graph_spec
 
@@ -360,4 +360,4 @@ def _find_cycle(nodes: list[Node]) -> list[str] | None:
     return None
 
 
-__all__ = ["Graph", "Node", "LLM", "Map", "Reduce", "Function", "GraphError", "template_fields", "render_prompt", "function_ref", "resolve_function"]
+__all__ = ["LLM", "Function", "Graph", "GraphError", "Map", "Node", "Reduce", "function_ref", "render_prompt", "resolve_function", "template_fields"]

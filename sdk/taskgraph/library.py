@@ -63,4 +63,4 @@ def pause(value: object = None, seconds: float = 0.1) -> object:
     return value
 
 
-__all__ = ["split_chunks", "join", "numbered", "collect", "word_count", "pause"]
+__all__ = ["collect", "join", "numbered", "pause", "split_chunks", "word_count"]

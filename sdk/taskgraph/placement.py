@@ -189,5 +189,17 @@ def serial_time(jobs: Iterable[Job], proc: Proc) -> float:
     return sum(exec_time(j, proc) for j in jobs)
 
 
-__all__ = ["Proc", "Job", "Done", "Slot", "Schedule", "PlacementError", "exec_time", "comm_time",
-           "earliest_finish", "upward_ranks", "heft", "serial_time"]
+__all__ = [
+    "Done",
+    "Job",
+    "PlacementError",
+    "Proc",
+    "Schedule",
+    "Slot",
+    "comm_time",
+    "earliest_finish",
+    "exec_time",
+    "heft",
+    "serial_time",
+    "upward_ranks",
+]

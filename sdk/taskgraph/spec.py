@@ -51,7 +51,7 @@ class NodeSpec(BaseModel):
     deadline_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _one_kind(self) -> "NodeSpec":
+    def _one_kind(self) -> NodeSpec:
         if self.map is not None and self.reduce is not None:
             raise ValueError("a node is a map or a reduce, not both")
         if self.map is not None and self.prompt is None:
