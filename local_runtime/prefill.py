@@ -124,7 +124,8 @@ LINEAR_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",)
 
 
 def quantize_layers(
-    lay: "LlamaLayout", act_absmax: list[dict[str, torch.Tensor]], n_outliers: int, per_channel: bool
+    lay: "LlamaLayout", act_absmax: list[dict[str, torch.Tensor]], n_outliers: int, per_channel: bool,
+    dynamic: bool = False,
 ) -> list[dict[str, W8A8Weights]]:
     """Every layer's linear groups in W8A8, with `n_outliers` shadow channels per input
     (twice as many for the MLP's wide down-projection input)."""
@@ -134,7 +135,9 @@ def quantize_layers(
         for name, parts in LINEAR_GROUPS.items():
             w, b = _cat_linear([layer[m] for m in parts])
             k = n_outliers * (2 if name == "down" else 1)
-            q[name] = quantize_w8a8(w, act_absmax[i][name], n_outliers=k, bias=b, per_channel=per_channel)
+            q[name] = quantize_w8a8(
+                w, act_absmax[i][name], n_outliers=k, bias=b, per_channel=per_channel, dynamic=dynamic
+            )
         out.append(q)
     return out
 
@@ -248,6 +251,7 @@ class ChunkedPrefill:
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
         n_outliers: int = 8,
         per_channel: bool = False,
+        dynamic: bool = False,
         kernel: str = "auto",
         compile: bool = False,
     ) -> None:
@@ -265,7 +269,7 @@ class ChunkedPrefill:
         self.weight_bytes = 0
         if mode == "w8a8" and act_absmax is None:
             raise ValueError("w8a8 needs calibrated activation ranges: pass act_absmax=calibrate(model, samples)")
-        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel) if mode == "w8a8" else None
+        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic) if mode == "w8a8" else None
         for i, layer in enumerate(lay.layers):
             p: dict[str, tuple] = {"ln1": layer["ln1"], "ln2": layer["ln2"]}
             for name, parts in LINEAR_GROUPS.items():
@@ -278,7 +282,7 @@ class ChunkedPrefill:
                     self.weight_bytes += packed.nbytes
                     p[name] = (
                         packed.inv_act_scale, packed.keep, packed.packed, packed.out_scale,
-                        packed.outlier_idx, packed.outlier_weight, packed.bias, packed.act_qmax,
+                        packed.outlier_idx, packed.outlier_weight, packed.bias, packed.act_qmax, packed.dynamic,
                     )
             self.params.append(p)
         # embedding (tied or not) and lm_head stay float: one row of logits per prefill

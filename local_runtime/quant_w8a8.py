@@ -94,6 +94,7 @@ class W8A8Weights:
     outlier_idx: torch.Tensor  # (k,) long
     outlier_weight: torch.Tensor  # (k, out) float: W[:, O]^T
     bias: torch.Tensor | None
+    dynamic: bool = False  # per-row activation scales measured on the fly instead of s_x
 
     @property
     def in_features(self) -> int:
@@ -116,6 +117,7 @@ def quantize_w8a8(
     bias: torch.Tensor | None = None,
     per_channel: bool = False,
     act_qmax: int | None = None,
+    dynamic: bool = False,
 ) -> W8A8Weights:
     """Quantise `weight` (out, in) for inputs whose calibrated per-channel max|x| is `act_absmax`."""
     act_qmax = activation_qmax() if act_qmax is None else act_qmax
@@ -133,6 +135,7 @@ def quantize_w8a8(
         weight_scale=w_scale,
         act_scale=symmetric_scale(act_absmax[keep].max() if keep.any() else torch.tensor(1.0), act_qmax),
         act_qmax=act_qmax,
+        dynamic=dynamic,
         outlier_idx=idx,
         outlier_weight=w[:, idx].t().contiguous(),
         bias=None if bias is None else bias.detach().float().clone(),
@@ -155,6 +158,7 @@ class PackedW8A8:
     outlier_weight: torch.Tensor
     bias: torch.Tensor | None
     act_qmax: int = 127
+    dynamic: bool = False
     nbytes: int = 0
 
 
@@ -172,11 +176,12 @@ def pack(w: W8A8Weights, kernel: str, *, rows: int = 128) -> PackedW8A8:
         inv_act_scale=(1.0 / w.act_scale).reshape(()),
         keep=keep,
         packed=packed,
-        out_scale=(w.act_scale * w.weight_scale).float().contiguous(),
+        out_scale=(w.weight_scale if w.dynamic else w.act_scale * w.weight_scale).float().contiguous(),
         outlier_idx=w.outlier_idx,
         outlier_weight=w.outlier_weight,
         bias=w.bias,
         act_qmax=w.act_qmax,
+        dynamic=w.dynamic,
         nbytes=w.nbytes(),
     )
 
@@ -207,17 +212,26 @@ def _(xq: torch.Tensor, packed: torch.Tensor, out_scale: torch.Tensor, zero_poin
 def w8a8_linear(x: torch.Tensor, p: PackedW8A8, kernel: str) -> torch.Tensor:
     """y = x W^T in W8A8 with shadow outliers; x is (m, in) float."""
     return w8a8_apply(
-        x, p.inv_act_scale, p.keep, p.packed, p.out_scale, p.outlier_idx, p.outlier_weight, p.bias, p.act_qmax, kernel
+        x, p.inv_act_scale, p.keep, p.packed, p.out_scale, p.outlier_idx, p.outlier_weight, p.bias, p.act_qmax,
+        p.dynamic, kernel,
     )
 
 
-def w8a8_apply(x, inv_act_scale, keep, packed, out_scale, outlier_idx, outlier_weight, bias, qmax: int, kernel: str):
+def w8a8_apply(x, inv_act_scale, keep, packed, out_scale, outlier_idx, outlier_weight, bias, qmax: int, dynamic: bool,
+               kernel: str):
     """`w8a8_linear` on the packed tensors themselves (the form a compiled graph takes)."""
-    q = torch.clamp(torch.round(x * keep * inv_act_scale), -qmax, qmax)
+    xm = x * keep
+    if dynamic:
+        row_scale = xm.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
+        q = torch.round(xm / row_scale)
+    else:
+        q = torch.clamp(torch.round(xm * inv_act_scale), -qmax, qmax)
     if kernel == "onednn":
         y = _onednn_u8s8_mm((q + (qmax + 1)).to(torch.uint8), packed, out_scale, qmax + 1)
     else:
         y = torch._int_mm(q.to(torch.int8), packed).float() * out_scale
+    if dynamic:
+        y = y * row_scale
     if outlier_idx.numel():
         # the shadow path: the outlier channels, in float, beside the int8 product
         y = y + x.index_select(-1, outlier_idx) @ outlier_weight

@@ -49,14 +49,17 @@ def test_float_chunked_prefill_equals_one_shot(tiny, chunk, n):
         torch.testing.assert_close(v, cache.layers[layer].values, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("n", LENGTHS)
-def test_w8a8_chunked_prefill_equals_one_shot_w8a8(tiny, stats, chunk, n):
-    """Activation scales are fixed by calibration, so a row's int8 codes do not depend on which
-    other rows share its chunk: chunked equals one chunk holding the whole prompt."""
+def test_w8a8_chunked_prefill_equals_one_shot_w8a8(tiny, stats, chunk, n, dynamic):
+    """Activation scales are per tensor and fixed by calibration, or per row: either way a row's
+    int8 codes do not depend on which other rows share its chunk, so chunked prefill equals one
+    chunk holding the whole prompt."""
     ids = _prompt(n, seed=2)
-    whole = ChunkedPrefill(tiny.model, mode="w8a8", chunk=128, act_absmax=stats, n_outliers=4).run(ids)
-    got = ChunkedPrefill(tiny.model, mode="w8a8", chunk=chunk, act_absmax=stats, n_outliers=4).run(ids)
+    opts = dict(mode="w8a8", act_absmax=stats, n_outliers=4, dynamic=dynamic)
+    whole = ChunkedPrefill(tiny.model, chunk=128, **opts).run(ids)
+    got = ChunkedPrefill(tiny.model, chunk=chunk, **opts).run(ids)
     torch.testing.assert_close(got.logits, whole.logits, atol=2e-3, rtol=1e-3)
 
 
@@ -85,13 +88,14 @@ def _with_outlier_channels(lm, channels=(3, 17, 40), factor=40.0):
     return model
 
 
-def test_shadow_outliers_reduce_the_error(tiny):
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_shadow_outliers_reduce_the_error(tiny, dynamic):
     model = _with_outlier_channels(tiny)
     gen = torch.Generator().manual_seed(5)
     stats = calibrate(model, [torch.randint(0, 256, (256,), generator=gen).tolist()])
     errors = {}
     for k in (0, 4):
-        runner = ChunkedPrefill(model, mode="w8a8", chunk=32, act_absmax=stats, n_outliers=k)
+        runner = ChunkedPrefill(model, mode="w8a8", chunk=32, act_absmax=stats, n_outliers=k, dynamic=dynamic)
         errs = []
         for seed in range(6):  # held-out prompts, not the calibration text
             ids = _prompt(48, seed=100 + seed)

@@ -34,7 +34,8 @@ class CpuInt8Prefill:
         *,
         chunk: int = DEFAULT_CHUNK,
         n_outliers: int = DEFAULT_OUTLIERS,
-        per_channel: bool = False,
+        per_channel: bool = True,
+        dynamic: bool = True,
         kernel: str = "auto",
         compile: bool = True,
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
@@ -45,7 +46,7 @@ class CpuInt8Prefill:
         self.act_absmax = act_absmax
         self.runner = ChunkedPrefill(
             lm.model, mode="w8a8", chunk=chunk, act_absmax=act_absmax, n_outliers=n_outliers,
-            per_channel=per_channel, kernel=kernel, compile=compile,
+            per_channel=per_channel, dynamic=dynamic, kernel=kernel, compile=compile,
         )
         self.chunk = chunk
         self.device = f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels"

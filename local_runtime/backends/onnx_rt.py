@@ -98,14 +98,25 @@ def _linear(g: _Graph, x: str, w: "W8A8Weights", hint: str) -> str:
     xm = g.op("Mul", [x, g.const(keep, f"{hint}_keep")])
     # u8 codes zp-Q..zp+Q with zp = Q + 1 (Q = 63 where u8s8 dot products saturate; see quant_w8a8)
     zp = g.const(np.array(w.act_qmax + 1, dtype=np.uint8), "zp_u8")
-    # clip to the calibrated range first: QuantizeLinear would saturate to 0..255, not to zp +- Q
-    bound = float(w.act_scale) * w.act_qmax
-    xm = g.op("Clip", [xm, g.const(np.array(-bound, dtype=np.float32), "lo"), g.const(np.array(bound, dtype=np.float32), "hi")])
-    xq = g.op("QuantizeLinear", [xm, g.const(w.act_scale.reshape(()).numpy().astype(np.float32), f"{hint}_sx"), zp])
+    if w.dynamic:
+        # one scale per row, measured here: s = max|row| / Q, codes round(x / s) + zp
+        amax = g.op("ReduceMax", [g.op("Abs", [xm])], axes=[-1], keepdims=1)
+        row_scale = g.op("Div", [g.op("Max", [amax, g.const(np.array(1e-8, dtype=np.float32), "tiny")]),
+                                 g.const(np.array(float(w.act_qmax), dtype=np.float32), "qmax")])
+        codes = g.op("Add", [g.op("Round", [g.op("Div", [xm, row_scale])]),
+                             g.const(np.array(float(w.act_qmax + 1), dtype=np.float32), "zp_f")])
+        xq = g.op("Cast", [codes], to=2)  # uint8
+    else:
+        # clip to the calibrated range first: QuantizeLinear would saturate to 0..255, not to zp +- Q
+        bound = float(w.act_scale) * w.act_qmax
+        xm = g.op("Clip", [xm, g.const(np.array(-bound, dtype=np.float32), "lo"), g.const(np.array(bound, dtype=np.float32), "hi")])
+        xq = g.op("QuantizeLinear", [xm, g.const(w.act_scale.reshape(()).numpy().astype(np.float32), f"{hint}_sx"), zp])
     wq = g.const(w.weight_q.t().contiguous().numpy(), f"{hint}_wq")  # (in, out) int8
     acc = g.op("MatMulInteger", [xq, wq, zp, g.const(np.array(0, dtype=np.int8), "zp_s8")])
-    scale = (w.act_scale * w.weight_scale).float().numpy()
+    scale = (w.weight_scale if w.dynamic else w.act_scale * w.weight_scale).float().numpy()
     y = g.op("Mul", [g.op("Cast", [acc], to=1), g.const(scale, f"{hint}_scale")])
+    if w.dynamic:
+        y = g.op("Mul", [y, row_scale])
     if w.outlier_idx.numel():
         xo = g.op("Gather", [x, g.const(w.outlier_idx.numpy().astype(np.int64), f"{hint}_oidx")], axis=1)
         y = g.op("Add", [y, g.op("MatMul", [xo, g.const(w.outlier_weight.numpy(), f"{hint}_ow")])])
@@ -212,7 +223,8 @@ class OnnxPrefill:
         *,
         chunk: int = 128,
         n_outliers: int = 8,
-        per_channel: bool = False,
+        per_channel: bool = True,
+        dynamic: bool = True,
         provider: str | None = None,
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
         threads: int | None = None,
@@ -223,7 +235,7 @@ class OnnxPrefill:
         self.layout = lay = llama_layout(lm.model)
         if act_absmax is None:
             act_absmax = calibrate(lm.model, calibration_samples(lm.tokenizer))
-        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel)
+        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic)
         model = build_chunk_graph(lay, quantized, chunk)
         # initializers over 2 GiB need external data; these models are far below that
         data = model.SerializeToString()
