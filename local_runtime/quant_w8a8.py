@@ -7,10 +7,11 @@ One linear layer y = x W^T becomes
 
     O        the input channels whose activations are outliers, found by calibration on sample text
     x_main   x with the channels O zeroed
-    q(v)     clamp(round(v / s_x), -Q, Q); s_x = max|x_main| over the calibration text / Q,
-             one scale per tensor, fixed ahead of time (an NPU graph has no room for a dynamic one);
-             Q = 127, or 63 on x86 CPUs without VNNI (below)
-    Wq       round(W / s_w) with W[:, O] zeroed; s_w per tensor (or per output channel)
+    q(v)     clamp(round(v / s_x), -127, 127); s_x = max|x_main| over the calibration text / 127,
+             one scale per tensor, fixed ahead of time (an NPU graph has no room for a dynamic one),
+             or (`dynamic`) one per row, max|row| / 127, measured as the row arrives
+    Wq       round(W / s_w) in -Qw..Qw with W[:, O] zeroed; s_w per tensor (or per output
+             channel); Qw = 127, or 63 on x86 CPUs without VNNI (below)
 
 A handful of channels in an LLM's hidden states carry values 10-100x larger than the rest; with one
 per-tensor scale they would flatten every other channel to a few int8 levels. Taking them out of
@@ -23,16 +24,17 @@ The int8 GEMM has two kernels with the same int32 arithmetic, so they give the s
 
     int_mm   torch._int_mm (int8 x int8 -> int32): fast on CUDA and on CPUs with VNNI/AMX; on an
              AVX2-only CPU torch falls back to a reference loop (~50x slower than fp32 here)
-    onednn   oneDNN's u8s8 GEMM (torch.ops.onednn.qlinear_pointwise; activations offset by Q + 1),
+    onednn   oneDNN's u8s8 GEMM (torch.ops.onednn.qlinear_pointwise; activations offset by 128),
              which has AVX2 code: ~2x faster than fp32 on this kind of machine
 
 `pick_kernel("auto")` times both once on a representative shape and keeps the faster.
 
-Why Q = 63 without VNNI: AVX2's u8 x s8 instruction (vpmaddubsw) adds pairs of products into
+Why Qw = 63 without VNNI: AVX2's u8 x s8 instruction (vpmaddubsw) adds pairs of products into
 int16 and saturates, so u8 codes up to 255 times int8 weights up to 127 can overflow (255*127*2 >
-32767) and silently give a wrong sum. With 7-bit activations (u8 codes 1..127) no pair can
-overflow and the GEMM is exact; ONNX Runtime's u8s8 kernels have the same limit. VNNI, AMX and
-GPUs accumulate in int32 and keep the full 8 bits.
+32767) and silently give a wrong sum. With 7-bit weights (255*63*2 < 32767) no pair can overflow
+and the GEMM is exact; ONNX Runtime's u8s8 kernels have the same limit. The bit is taken from the
+weights rather than the activations because a row of weights is far better behaved than a row of
+activations. VNNI, AMX and GPUs accumulate in int32 and keep the full 8 bits.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ import torch
 KERNELS = ("int_mm", "onednn")
 
 
-@functools.cache
 def activation_qmax() -> int:
+    """Activation codes lie in -127..127 (u8 1..255 after the offset)."""
+    return 127
+
+
+@functools.cache
+def weight_qmax() -> int:
     """127, or 63 on an x86 CPU whose int8 dot product saturates (no VNNI/AMX; see above)."""
     import platform
 
@@ -126,12 +133,13 @@ def quantize_w8a8(
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[idx] = False
     w_main = w * keep
+    w_qmax = weight_qmax()
     if per_channel:
-        w_scale = symmetric_scale(w_main.abs().amax(dim=1))
+        w_scale = symmetric_scale(w_main.abs().amax(dim=1), w_qmax)
     else:
-        w_scale = symmetric_scale(w_main.abs().max()).expand(w.shape[0]).clone()
+        w_scale = symmetric_scale(w_main.abs().max(), w_qmax).expand(w.shape[0]).clone()
     return W8A8Weights(
-        weight_q=quantize_symmetric(w_main, w_scale[:, None]),
+        weight_q=quantize_symmetric(w_main, w_scale[:, None], w_qmax),
         weight_scale=w_scale,
         act_scale=symmetric_scale(act_absmax[keep].max() if keep.any() else torch.tensor(1.0), act_qmax),
         act_qmax=act_qmax,
@@ -282,4 +290,6 @@ __all__ = [
     "symmetric_scale",
     "quantize_symmetric",
     "KERNELS",
+    "activation_qmax",
+    "weight_qmax",
 ]

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from ..models import LoadedModel
 
 DEFAULT_CHUNK = 128
-DEFAULT_OUTLIERS = 8
+DEFAULT_OUTLIERS = 16
 
 
 class CpuInt8Prefill:
