@@ -126,6 +126,7 @@ LINEAR_GROUPS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "o": ("o",)
 def quantize_layers(
     lay: "LlamaLayout", act_absmax: list[dict[str, torch.Tensor]], n_outliers: int, per_channel: bool,
     dynamic: bool = False,
+    smooth: float = 0.0,
 ) -> list[dict[str, W8A8Weights]]:
     """Every layer's linear groups in W8A8, with `n_outliers` shadow channels per input
     (twice as many for the MLP's wide down-projection input)."""
@@ -136,7 +137,8 @@ def quantize_layers(
             w, b = _cat_linear([layer[m] for m in parts])
             k = n_outliers * (2 if name == "down" else 1)
             q[name] = quantize_w8a8(
-                w, act_absmax[i][name], n_outliers=k, bias=b, per_channel=per_channel, dynamic=dynamic
+                w, act_absmax[i][name], n_outliers=k, bias=b, per_channel=per_channel, dynamic=dynamic,
+                smooth=smooth,
             )
         out.append(q)
     return out
@@ -239,6 +241,7 @@ class ChunkedPrefill:
     chunk      tokens per chunk: every chunk runs the same graph
     kernel     the int8 GEMM for w8a8: "auto", "onednn" or "int_mm" (see quant_w8a8)
     n_outliers calibrated outlier channels kept in float, per linear input
+    smooth     SmoothQuant migration strength for w8a8 (0 = off; see quant_w8a8.quantize_w8a8)
     compile    torch.compile the per-layer graphs (compiled once per process, shared)
     """
 
@@ -252,6 +255,7 @@ class ChunkedPrefill:
         n_outliers: int = 8,
         per_channel: bool = False,
         dynamic: bool = False,
+        smooth: float = 0.0,
         kernel: str = "auto",
         compile: bool = False,
     ) -> None:
@@ -269,7 +273,7 @@ class ChunkedPrefill:
         self.weight_bytes = 0
         if mode == "w8a8" and act_absmax is None:
             raise ValueError("w8a8 needs calibrated activation ranges: pass act_absmax=calibrate(model, samples)")
-        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic) if mode == "w8a8" else None
+        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic, smooth) if mode == "w8a8" else None
         for i, layer in enumerate(lay.layers):
             p: dict[str, tuple] = {"ln1": layer["ln1"], "ln2": layer["ln2"]}
             for name, parts in LINEAR_GROUPS.items():

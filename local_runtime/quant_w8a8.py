@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 
 KERNELS = ("int_mm", "onednn")
+# SmoothQuant strength the prefill backends use by default (see quantize_w8a8)
+DEFAULT_SMOOTH = 0.5
 
 
 def activation_qmax() -> int:
@@ -102,6 +104,16 @@ class W8A8Weights:
     outlier_weight: torch.Tensor  # (k, out) float: W[:, O]^T
     bias: torch.Tensor | None
     dynamic: bool = False  # per-row activation scales measured on the fly instead of s_x
+    # (in,) what x is multiplied by before quantisation: 0 on the outlier channels, 1 / smoothing
+    # factor elsewhere (1 without smoothing); None means keep-mask only
+    in_mult: torch.Tensor | None = None
+
+    def input_multiplier(self) -> torch.Tensor:
+        if self.in_mult is not None:
+            return self.in_mult
+        keep = torch.ones(self.in_features)
+        keep[self.outlier_idx] = 0.0
+        return keep
 
     @property
     def in_features(self) -> int:
@@ -125,14 +137,27 @@ def quantize_w8a8(
     per_channel: bool = False,
     act_qmax: int | None = None,
     dynamic: bool = False,
+    smooth: float = 0.0,
 ) -> W8A8Weights:
-    """Quantise `weight` (out, in) for inputs whose calibrated per-channel max|x| is `act_absmax`."""
+    """Quantise `weight` (out, in) for inputs whose calibrated per-channel max|x| is `act_absmax`.
+
+    `smooth` > 0 migrates range from activations to weights channel by channel (SmoothQuant,
+    Xiao et al. 2023): x_j / f_j and W[:, j] * f_j with f_j = max|x_j|^a / max|W[:, j]|^(1 - a),
+    exact in float; the division folds into the multiply that already zeroes the outlier channels,
+    so it costs nothing at run time."""
     act_qmax = activation_qmax() if act_qmax is None else act_qmax
     w = weight.detach().float()
     idx = outlier_channels(act_absmax, n_outliers)
     keep = torch.ones(w.shape[1], dtype=torch.bool)
     keep[idx] = False
-    w_main = w * keep
+    factor = torch.ones(w.shape[1])
+    if smooth > 0:
+        a = act_absmax.detach().float().clamp(min=1e-5)
+        wmax = w.abs().amax(0).clamp(min=1e-5)
+        factor = (a.pow(smooth) / wmax.pow(1.0 - smooth)).clamp(min=1e-3, max=1e3)
+        factor[idx] = 1.0
+    act_absmax = act_absmax.detach().float() / factor
+    w_main = w * keep * factor
     w_qmax = weight_qmax()
     if per_channel:
         w_scale = symmetric_scale(w_main.abs().amax(dim=1), w_qmax)
@@ -147,6 +172,7 @@ def quantize_w8a8(
         outlier_idx=idx,
         outlier_weight=w[:, idx].t().contiguous(),
         bias=None if bias is None else bias.detach().float().clone(),
+        in_mult=keep.float() / factor,
     )
 
 
@@ -159,7 +185,7 @@ class PackedW8A8:
     """A W8A8 layer laid out for one kernel: the tensors the chunk graph takes as inputs."""
 
     inv_act_scale: torch.Tensor  # () 1 / s_x
-    keep: torch.Tensor  # (in,) 1.0 for int8 channels, 0.0 for the outlier channels
+    keep: torch.Tensor  # (in,) 0.0 for the outlier channels, 1 / smoothing factor for the others
     packed: torch.Tensor  # the kernel's weight layout
     out_scale: torch.Tensor  # (out,) s_x * s_w
     outlier_idx: torch.Tensor
@@ -172,8 +198,7 @@ class PackedW8A8:
 
 def pack(w: W8A8Weights, kernel: str, *, rows: int = 128) -> PackedW8A8:
     """Lay `w` out for `kernel` ("int_mm" or "onednn"); `rows` is the expected batch of rows."""
-    keep = torch.ones(w.in_features)
-    keep[w.outlier_idx] = 0.0
+    keep = w.input_multiplier()
     if kernel == "int_mm":
         packed = w.weight_q.t().contiguous()  # (in, out)
     elif kernel == "onednn":

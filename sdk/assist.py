@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from ..local_runtime.engine import Engine
+from ..local_runtime.models import LoadedModel
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import TandemError, TransportError, UnknownSessionError
 from ..protocols.messages import AppendRequest, ChatMessage, CloseSession, OpenSession, SamplingParams
@@ -45,7 +45,13 @@ class AssistRun:
         self.router_name, self.threshold = router, threshold
         self.lm = client.drafter
         self.tok = self.lm.tokenizer
-        self.engine = Engine(self.lm)
+        if router == "reward" and not isinstance(self.lm, LoadedModel):
+            raise TandemError(
+                f"the reward token router reads the device model's hidden state, which the "
+                f"'{client.drafter_backend}' backend does not expose; use a torch drafter or another router"
+            )
+        # the device model's own drafting backend (torch, llama.cpp, ...) writes the tokens
+        self.engine = client.new_drafter_engine()
         self._generator = None
         if sampling.seed is not None:
             import torch

@@ -80,6 +80,28 @@ def predict_cloud_passes_per_token(mode: str, e: Estimates) -> float:
     raise ValueError(f"unknown mode '{mode}'")
 
 
+def break_even_rtt_s(e: Estimates, n_tokens: int = 128, max_rtt_s: float = 2.0) -> float | None:
+    """The round-trip time past which streaming the cloud model beats speculation, predicted from
+    these estimates (k re-chosen for every RTT): 0.0 if speculation loses even on a zero-latency
+    link, None if it still wins at `max_rtt_s`. Speculation pays one round trip per round and
+    streaming one per query, so the gap can only close as the RTT grows; bisection finds where."""
+    from dataclasses import replace
+
+    def gap(rtt: float) -> float:
+        at = replace(e, rtt_s=rtt)
+        return predict_s_per_token("speculative", at, n_tokens) - predict_s_per_token("cloud", at, n_tokens)
+
+    if gap(0.0) >= 0:
+        return 0.0
+    if gap(max_rtt_s) < 0:
+        return None
+    lo, hi = 0.0, max_rtt_s
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if gap(mid) < 0 else (lo, mid)
+    return hi
+
+
 def choose_mode(
     allowed: tuple[str, ...] | list[str],
     e: Estimates,
@@ -112,5 +134,6 @@ __all__ = [
     "predict_s_per_token",
     "predict_cloud_passes_per_token",
     "choose_mode",
+    "break_even_rtt_s",
     "speculative_k",
 ]

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..local_runtime.speculative import expected_tokens_per_round
+from .auto import break_even_rtt_s
 from .client import Client
 
 # Where the Spec-Bench prompts live when the repository sits beside `shared/`.
@@ -82,23 +83,26 @@ async def bench_speculative(
     draft_len: int | str = 4,
     gateway: str = "inproc",
     rtt_ms: float | None = None,
+    pipeline: bool | None = None,
     progress=None,
 ) -> dict:
     """Target alone (cloud), drafter alone (local) and speculative, per prompt, in one run.
+    `pipeline` as `Client(pipeline=...)` (None: the client's default).
 
     mismatches counts prompts whose speculative greedy output differs from the target's own.
     acceptance_rate is accepted / tested over the draft tokens the target judged;
     theory_tokens_per_round averages (1 - a^(k+1)) / (1 - a) over the rounds, with each round's k.
     """
     with gateway_link(target, gateway, rtt_ms) as url:
-        out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, progress)
+        out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, pipeline, progress)
     if rtt_ms is not None:
         out["rtt_ms"] = rtt_ms
     return out
 
 
-async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, draft_len, progress) -> dict:
-    client = Client(drafter=drafter, target=target if gateway == "inproc" else None, gateway=gateway, draft_len=draft_len)
+async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, draft_len, pipeline, progress) -> dict:
+    client = Client(drafter=drafter, target=target if gateway == "inproc" else None, gateway=gateway, draft_len=draft_len,
+                    pipeline=pipeline)
     totals = {m: {"s": 0.0, "tokens": 0} for m in ("cloud", "local", "speculative")}
     mismatches, rounds, examples = 0, [], []
     accepted = tested = 0
@@ -142,6 +146,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "drafter": drafter,
         "target": target,
         "draft_len": draft_len,
+        "pipeline": client.pipelining,
         "max_new_tokens": max_new_tokens,
         "rounds": len(rounds),
         "tokens": emitted,
@@ -186,6 +191,7 @@ async def bench_modes(
     modes: tuple[str, ...] = FIXED_MODES,
     auto_modes: tuple[str, ...] = ("cloud", "speculative"),
     token_router: str = "confidence",
+    pipeline: bool | None = None,
     progress=None,
 ) -> dict:
     """Every mode on the same prompts, through the same link, in one run; then `auto`, which
@@ -195,10 +201,12 @@ async def bench_modes(
     s_per_token is wall time over tokens (prefill included); agreement_with_target compares each
     mode's text with the cloud model's own (`similarity`); auto_vs_best is auto's s_per_token over
     the best fixed mode among those auto may choose (`auto_vs_fastest`: over every fixed mode).
+    break_even_rtt_ms is the RTT below which speculative is predicted to beat cloud, from the
+    client's estimates after the run (`auto.break_even_rtt_s`: 0 = never, null = past 2 s).
     """
     with gateway_link(target, gateway, rtt_ms) as url:
         client = Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, auto_modes=auto_modes,
-                        token_router=token_router)
+                        token_router=token_router, pipeline=pipeline)
         try:
             _ = client.drafter, client.transport
             for mode in modes:  # warm up: load, connect, first measurements for auto
@@ -238,6 +246,7 @@ async def bench_modes(
     best = min(table[m]["s_per_token"] for m in allowed)
     fastest = min(table[m]["s_per_token"] for m in modes)
     spec, cloud = table.get("speculative"), table.get("cloud")
+    be = break_even_rtt_s(client.estimates, max_new_tokens)
     return {
         "modes": table,
         "auto_vs_best": round(table["auto"]["s_per_token"] / best, 3),
@@ -245,7 +254,10 @@ async def bench_modes(
         "auto_chose": chosen,
         "auto_modes": list(auto_modes),
         "speculative_beats_cloud": bool(spec and cloud and spec["s_per_token"] < cloud["s_per_token"]),
+        # predicted from this run's estimates: speculation beats streaming below this RTT
+        "break_even_rtt_ms": None if be is None else round(be * 1000, 1),
         "rtt_ms": rtt_ms,
+        "pipeline": client.pipelining,
         "prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "drafter": drafter,

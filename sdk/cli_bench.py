@@ -16,6 +16,8 @@ from .client import DEFAULT_DRAFTER, DEFAULT_TARGET
 
 err = Console(stderr=True)
 
+PIPELINE_HELP = ("Draft the next block while a verify is in flight (default: on for a gateway in another "
+                 "process). Off is fairer when the gateway shares this machine's cores.")
 PROMPTS_HELP = "Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."
 
 
@@ -61,6 +63,7 @@ def speculative(
     draft_len: str = typer.Option("4", help="A fixed draft length, or 'auto' (per round from the link)."),
     rtt_ms: Optional[float] = typer.Option(None, min=0, help="Run the gateway in its own process behind the link simulator with this round-trip time."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
+    pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline", help=PIPELINE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
@@ -73,7 +76,7 @@ def speculative(
 
     result = _run(bench_speculative(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
-        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, progress=progress,
+        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, progress=progress,
     ))
     _print(result, "bench speculative", as_json)
 
@@ -90,6 +93,7 @@ def modes(
                                help="Fixed modes to measure; assist@T is assist at threshold T (plain assist: 0.5)."),
     token_router: str = typer.Option("confidence", help="The token router assist uses."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
+    pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline", help=PIPELINE_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Every mode and `auto` on the same prompts through the same link: seconds per token, cloud
@@ -104,7 +108,7 @@ def modes(
 
     result = _run(bench_modes(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
-        rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress, token_router=token_router,
+        rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress, token_router=token_router, pipeline=pipeline,
         modes=tuple(m.strip() for m in modes_.split(",") if m.strip()),
     ))
     _print(result, f"bench modes (rtt {rtt_ms} ms)", as_json)

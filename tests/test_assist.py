@@ -76,3 +76,27 @@ def test_assist_reopens_an_evicted_session(tiny_gateway):
     rec = run(go())
     assert rec.tokens == _alone(tiny_gateway.lm, 20)
     assert rec.usage.rounds == 20
+
+
+def test_assist_writes_with_the_drafters_own_backend(tiny_gateway):
+    """A drafter on another backend (here the lean int8 loop) writes the device's tokens: never
+    escalating gives exactly that backend's own greedy output."""
+    from tandem.local_runtime.backends import drafter_engine, load_drafter
+
+    rec = _assist(tiny_gateway, "tiny-llama-b@torch-int8", threshold=0.0)
+    model = load_drafter("tiny-llama-b", "torch-int8")
+    engine = drafter_engine(model, "torch-int8")
+    engine.append(model.tokenizer.prompt_tokens(PROMPT, chat=False))
+    alone = []
+    for _ in range(24):
+        t = int(engine.next_logits().argmax())
+        engine.append([t])
+        alone.append(t)
+    assert rec.tokens == alone
+
+
+def test_the_reward_router_needs_a_torch_drafter(tiny_gateway):
+    from tandem.protocols.errors import TandemError
+
+    with pytest.raises(TandemError, match="hidden state"):
+        _assist(tiny_gateway, "tiny-llama-b@torch-int8", threshold=0.5, router="reward")

@@ -1,5 +1,7 @@
 """Mode predictions and the draft-length rule against exact answers."""
 
+from dataclasses import replace
+
 import pytest
 
 from tandem.local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
@@ -143,3 +145,17 @@ def test_policy_auto_uses_the_objective(tiny_gateway, tmp_path):
     assert set(rec.decision["predicted"]) == {"cloud", "speculative", "assist"}
     passes = {m: p["cloud_passes_per_token"] for m, p in rec.decision["predicted"].items()}
     assert rec.mode == min(passes, key=passes.get)
+
+
+def test_break_even_rtt_is_where_the_predictions_cross():
+    from tandem.sdk.auto import break_even_rtt_s
+
+    e = Estimates(local_token_s=0.01, cloud_token_s=0.08, verify_s=0.09, alpha=0.8, prefill_s=0.0)
+    rtt = break_even_rtt_s(e)
+    assert rtt is not None and 0 < rtt < 2.0
+    below, above = replace(e, rtt_s=rtt * 0.9), replace(e, rtt_s=rtt * 1.1)
+    assert predict_s_per_token("speculative", below) < predict_s_per_token("cloud", below)
+    assert predict_s_per_token("speculative", above) > predict_s_per_token("cloud", above)
+    # a drafter as slow as the target never wins; a free, perfect drafter still wins at 2 s
+    assert break_even_rtt_s(replace(e, local_token_s=0.08, alpha=0.3)) == 0.0
+    assert break_even_rtt_s(replace(e, local_token_s=0.0, alpha=0.999, verify_s=0.08), max_rtt_s=0.01) is None

@@ -105,6 +105,26 @@ def test_shadow_outliers_reduce_the_error(tiny, dynamic):
     assert errors[4] < 0.5 * errors[0], errors
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_smoothing_moves_range_into_the_weights_and_reduces_the_error(dynamic):
+    """Input channels spanning two orders of magnitude: per-channel smoothing (SmoothQuant) is
+    exact in float and lowers the W8A8 error of the layer."""
+    gen = torch.Generator().manual_seed(3)
+    spread = torch.logspace(-1, 1, 64)[torch.randperm(64, generator=gen)]
+    x = torch.randn(64, 64, generator=gen) * spread
+    weight = torch.randn(96, 64, generator=gen) * 0.05
+    exact = x @ weight.t()
+    absmax = x.abs().amax(0)
+    err = {}
+    for smooth in (0.0, 0.5):
+        w = quantize_w8a8(weight, absmax, n_outliers=0, per_channel=True, dynamic=dynamic, smooth=smooth)
+        # the float identity behind it: (x / f) @ (W * f)^T == x @ W^T
+        dequant = w.weight_q.float() * w.weight_scale[:, None]
+        torch.testing.assert_close((x * w.input_multiplier()) @ dequant.t(), exact, atol=0.2, rtol=0.05)
+        err[smooth] = float((w8a8_linear(x, pack(w, "int_mm", rows=64), "int_mm") - exact).abs().mean())
+    assert err[0.5] < 0.8 * err[0.0], err
+
+
 def test_outlier_channels_are_the_calibrated_largest(tiny):
     model = _with_outlier_channels(tiny, channels=(3, 17, 40))
     stats = calibrate(model, [_prompt(128, seed=9)])

@@ -14,6 +14,7 @@ import torch
 
 from ..prefill import ChunkedPrefill, PrefillResult, calibrate
 from ..prefill_calibration import calibration_samples
+from ..quant_w8a8 import DEFAULT_SMOOTH
 from .base import tensor_bytes
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class CpuInt8Prefill:
         n_outliers: int = DEFAULT_OUTLIERS,
         per_channel: bool = True,
         dynamic: bool = True,
+        smooth: float = DEFAULT_SMOOTH,
         kernel: str = "auto",
         compile: bool = True,
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
@@ -46,7 +48,7 @@ class CpuInt8Prefill:
         self.act_absmax = act_absmax
         self.runner = ChunkedPrefill(
             lm.model, mode="w8a8", chunk=chunk, act_absmax=act_absmax, n_outliers=n_outliers,
-            per_channel=per_channel, dynamic=dynamic, kernel=kernel, compile=compile,
+            per_channel=per_channel, dynamic=dynamic, smooth=smooth, kernel=kernel, compile=compile,
         )
         self.chunk = chunk
         self.device = f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels"

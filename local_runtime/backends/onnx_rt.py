@@ -34,6 +34,7 @@ import torch
 
 from ..prefill import PrefillResult, calibrate, llama_layout, quantize_layers
 from ..prefill_calibration import calibration_samples
+from ..quant_w8a8 import DEFAULT_SMOOTH
 from .base import BackendUnavailable, missing_extra
 
 if TYPE_CHECKING:
@@ -93,8 +94,7 @@ class _Graph:
 
 
 def _linear(g: _Graph, x: str, w: "W8A8Weights", hint: str) -> str:
-    keep = np.ones(w.in_features, dtype=np.float32)
-    keep[w.outlier_idx.numpy()] = 0.0
+    keep = w.input_multiplier().numpy().astype(np.float32)
     xm = g.op("Mul", [x, g.const(keep, f"{hint}_keep")])
     # u8 codes zp-Q..zp+Q with zp = Q + 1 = 128 (weights limited where u8s8 saturates; see quant_w8a8)
     zp = g.const(np.array(w.act_qmax + 1, dtype=np.uint8), "zp_u8")
@@ -225,6 +225,7 @@ class OnnxPrefill:
         n_outliers: int = 16,
         per_channel: bool = True,
         dynamic: bool = True,
+        smooth: float = DEFAULT_SMOOTH,
         provider: str | None = None,
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
         threads: int | None = None,
@@ -235,7 +236,7 @@ class OnnxPrefill:
         self.layout = lay = llama_layout(lm.model)
         if act_absmax is None:
             act_absmax = calibrate(lm.model, calibration_samples(lm.tokenizer))
-        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic)
+        quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic, smooth)
         model = build_chunk_graph(lay, quantized, chunk)
         # initializers over 2 GiB need external data; these models are far below that
         data = model.SerializeToString()
