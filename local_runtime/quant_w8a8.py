@@ -46,8 +46,10 @@ from dataclasses import dataclass
 import torch
 
 KERNELS = ("int_mm", "onednn")
-# SmoothQuant strength the prefill backends use by default (see quantize_w8a8)
-DEFAULT_SMOOTH = 0.5
+# SmoothQuant strength the prefill backends use by default (see quantize_w8a8). Off: on SmolLM2
+# with shadow outliers and per-row activation scales, a = 0.5 lowered the median logit error a
+# little but not the next-token agreement with fp32 (0.89 vs 0.93 over 120 Spec-Bench prompts).
+DEFAULT_SMOOTH = 0.0
 
 
 def activation_qmax() -> int:
