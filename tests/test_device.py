@@ -36,16 +36,22 @@ def _graph(steps: int = 6, seconds: float = 0.6) -> Graph:
     return Graph(nodes)
 
 
-async def _interrupt(coord, procs, sig, victims):
-    """Once a task has finished, hit a device that is running one with `sig`."""
-    while coord.progress()[0] < 1:
-        await asyncio.sleep(0.01)
+async def _interrupt(coord, procs, sig, victims, after_s: float = 0.1):
+    """Hit with `sig` a device `after_s` into a task we saw it start, so the task (0.6 s) is
+    surely still running when the signal lands (a device about to report a finished task would
+    leave nothing to place again)."""
+    loop = asyncio.get_running_loop()
+    started: dict[tuple[str, frozenset], float] = {}  # (device, its running tasks) -> first seen
     while True:
-        busy = [d for d in procs if coord.running_on(d) and d not in victims and procs[d].poll() is None]
-        if busy:
-            procs[busy[0]].send_signal(sig)
-            victims.append(busy[0])
-            return busy[0]
+        now = loop.time()
+        for d in procs:
+            tasks = frozenset(coord.running_on(d))
+            if not tasks or d in victims or procs[d].poll() is not None:
+                continue
+            if now - started.setdefault((d, tasks), now) >= after_s:
+                procs[d].send_signal(sig)
+                victims.append(d)
+                return d
         await asyncio.sleep(0.01)
 
 
