@@ -105,17 +105,10 @@ class W8A8Weights:
     outlier_idx: torch.Tensor  # (k,) long
     outlier_weight: torch.Tensor  # (k, out) float: W[:, O]^T
     bias: torch.Tensor | None
-    dynamic: bool = False  # per-row activation scales measured on the fly instead of s_x
     # (in,) what x is multiplied by before quantisation: 0 on the outlier channels, 1 / smoothing
-    # factor elsewhere (1 without smoothing); None means keep-mask only
-    in_mult: torch.Tensor | None = None
-
-    def input_multiplier(self) -> torch.Tensor:
-        if self.in_mult is not None:
-            return self.in_mult
-        keep = torch.ones(self.in_features)
-        keep[self.outlier_idx] = 0.0
-        return keep
+    # factor elsewhere (1 without smoothing)
+    in_mult: torch.Tensor
+    dynamic: bool = False  # per-row activation scales measured on the fly instead of s_x
 
     @property
     def in_features(self) -> int:
@@ -200,7 +193,7 @@ class PackedW8A8:
 
 def pack(w: W8A8Weights, kernel: str, *, rows: int = 128) -> PackedW8A8:
     """Lay `w` out for `kernel` ("int_mm" or "onednn"); `rows` is the expected batch of rows."""
-    keep = w.input_multiplier()
+    keep = w.in_mult
     if kernel == "int_mm":
         packed = w.weight_q.t().contiguous()  # (in, out)
     elif kernel == "onednn":

@@ -120,7 +120,7 @@ def test_smoothing_moves_range_into_the_weights_and_reduces_the_error(dynamic):
         w = quantize_w8a8(weight, absmax, n_outliers=0, per_channel=True, dynamic=dynamic, smooth=smooth)
         # the float identity behind it: (x / f) @ (W * f)^T == x @ W^T
         dequant = w.weight_q.float() * w.weight_scale[:, None]
-        torch.testing.assert_close((x * w.input_multiplier()) @ dequant.t(), exact, atol=0.2, rtol=0.05)
+        torch.testing.assert_close((x * w.in_mult) @ dequant.t(), exact, atol=0.2, rtol=0.05)
         err[smooth] = float((w8a8_linear(x, pack(w, "int_mm", rows=64), "int_mm") - exact).abs().mean())
     assert err[0.5] < 0.8 * err[0.0], err
 

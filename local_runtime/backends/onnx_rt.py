@@ -94,7 +94,7 @@ class _Graph:
 
 
 def _linear(g: _Graph, x: str, w: "W8A8Weights", hint: str) -> str:
-    keep = w.input_multiplier().numpy().astype(np.float32)
+    keep = w.in_mult.numpy().astype(np.float32)
     xm = g.op("Mul", [x, g.const(keep, f"{hint}_keep")])
     # u8 codes zp-Q..zp+Q with zp = Q + 1 = 128 (weights limited where u8s8 saturates; see quant_w8a8)
     zp = g.const(np.array(w.act_qmax + 1, dtype=np.uint8), "zp_u8")
