@@ -76,8 +76,10 @@ class Engine:
         self.truncate_cache(pos)
 
     @torch.inference_mode()
-    def compute(self, upto: int | None = None) -> torch.Tensor:
-        """Forward tokens[cached:upto] through the model; logits rows of shape (n, vocab)."""
+    def compute(self, upto: int | None = None, *, last: bool = False) -> torch.Tensor:
+        """Forward tokens[cached:upto] through the model; logits rows of shape (n, vocab), or
+        with `last` only the final row, (1, vocab): the output layer then runs on one position
+        instead of n (a prompt's worth of rows over a large vocabulary is much of a prefill)."""
         upto = len(self.tokens) if upto is None else upto
         new = self.tokens[self.cached : upto]
         if not new:
@@ -93,6 +95,7 @@ class Engine:
             use_cache=True,
             position_ids=positions[None],
             cache_position=positions,
+            logits_to_keep=1 if last else 0,
         )
         self.cached = upto
         self.forward_passes += 1
@@ -101,7 +104,7 @@ class Engine:
     @torch.inference_mode()
     def fresh_logits(self, prefix_len: int) -> torch.Tensor:
         """Logits after tokens[:prefix_len] from a cache-free forward pass (canonical, slower)."""
-        out = self.lm.model(input_ids=torch.tensor([self.tokens[:prefix_len]]), use_cache=False)
+        out = self.lm.model(input_ids=torch.tensor([self.tokens[:prefix_len]]), use_cache=False, logits_to_keep=1)
         self.forward_passes += 1
         return out.logits[0, -1].float()
 
@@ -122,7 +125,7 @@ class Engine:
         self.append(prompt)
         if self._backend_prefills():
             return self._backend_prefill()
-        return self.compute()[-1]
+        return self.compute(last=True)[-1]
 
     def _backend_prefills(self) -> bool:
         if self.prefill_backend is None or self.cached:
@@ -141,7 +144,7 @@ class Engine:
 
     def step(self, token: int) -> torch.Tensor:
         self.append([token])
-        return self.compute()[-1]
+        return self.compute(last=True)[-1]
 
     def next_logits(self) -> torch.Tensor:
         """Logits for the position after the sequence, computing what is not cached yet.
@@ -150,7 +153,7 @@ class Engine:
             return self._backend_prefill()
         if self.cached == len(self.tokens):
             self.truncate_cache(len(self.tokens) - 1)
-        return self.compute()[-1]
+        return self.compute(last=True)[-1]
 
     def truncate_cache(self, pos: int) -> None:
         """Drop cached keys/values from position `pos` on (the tokens stay, to be recomputed)."""
@@ -191,7 +194,7 @@ class Engine:
             out.probs.append(q)
             self.append([tok])
             if i < k - 1:
-                logits = self.compute()[-1]
+                logits = self.compute(last=True)[-1]
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,7 +174,9 @@ def _make_linear(mode: str, kernel: str):
     if mode == "float":
         return lambda x, p: _float_linear(x, *p)
 
-    return lambda x, p: w8a8_apply(x, *p, kernel)
+    # a group kept in float (mixed precision) carries (weight, bias); a W8A8 group its 9 tensors.
+    # The structure is fixed per layer, so the compiled graph specialises on it once.
+    return lambda x, p: _float_linear(x, *p) if len(p) == 2 else w8a8_apply(x, *p, kernel)
 
 
 def _pre_attention(lin, x, ln1, qkv, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
@@ -242,6 +244,9 @@ class ChunkedPrefill:
     kernel     the int8 GEMM for w8a8: "auto", "onednn" or "int_mm" (see quant_w8a8)
     n_outliers calibrated outlier channels kept in float, per linear input
     smooth     SmoothQuant migration strength for w8a8 (0 = off; see quant_w8a8.quantize_w8a8)
+    float_groups  linear groups kept in float in every layer (mixed precision: any of qkv, o,
+               gate_up, down)
+    float_layers  layers (0-based; negative counts from the end) kept wholly in float
     compile    torch.compile the per-layer graphs (compiled once per process, shared)
     """
 
@@ -258,12 +263,21 @@ class ChunkedPrefill:
         smooth: float = 0.0,
         kernel: str = "auto",
         compile: bool = False,
+        float_groups: Collection[str] = (),
+        float_layers: Collection[int] = (),
     ) -> None:
         if mode not in ("float", "w8a8"):
             raise ValueError(f"unknown linear mode '{mode}' (known: float, w8a8)")
         if not CHUNK_RANGE[0] <= chunk <= CHUNK_RANGE[1]:
             raise ValueError(f"chunk must be within {CHUNK_RANGE[0]}..{CHUNK_RANGE[1]}, got {chunk}")
+        unknown = sorted(set(float_groups) - set(LINEAR_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown linear group(s) {unknown} in float_groups (known: {', '.join(LINEAR_GROUPS)})")
         self.layout = lay = llama_layout(model)
+        bad = [i for i in float_layers if not -lay.n_layers <= i < lay.n_layers]
+        if bad:
+            raise ValueError(f"float_layers {bad} out of range for a model of {lay.n_layers} layers")
+        float_at = {i % lay.n_layers for i in float_layers}
         self.mode, self.chunk, self.n_outliers = mode, chunk, n_outliers
         self.kernel = pick_kernel(kernel, chunk, lay.hidden, lay.layers[0]["gate"].out_features) if mode == "w8a8" else "float"
         self.scale = 1.0 / math.sqrt(lay.head_dim)
@@ -277,7 +291,7 @@ class ChunkedPrefill:
         for i, layer in enumerate(lay.layers):
             p: dict[str, tuple] = {"ln1": layer["ln1"], "ln2": layer["ln2"]}
             for name, parts in LINEAR_GROUPS.items():
-                if mode == "float":
+                if mode == "float" or name in float_groups or i in float_at:
                     w, b = _cat_linear([layer[m] for m in parts])
                     p[name] = (w, b)
                     self.weight_bytes += w.numel() * 4

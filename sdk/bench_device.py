@@ -11,6 +11,14 @@ For each backend:
     max_abs_logit_err    the largest |logit - reference logit| over those prompts
     resident_mb          the backend's own copy of the model (weights, plus llama.cpp's context)
 
+Backends: reference-fp32 (the model's float forward), cpu-int8 (W8A8 chunked prefill, compiled),
+cpu-int8-mixed (the same with the MLP down-projections in float), onnx (the W8A8 chunk graph in
+ONNX Runtime, on an NPU execution provider when there is one), torch-int8 (the lean int8-weight
+loop), llama.cpp (its own eval/generate loop; `llama.cpp-draft` is tandem's drafting engine over
+it). `reference_top2_gap` gives quantiles of the reference's top-1 minus top-2 logit over the
+agreement prompts: a prompt whose gap is below a backend's logit error can flip either way, so
+these bound the agreement any approximation reaches.
+
 Timings are medians over `reps` rounds, each round running every backend once in turn (the
 order rotating), so load from other processes falls on all of them alike.
 """
@@ -28,6 +36,12 @@ from typing import Any
 from .bench import load_prompts
 
 Progress = Callable[[str], None]
+
+DEFAULT_BACKENDS = ("reference-fp32", "cpu-int8", "cpu-int8-mixed", "onnx", "torch-int8", "llama.cpp")
+ACCELERATED = ("cpu-int8", "cpu-int8-mixed", "onnx")  # the prefill backends the summary compares
+# cpu-int8-mixed: W8A8 except the MLP down-projections, kept in float. Their input (the SwiGLU
+# product) is the hardest activation to quantise; in float they halve the logit error.
+MIXED_FLOAT_GROUPS = ("down",)
 
 
 def _median(xs: list[float]) -> float:
@@ -71,7 +85,10 @@ def bench_device(
     t_start = time.perf_counter()
     threads = threads or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     torch.set_num_threads(threads)
-    wanted = set(backends or ["reference-fp32", "cpu-int8", "onnx", "torch-int8", "llama.cpp"])
+    wanted = set(backends or DEFAULT_BACKENDS)
+    unknown = sorted(wanted - set(DEFAULT_BACKENDS))
+    if unknown:
+        raise ValueError(f"unknown device backend(s) {unknown} (known: {', '.join(DEFAULT_BACKENDS)})")
 
     lm = load_model(model, progress=False)
     texts = load_prompts(prompts_path, None)
@@ -108,13 +125,18 @@ def bench_device(
     prefill_fns[ref.name] = lambda ids: ref.prefill(ids).logits
     decode_fns[ref.name] = torch_decode(lambda: Engine(lm))
 
-    for name, opts in (("cpu-int8", {"chunk": chunk, "compile": compile}), ("onnx", {"chunk": chunk, "threads": threads})):
+    chunked = (
+        ("cpu-int8", "cpu-int8", {"chunk": chunk, "compile": compile}),
+        ("cpu-int8-mixed", "cpu-int8", {"chunk": chunk, "compile": compile, "float_groups": MIXED_FLOAT_GROUPS}),
+        ("onnx", "onnx", {"chunk": chunk, "threads": threads}),
+    )
+    for name, kind, opts in chunked:
         if name not in wanted:
             continue
-        say(f"building {name} (calibration, quantisation, {'compile' if name == 'cpu-int8' else 'export'}) ...")
+        say(f"building {name} (calibration, quantisation, {'export' if kind == 'onnx' else 'compile'}) ...")
         t0 = time.perf_counter()
         try:
-            b = prefill_backend(name, lm, **opts)
+            b = prefill_backend(kind, lm, **opts)
             b.prefill(bench_ids[: chunk + 1])  # compile / first-run costs belong to setup
         except BackendUnavailable as exc:
             skipped[name] = str(exc)
@@ -190,10 +212,16 @@ def bench_device(
     # -- agreement with the fp32 reference ------------------------------------------------------
     say(f"agreement over {len(agree_ids)} prompts ...")
     errs: dict[str, list[float]] = {n: [] for n in prefill_fns}
+    gaps: list[float] = []
     agree: dict[str, int] = {n: 0 for n in prefill_fns}
-    for ids in agree_ids:
+    step = max(1, len(agree_ids) // 10)
+    for n_done, ids in enumerate(agree_ids):
+        if n_done and n_done % step == 0:
+            say(f"agreement: {n_done}/{len(agree_ids)} prompts ...")
         reference = prefill_fns[ref.name](ids).float()
         top = int(reference.argmax())
+        two = reference.topk(2).values
+        gaps.append(float(two[0] - two[1]))
         for name, fn in prefill_fns.items():
             logits = reference if name == ref.name else fn(ids).float()
             agree[name] += int(int(logits.argmax()) == top)
@@ -209,19 +237,28 @@ def bench_device(
 
     # -- summary ----------------------------------------------------------------------------------
     summary: dict[str, Any] = {}
-    accel = {n: v for n, v in out.items() if n in ("cpu-int8", "onnx") and v["greedy_agreement"] is not None}
+    accel = {n: v for n, v in out.items() if n in ACCELERATED and v["greedy_agreement"] is not None}
     if accel:
         best = max(accel, key=lambda n: accel[n]["prefill_tok_per_s"])
         summary["best_prefill"] = best
         summary["prefill_vs_reference"] = round(out[best]["prefill_tok_per_s"] / out[ref.name]["prefill_tok_per_s"], 2)
         if "llama.cpp" in out:
             summary["prefill_vs_llama_cpp"] = round(out[best]["prefill_tok_per_s"] / out["llama.cpp"]["prefill_tok_per_s"], 2)
+        exact = max(accel, key=lambda n: (accel[n]["greedy_agreement"], accel[n]["prefill_tok_per_s"]))
+        summary["most_accurate_prefill"] = exact
+        summary["most_accurate_vs_reference"] = round(
+            out[exact]["prefill_tok_per_s"] / out[ref.name]["prefill_tok_per_s"], 2
+        )
     drafters = {n: v for n, v in out.items() if n != "llama.cpp" and v["decode_tok_per_s"] is not None}
     if drafters:
         best = max(drafters, key=lambda n: drafters[n]["decode_tok_per_s"])
         summary["best_drafter"] = best
         if "llama.cpp" in out:
             summary["decode_vs_llama_cpp"] = round(out[best]["decode_tok_per_s"] / out["llama.cpp"]["decode_tok_per_s"], 3)
+    gaps.sort()
+    summary["reference_top2_gap"] = {
+        f"p{q:02d}": round(gaps[min(len(gaps) - 1, len(gaps) * q // 100)], 4) for q in (1, 2, 5, 10)
+    }
     return {
         "model": model,
         "tokens": tokens,

@@ -22,7 +22,7 @@ def bench_device_cmd(
     prompts: Optional[Path] = typer.Option(None, help="Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."),
     limit: Optional[int] = typer.Option(None, min=1, help="Agreement prompts, spread over the file (default: all)."),
     reps: int = typer.Option(3, min=1, help="Timing rounds (medians; backends interleaved within each)."),
-    backend: list[str] = typer.Option([], help="Only these backends (repeatable; the fp32 reference always runs)."),
+    backend: list[str] = typer.Option([], help="Only these backends (repeatable; the fp32 reference always runs): reference-fp32, cpu-int8, cpu-int8-mixed, onnx, torch-int8, llama.cpp."),
     chunk: int = typer.Option(128, min=16, max=1024, help="Chunk length of the chunked prefill backends."),
     threads: Optional[int] = typer.Option(None, min=1, help="Threads for every backend (default: the CPUs available)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
@@ -50,7 +50,8 @@ def bench_device_cmd(
         table.add_row(name, fmt(row["prefill_tok_per_s"]), fmt(row["decode_tok_per_s"]), fmt(row["greedy_agreement"]),
                       fmt(row["max_abs_logit_err"]), fmt(row["resident_mb"]), row["device"])
     Console().print(table)
-    for key in ("best_prefill", "prefill_vs_reference", "prefill_vs_llama_cpp", "best_drafter", "decode_vs_llama_cpp"):
+    for key in ("best_prefill", "prefill_vs_reference", "prefill_vs_llama_cpp", "most_accurate_prefill",
+                "most_accurate_vs_reference", "best_drafter", "decode_vs_llama_cpp", "reference_top2_gap"):
         if key in result:
             Console().print(f"{key}: {result[key]}")
     for name, why in result["skipped"].items():

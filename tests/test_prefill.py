@@ -183,3 +183,36 @@ def test_chunk_length_is_validated(tiny):
         ChunkedPrefill(tiny.model, chunk=4)
     with pytest.raises(ValueError, match="calibrated"):
         ChunkedPrefill(tiny.model, mode="w8a8")
+
+
+def test_mixed_precision_sits_between_w8a8_and_float(tiny, stats):
+    """Groups kept in float run the model's own weights: every group in float is the float
+    prefill itself, and the down-projections alone in float lower W8A8's error."""
+    model = _with_outlier_channels(tiny)
+    gen = torch.Generator().manual_seed(7)
+    stats = calibrate(model, [torch.randint(0, 256, (256,), generator=gen).tolist()])
+    opts = dict(mode="w8a8", chunk=32, act_absmax=stats, n_outliers=0)
+    all_float = ChunkedPrefill(model, float_groups=("qkv", "o", "gate_up", "down"), **opts)
+    float_mode = ChunkedPrefill(model, chunk=32)
+    int8 = ChunkedPrefill(model, **opts)
+    mixed = ChunkedPrefill(model, float_groups=("qkv", "gate_up"), **opts)
+    float_ends = ChunkedPrefill(model, float_layers=(0, -1), **opts)
+    errs: dict[str, list[float]] = {"int8": [], "mixed": [], "ends": []}
+    for seed in range(4):
+        ids = _prompt(40, seed=200 + seed)
+        ref, _ = _one_shot(model, ids)
+        torch.testing.assert_close(all_float.run(ids).logits, float_mode.run(ids).logits, atol=1e-5, rtol=1e-5)
+        for name, runner in (("int8", int8), ("mixed", mixed), ("ends", float_ends)):
+            errs[name].append(float((runner.run(ids).logits - ref).abs().mean()))
+    mean = {k: sum(v) / len(v) for k, v in errs.items()}
+    assert mean["mixed"] < 0.7 * mean["int8"], mean
+    assert mean["ends"] < mean["int8"], mean
+    assert mixed.weight_bytes > int8.weight_bytes  # float groups keep their float weights
+
+
+def test_mixed_precision_options_are_validated(tiny, stats):
+    with pytest.raises(ValueError, match="unknown linear group.*'mlp'"):
+        ChunkedPrefill(tiny.model, mode="w8a8", act_absmax=stats, float_groups=("mlp",))
+    n = llama_layout(tiny.model).n_layers
+    with pytest.raises(ValueError, match=f"out of range for a model of {n} layers"):
+        ChunkedPrefill(tiny.model, mode="w8a8", act_absmax=stats, float_layers=(n,))

@@ -2,7 +2,8 @@
 
     cpu-int8         ChunkedPrefill in W8A8 with calibrated per-tensor activation scales and shadow
                      outlier channels; the per-layer chunk graphs compiled once (torch.compile)
-    reference-fp32   the model's own float forward over the whole prompt, as the Engine runs it:
+    reference-fp32   the model's own float forward over the whole prompt (output layer on the last
+                     position only), as the Engine runs it:
                      what every other backend's logits are compared against
 """
 
@@ -41,6 +42,8 @@ class CpuInt8Prefill:
         kernel: str = "auto",
         compile: bool = True,
         act_absmax: list[dict[str, torch.Tensor]] | None = None,
+        float_groups: tuple[str, ...] = (),
+        float_layers: tuple[int, ...] = (),
     ) -> None:
         self.lm = lm
         if act_absmax is None:
@@ -49,9 +52,16 @@ class CpuInt8Prefill:
         self.runner = ChunkedPrefill(
             lm.model, mode="w8a8", chunk=chunk, act_absmax=act_absmax, n_outliers=n_outliers,
             per_channel=per_channel, dynamic=dynamic, smooth=smooth, kernel=kernel, compile=compile,
+            float_groups=float_groups, float_layers=float_layers,
         )
         self.chunk = chunk
-        self.device = f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels"
+        mixed = "".join(
+            f", {what} in float" for what, kept in (("groups " + "/".join(float_groups), float_groups),
+                                                   (f"layers {list(float_layers)}", float_layers)) if kept
+        )
+        self.device = (
+            f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels{mixed}"
+        )
 
     def prefill(self, tokens: list[int]) -> PrefillResult:
         return self.runner.run(tokens)
@@ -74,7 +84,9 @@ class ReferencePrefill:
         from transformers import DynamicCache
 
         cache = DynamicCache()
-        out = self.lm.model(input_ids=torch.tensor([list(tokens)]), past_key_values=cache, use_cache=True)
+        out = self.lm.model(
+            input_ids=torch.tensor([list(tokens)]), past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
         return PrefillResult(logits=out.logits[0, -1].float(), keys=keys, values=values, n_tokens=len(tokens))
