@@ -27,6 +27,18 @@ def test_block_forward_equals_cache_free_forward(lm):
     torch.testing.assert_close(torch.cat([rows_a, rows_b]), full_logits(lm, tokens), atol=1e-4, rtol=1e-4)
 
 
+def test_last_row_only_equals_the_last_of_every_row(lm):
+    """prefill/step compute the output layer on the final position only; same numbers."""
+    tokens = [256, 72, 101, 108, 108, 111]
+    e = Engine(lm)
+    last = e.prefill(tokens)
+    assert last.shape == (lm.model.config.vocab_size,) and e.cached == len(tokens)
+    torch.testing.assert_close(last, full_logits(lm, tokens)[-1], atol=1e-4, rtol=1e-4)
+    e.append([32])
+    assert e.compute(last=True).shape == (1, lm.model.config.vocab_size)
+    torch.testing.assert_close(e.step(119), full_logits(lm, tokens + [32, 119])[-1], atol=1e-4, rtol=1e-4)
+
+
 def test_truncate_then_recompute_matches_fresh(lm):
     e = Engine(lm)
     e.prefill([256, 1, 2, 3, 4, 5])

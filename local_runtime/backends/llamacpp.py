@@ -13,8 +13,10 @@ argmax over the last row, which is what llama.cpp's own generation loop does.
 
 from __future__ import annotations
 
+import atexit
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,16 @@ if TYPE_CHECKING:
     from ..models import Tokenizer
 
 DEFAULT_N_CTX = 4096
+
+# Every open model, closed at interpreter exit while llama_cpp's module is still whole: left to
+# Llama.__del__ during teardown, its free functions are already None and it prints a traceback.
+_open_models: "weakref.WeakSet[LlamaCppModel]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_models() -> None:
+    for model in list(_open_models):
+        model.close()
 
 
 def _llama_cpp():
@@ -70,6 +82,7 @@ class LlamaCppModel:
             model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=self.n_threads,
             n_threads_batch=self.n_threads, logits_all=False, verbose=False,
         )
+        _open_models.add(self)
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
         ours = max(tokenizer.vocab.values()) + 1 if tokenizer.vocab else 0
@@ -93,7 +106,9 @@ class LlamaCppModel:
         return LlamaCppEngine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
 
     def close(self) -> None:
+        """Free llama.cpp's model and context (idempotent)."""
         self.llm.close()
+        _open_models.discard(self)
 
 
 class LlamaCppEngine:
