@@ -55,13 +55,11 @@ class CpuInt8Prefill:
             float_groups=float_groups, float_layers=float_layers,
         )
         self.chunk = chunk
-        mixed = "".join(
-            f", {what} in float" for what, kept in (("groups " + "/".join(float_groups), float_groups),
-                                                   (f"layers {list(float_layers)}", float_layers)) if kept
-        )
-        self.device = (
-            f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels{mixed}"
-        )
+        self.device = f"torch cpu, int8 GEMM via {self.runner.kernel}, chunk {chunk}, {n_outliers} outlier channels"
+        if float_groups:
+            self.device += f", groups {'/'.join(float_groups)} in float"
+        if float_layers:
+            self.device += f", layers {list(float_layers)} in float"
 
     def prefill(self, tokens: list[int]) -> PrefillResult:
         return self.runner.run(tokens)
