@@ -91,7 +91,7 @@ class Engine:
         positions = torch.arange(self.cached, upto)
         out = self.lm.model(
             input_ids=torch.tensor([new]),
-            past_key_values=self._cache,
+            cache=self._cache,
             use_cache=True,
             position_ids=positions[None],
             cache_position=positions,

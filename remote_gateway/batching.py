@@ -72,7 +72,7 @@ class SessionEngine(Engine):
             return
         positions = torch.arange(self.cached, upto)
         self.lm.model(
-            input_ids=torch.tensor([new]), past_key_values=self.kv_cache(), use_cache=True,
+            input_ids=torch.tensor([new]), cache=self.kv_cache(), use_cache=True,
             position_ids=positions[None], logits_to_keep=1,
         )
         self.cached = upto
@@ -209,7 +209,7 @@ def forward_packed(model, engines: list[SessionEngine]) -> list[torch.Tensor]:
     _active.batch = batch
     try:
         out = model(
-            input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), past_key_values=batch,
+            input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), cache=batch,
             attention_mask=_NO_MASK, use_cache=True,
         )
     except BaseException:

@@ -32,7 +32,7 @@ def _one_shot(model, ids):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True)
+    out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True)
     return out.logits[0, -1], cache
 
 

@@ -83,7 +83,7 @@ class ReferencePrefill:
 
         cache = DynamicCache()
         out = self.lm.model(
-            input_ids=torch.tensor([list(tokens)]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=torch.tensor([list(tokens)]), cache=cache, use_cache=True, logits_to_keep=1
         )
         keys = [layer.keys for layer in cache.layers]
         values = [layer.values for layer in cache.layers]
