@@ -1,4 +1,5 @@
-"""The on-device engine: model loading, a KV cache with rollback, drafting.
+"""The on-device engine: model loading, one sequence base every engine extends (a KV cache with
+rollback, the near-tie rule, drafting), the speculative rule, accelerated prefill backends.
 
 torch and transformers load on first use, so importing this package stays cheap.
 """
@@ -7,8 +8,9 @@ from importlib import import_module
 
 _EXPORTS = {
     "Engine": ".engine",
-    "Draft": ".engine",
-    "generate_alone": ".engine",
+    "Draft": ".draft",
+    "Sequence": ".sequence",
+    "generate_alone": ".sequence",
     "load_model": ".models",
     "known_models": ".models",
     "LoadedModel": ".models",

@@ -100,6 +100,13 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    def new_engine(self, *, tie_margin: float | None = None):
+        """A fresh torch `Engine` (one sequence) over this model."""
+        from .draft import DEFAULT_TIE_MARGIN
+        from .engine import Engine
+
+        return Engine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
+
     def param_bytes(self) -> int:
         seen, total = set(), 0
         for t in list(self.model.parameters()) + list(self.model.buffers()):

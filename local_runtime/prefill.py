@@ -31,15 +31,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..protocols.errors import TandemError
+from ..protocols.errors import UnsupportedModel
 from .quant_w8a8 import W8A8Weights, pack, pick_kernel, quantize_w8a8, w8a8_apply
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 CHUNK_RANGE = (16, 1024)
-
-
-class UnsupportedModel(TandemError):
-    """The model's architecture is not one this prefill path implements."""
 
 
 @dataclass

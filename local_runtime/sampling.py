@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-# How many of the drafter's likeliest tokens a sampled draft distribution keeps.
-DEFAULT_DRAFT_SUPPORT = 64
+from .draft import DEFAULT_DRAFT_SUPPORT
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:

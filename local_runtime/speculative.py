@@ -22,7 +22,7 @@ against exact answers.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -35,10 +35,35 @@ def verify_greedy(draft: Sequence[int], target_choice: Sequence[int]) -> tuple[i
     """
     if len(target_choice) != len(draft) + 1:
         raise ValueError(f"need {len(draft) + 1} target choices for {len(draft)} drafts, got {len(target_choice)}")
+    return verify_greedy_lazy(draft, target_choice.__getitem__)
+
+
+def verify_greedy_lazy(draft: Sequence[int], choose: Callable[[int], int]) -> tuple[int, int]:
+    """`verify_greedy` with the target's choices computed on demand: `choose(i)` is the target's
+    greedy token at draft position i (0 <= i <= k). Only positions up to the first rejection are
+    asked for, so a choice that costs extra work (a near tie recomputed canonically) is made only
+    where it can matter. n = the longest prefix with draft[i] == choose(i); next = choose(n)."""
     n = 0
-    while n < len(draft) and draft[n] == target_choice[n]:
-        n += 1
-    return n, int(target_choice[n])
+    while True:
+        choice = int(choose(n))
+        if n < len(draft) and draft[n] == choice:
+            n += 1
+            continue
+        return n, choice
+
+
+def cut_at_stop(tokens: Sequence[int], eos: Collection[int], room: int) -> tuple[list[int], str | None]:
+    """What of `tokens` may be emitted when `room` more tokens fit the budget: up to and including
+    the first end-of-sequence token, and at most `room` of them. The reason is "eos" when an
+    end-of-sequence token was kept, "length" when the budget is used up, else None."""
+    out: list[int] = []
+    for t in tokens:
+        if len(out) >= room:
+            return out, "length"
+        out.append(int(t))
+        if t in eos:
+            return out, "eos"
+    return out, ("length" if len(out) >= room else None)
 
 
 def accept_probability(p_x: float, q_x: float) -> float:
@@ -106,9 +131,6 @@ def expected_tokens_per_round(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-
-
-
 def optimal_draft_len(alpha: float, draft_s: float, round_s: float, k_max: int, k_min: int = 1) -> int:
     """The draft length k that maximises expected tokens per second:
 
@@ -131,6 +153,8 @@ def optimal_draft_len(alpha: float, draft_s: float, round_s: float, k_max: int, 
 
 __all__ = [
     "verify_greedy",
+    "verify_greedy_lazy",
+    "cut_at_stop",
     "accept_probability",
     "residual_distribution",
     "sample_index",

@@ -4,32 +4,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .errors import TransportError, from_reply, gateway_error
-from .messages import (
-    AppendRequest,
-    CloseSession,
-    ErrorReply,
-    GatewayInfo,
-    GenerateChunk,
-    GenerateRequest,
-    OpenSession,
-    VerifyRequest,
-    VerifyTextRequest,
-)
-from .transport import REPLY_TYPE, Reply, Request, Transport
-
-_PATHS = {
-    OpenSession: "/v1/sessions",
-    VerifyRequest: "/v1/sessions/verify",
-    VerifyTextRequest: "/v1/sessions/verify_text",
-    AppendRequest: "/v1/sessions/append",
-    CloseSession: "/v1/sessions/close",
-}
-
+from .messages import ErrorReply, GenerateChunk, GenerateRequest
+from .operations import operation_for
+from .transport import Transport
 
 # Session-bound requests repeat their session id in this header, so a load balancer can route them
 # to the replica that holds the session (sticky routing) without parsing bodies.
@@ -83,13 +66,18 @@ class HttpTransport(Transport):
             raise from_reply(reply, _retry_after(response))
         raise gateway_error("internal", f"gateway answered HTTP {response.status_code}: {response.text[:200]}")
 
-    async def request(self, msg: Request) -> Reply:
-        body = msg.model_dump_json().encode()
-        headers = {"content-type": "application/json"}
-        if (session_id := getattr(msg, "session_id", None)) is not None:
-            headers[SESSION_HEADER] = session_id
+    async def request(self, msg: BaseModel) -> Any:
+        op = operation_for(msg)
+        headers = {}
+        if op.method == "GET":
+            body = b""
+        else:
+            body = msg.model_dump_json().encode()
+            headers["content-type"] = "application/json"
+        if op.session_bound:
+            headers[SESSION_HEADER] = msg.session_id
         try:
-            response = await self._client.post(_PATHS[type(msg)], content=body, headers=headers)
+            response = await self._client.request(op.method, op.path, content=body or None, headers=headers)
         except httpx.TimeoutException as exc:
             raise TransportError(f"gateway at {self.base_url} did not answer in time ({type(exc).__name__})") from exc
         except httpx.TransportError as exc:
@@ -98,7 +86,7 @@ class HttpTransport(Transport):
         self.bytes_down += len(response.content)
         self.round_trips += 1
         self._raise_for(response)
-        return REPLY_TYPE[type(msg)].model_validate_json(response.content)
+        return op.reply.model_validate_json(response.content)
 
     async def stream(self, msg: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         body = msg.model_dump_json().encode()
@@ -106,7 +94,7 @@ class HttpTransport(Transport):
         self.round_trips += 1
         try:
             async with self._client.stream(
-                "POST", "/v1/generate", content=body, headers={"content-type": "application/json"}
+                "POST", operation_for(msg).path, content=body, headers={"content-type": "application/json"}
             ) as response:
                 if not response.is_success:
                     await response.aread()
@@ -120,14 +108,6 @@ class HttpTransport(Transport):
             raise TransportError(f"gateway at {self.base_url} stopped answering mid-stream") from exc
         except httpx.TransportError as exc:
             raise TransportError(f"lost the gateway at {self.base_url}: {exc}") from exc
-
-    async def info(self) -> GatewayInfo:
-        try:
-            response = await self._client.get("/v1/info")
-        except httpx.TransportError as exc:
-            raise TransportError(f"cannot reach gateway at {self.base_url}: {exc}") from exc
-        self._raise_for(response)
-        return GatewayInfo.model_validate_json(response.content)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -304,6 +304,12 @@ class GenerateChunk(_Message):
     finish_reason: Literal["eos", "length"] | None = None
 
 
+class GetInfo(_Message):
+    """Ask the gateway for its `GatewayInfo` (over HTTP it is `GET /v1/info`, with no body)."""
+
+    type: Literal["get_info"] = "get_info"
+
+
 class GatewayInfo(_Message):
     type: Literal["info"] = "info"
     model: str
@@ -333,6 +339,7 @@ ErrorCode = Literal[
     "session_limit",
     "session_evicted",
     "not_ready",
+    "not_found",
 ]
 
 
@@ -365,6 +372,7 @@ __all__ = [
     "SessionClosed",
     "GenerateRequest",
     "GenerateChunk",
+    "GetInfo",
     "GatewayInfo",
     "ErrorReply",
     "ErrorCode",

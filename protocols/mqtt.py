@@ -1,5 +1,5 @@
-"""Everything that travels over MQTT: the topic layout, the task-graph messages, and
-`MqttTransport`, the `Transport` that reaches a gateway through a broker.
+"""MQTT: the topic layout, one reconnecting connection helper, and `MqttTransport`, the
+`Transport` that reaches a gateway through a broker (the task-graph messages are in taskgraph.py).
 
 Topics (PREFIX is `tandem`; a device's username on a secured broker is its id, and an ACL lets
 it touch only its own subtree, see `broker.device_acl`):
@@ -28,27 +28,17 @@ import contextlib
 import logging
 import re
 import socket
-import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .broker import BrokerURL
 from .errors import TransportError, from_reply, gateway_error
-from .messages import (
-    PROTOCOL_VERSION,
-    CloseSession,
-    ErrorReply,
-    GatewayInfo,
-    GenerateChunk,
-    GenerateRequest,
-    OpenSession,
-    VerifyRequest,
-    VerifyTextRequest,
-)
-from .transport import REPLY_TYPE, Reply, Request, Transport
+from .messages import PROTOCOL_VERSION, ErrorReply, GenerateChunk, GenerateRequest
+from .operations import operation_for
+from .transport import Transport
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -106,121 +96,19 @@ class Topics:
 
 
 # ---------------------------------------------------------------------------------------------
-# task-graph messages
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    version: int = PROTOCOL_VERSION
-
-
-PowerClass = Literal["mains", "battery", "unknown"]
-
-
-class DeviceCapabilities(_Wire):
-    """What a device offers, announced retained so a coordinator that starts later still sees it."""
-
-    type: Literal["caps"] = "caps"
-    device_id: str
-    models: list[str] = Field(description="models it can run (the first is its default)")
-    tokens_per_s: dict[str, float] = Field(description="measured decode speed per model")
-    memory_mb: int = Field(ge=0, description="physical memory")
-    power: PowerClass = "unknown"
-    slots: int = Field(1, ge=1, description="tasks it runs at once")
-    threads: int = Field(1, ge=1)
-    data: list[str] = Field(default_factory=list, description="names of private data held on the device")
-    functions: list[str] = Field(default_factory=list, description="module prefixes of functions it will run")
-    heartbeat_s: float = Field(2.0, gt=0)
-    link_latency_s: float = Field(0.002, ge=0)
-    link_bytes_per_s: float = Field(10e6, gt=0)
-
-
-class Presence(_Wire):
-    type: Literal["presence"] = "presence"
-    device_id: str
-    online: bool
-    at: float = Field(default_factory=time.time)
-
-
-class Heartbeat(_Wire):
-    type: Literal["heartbeat"] = "heartbeat"
-    device_id: str
-    at: float = Field(default_factory=time.time)
-    running: list[str] = Field(default_factory=list)
-    done: int = 0
-
-
-class TaskInput(_Wire):
-    """One input of a task: a value carried inline, a task output the device already holds
-    (`ref`, optionally one element of it), data private to the device (`local`), or a list
-    gathered from such parts (`items`)."""
-
-    value: Any = None
-    ref: str | None = None
-    index: int | None = None
-    local: str | None = None
-    items: list[TaskInput] | None = None
-
-
-class TaskAssignment(_Wire):
-    """Run one task. `task_id` is stable across attempts: a device that sees an id it already
-    finished answers with the stored result instead of running it again."""
-
-    type: Literal["task"] = "task"
-    task_id: str = Field(min_length=1, max_length=256)
-    attempt: int = Field(1, ge=1)
-    node: str
-    kind: Literal["llm", "function"]
-    inputs: dict[str, TaskInput] = Field(default_factory=dict)
-    prompt: str | None = Field(None, description="llm: a str.format template over the inputs")
-    model: str | None = None
-    max_new_tokens: int = Field(64, ge=1, le=32_768)
-    chat: bool = False
-    ignore_eos: bool = False
-    function: str | None = Field(None, description="function: 'module:qualname'")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    deadline_s: float | None = Field(None, gt=0, description="seconds from receipt")
-
-
-class TaskResult(_Wire):
-    type: Literal["result"] = "result"
-    task_id: str
-    attempt: int
-    device_id: str
-    ok: bool
-    output: Any = None
-    error: str | None = None
-    error_code: Literal["failed", "missing_ref", "deadline", "unsupported"] | None = None
-    tokens: int = 0
-    seconds: float = 0.0
-    replayed: bool = Field(False, description="a stored result sent again for a repeated assignment")
-
-
-# ---------------------------------------------------------------------------------------------
 # request/response to the gateway
 
 
-class GetInfo(_Wire):
-    """Ask the gateway bridge for its `GatewayInfo`."""
-
-    type: Literal["get_info"] = "get_info"
-
-
-class RpcEnvelope(_Wire):
+class RpcEnvelope(BaseModel):
     """MQTT 3.1.1 has no Response Topic / Correlation Data properties: carry them around the body."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = PROTOCOL_VERSION
     type: Literal["rpc"] = "rpc"
     response_topic: str | None = None
     correlation: str
     body: str
-
-
-GatewayRequest = Annotated[
-    OpenSession | VerifyRequest | VerifyTextRequest | CloseSession | GenerateRequest | GetInfo,
-    Field(discriminator="type"),
-]
-GATEWAY_REQUEST: TypeAdapter = TypeAdapter(GatewayRequest)
 
 
 def decode_rpc(message: aiomqtt.Message) -> tuple[str | None, bytes | None, bytes]:
@@ -326,6 +214,36 @@ async def close_client(client: aiomqtt.Client) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.__aexit__(None, None, None), 3.0)
     _release_socket(client)
+
+
+async def reconnecting(
+    broker: str | BrokerURL,
+    session: Callable[[aiomqtt.Client, str], Awaitable[None]],
+    *,
+    name: str,
+    reconnect_s: float = 0.5,
+    **connect: Any,
+) -> None:
+    """Connect (`open_client(broker, **connect)`), run `session(client, protocol)` until the
+    connection breaks, wait `reconnect_s`, and do it again, until cancelled. A broker that is down
+    or goes away is logged (as `name`) and retried; the client is closed however the session ends.
+    With `persistent=True` the broker keeps subscriptions and queued QoS 1 messages meanwhile."""
+    while True:
+        try:
+            client, protocol = await open_client(broker, **connect)
+        except TransportError as exc:
+            log.warning("%s: %s; retrying", name, exc)
+            await asyncio.sleep(reconnect_s)
+            continue
+        try:
+            await session(client, protocol)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the broker went away
+            log.warning("%s lost the broker (%s); reconnecting", name, exc)
+        finally:
+            await close_client(client)
+        await asyncio.sleep(reconnect_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,10 +364,10 @@ class MqttTransport(Transport):
             except ValidationError as exc:
                 raise gateway_error("internal", f"malformed reply from the gateway: {body[:200]!r}") from exc
 
-    async def request(self, msg: Request) -> Reply:
+    async def request(self, msg: BaseModel) -> Any:
         correlation, queue = await self._send(msg)
         try:
-            return self._parse(await self._next(queue, type(msg).__name__), REPLY_TYPE[type(msg)])
+            return self._parse(await self._next(queue, type(msg).__name__), operation_for(msg).reply)
         finally:
             self._pending.pop(correlation, None)
 
@@ -461,13 +379,6 @@ class MqttTransport(Transport):
                 yield chunk
                 if chunk.finished:
                     return
-        finally:
-            self._pending.pop(correlation, None)
-
-    async def info(self) -> GatewayInfo:
-        correlation, queue = await self._send(GetInfo())
-        try:
-            return self._parse(await self._next(queue, "info"), GatewayInfo)
         finally:
             self._pending.pop(correlation, None)
 
@@ -483,18 +394,11 @@ class MqttTransport(Transport):
 
 
 __all__ = [
-    "GATEWAY_REQUEST",
     "PREFIX",
-    "DeviceCapabilities",
-    "GetInfo",
-    "Heartbeat",
     "MqttTransport",
-    "Presence",
     "RpcEnvelope",
-    "TaskAssignment",
-    "TaskInput",
-    "TaskResult",
     "Topics",
+    "reconnecting",
     "check_device_id",
     "close_client",
     "decode_rpc",

@@ -3,13 +3,8 @@
     GET  /healthz                  liveness (the process answers)
     GET  /readyz                   readiness (model loaded, worker running, not draining): 200 or 503
     GET  /metrics                  Prometheus text format (metrics.py)
-    GET  /v1/info                  model, tokenizer fingerprint, limits      -> GatewayInfo
-    POST /v1/sessions              OpenSession                               -> SessionOpened
-    POST /v1/sessions/verify       VerifyRequest                             -> VerifyResult
-    POST /v1/sessions/verify_text  VerifyTextRequest (cross-tokenizer)       -> VerifyTextResult
-    POST /v1/sessions/append       AppendRequest (`assist` mode)             -> AppendResult
-    POST /v1/sessions/close        CloseSession                              -> SessionClosed
-    POST /v1/generate              GenerateRequest -> NDJSON stream of GenerateChunk
+    /v1/info, /v1/sessions/...     the gateway's operations, one route each, derived from the
+    /v1/generate                   table in protocols/operations.py
     GET  /v1/models                OpenAI-compatible model list              (openai_api.py)
     POST /v1/chat/completions      OpenAI-compatible chat, streaming (SSE) or not
 
@@ -23,9 +18,11 @@ rate or count limit (with Retry-After). Nothing a client sends takes the server 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,21 +30,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..protocols.errors import GatewayError, gateway_error
-from ..protocols.messages import (
-    AppendRequest,
-    AppendResult,
-    CloseSession,
-    ErrorReply,
-    GatewayInfo,
-    GenerateRequest,
-    OpenSession,
-    SessionClosed,
-    SessionOpened,
-    VerifyRequest,
-    VerifyResult,
-    VerifyTextRequest,
-    VerifyTextResult,
-)
+from ..protocols.messages import ErrorReply
+from ..protocols.operations import OPERATIONS, Operation, dispatch
 from .auth import KeyRing, Principal
 from .service import Gateway
 
@@ -172,8 +156,8 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {413: "too_large", 401: "unauthorized"}.get(exc.status_code, "bad_request")
-        err = GatewayError(code, str(exc.detail), status=exc.status_code)
+        code = {413: "too_large", 401: "unauthorized", 404: "not_found"}.get(exc.status_code, "bad_request")
+        err = GatewayError(str(exc.detail), code=code, status=exc.status_code)
         count_error(err)
         return _error(err, request.url.path)
 
@@ -185,8 +169,6 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
         return _error(err, request.url.path)
 
     errors = {s: {"model": ErrorReply} for s in (400, 401, 404, 409, 410, 413, 429)}
-    auth = [Depends(principal)]
-
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok", "sessions": len(gateway.sessions)}
@@ -201,44 +183,40 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
 
-    @app.get("/v1/info", response_model=GatewayInfo, responses=errors, dependencies=auth)
-    async def info() -> GatewayInfo:
-        return gateway.info()
-
-    @app.post("/v1/sessions", response_model=SessionOpened, responses=errors)
-    async def open_session(req: OpenSession, who: Principal = Depends(principal)) -> SessionOpened:
-        return await gateway.open(req, who)
-
-    @app.post("/v1/sessions/verify", response_model=VerifyResult, responses=errors)
-    async def verify(req: VerifyRequest, who: Principal = Depends(principal)) -> VerifyResult:
-        return await gateway.verify(req, who)
-
-    @app.post("/v1/sessions/verify_text", response_model=VerifyTextResult, responses=errors)
-    async def verify_text(req: VerifyTextRequest, who: Principal = Depends(principal)) -> VerifyTextResult:
-        return await gateway.verify_text(req, who)
-
-    @app.post("/v1/sessions/append", response_model=AppendResult, responses=errors)
-    async def append(req: AppendRequest, who: Principal = Depends(principal)) -> AppendResult:
-        return await gateway.append(req, who)
-
-    @app.post("/v1/sessions/close", response_model=SessionClosed, responses=errors)
-    async def close(req: CloseSession, who: Principal = Depends(principal)) -> SessionClosed:
-        return await gateway.close_session(req, who)
-
-    @app.post("/v1/generate", responses=errors)
-    async def generate(req: GenerateRequest, who: Principal = Depends(principal)) -> StreamingResponse:
-        chunks = await gateway.generate(req, who)
-
-        async def ndjson():
-            async for chunk in chunks:
-                yield chunk.model_dump_json() + "\n"
-
-        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+    for op in OPERATIONS:
+        app.add_api_route(
+            op.path, _endpoint(op, gateway, principal), methods=[op.method], responses=errors, summary=op.summary,
+            response_model=None if op.streaming else op.reply, name=op.name,
+        )
 
     from .openai_api import openai_router
 
     app.include_router(openai_router(gateway, principal))
     return app
+
+
+def _endpoint(op: Operation, gateway: Gateway, principal: Callable) -> Callable:
+    """The route handler of one operation: the body parsed as its request model (a GET
+    operation has none), the caller authenticated, the gateway's handler called through the
+    table; a streaming operation answers NDJSON, one reply model per line."""
+
+    async def endpoint(who: Principal, req=None):
+        result = await dispatch(gateway, req if req is not None else op.request(), who)
+        if not op.streaming:
+            return result
+
+        async def ndjson():
+            async for chunk in result:
+                yield chunk.model_dump_json() + "\n"
+
+        return StreamingResponse(ndjson(), media_type="application/x-ndjson")
+
+    params = [inspect.Parameter("who", inspect.Parameter.KEYWORD_ONLY, default=Depends(principal), annotation=Principal)]
+    if op.method != "GET":
+        params.append(inspect.Parameter("req", inspect.Parameter.KEYWORD_ONLY, annotation=op.request))
+    endpoint.__signature__ = inspect.Signature(params)  # what FastAPI reads to parse and document
+    endpoint.__name__ = op.name
+    return endpoint
 
 
 def serve(

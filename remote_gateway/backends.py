@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from ..local_runtime.engine import DEFAULT_TIE_MARGIN
+from ..local_runtime.draft import DEFAULT_TIE_MARGIN
 from ..local_runtime.models import LoadedModel, load_model
+from ..local_runtime.sequence import Sequence
 from ..protocols.errors import ModelLoadError
 from .batching import SessionEngine, forward_packed, install
 
@@ -77,32 +78,15 @@ class TransformersBackend(TargetBackend):
 # vLLM
 
 
-class VllmSequence:
+class VllmSequence(Sequence):
     """A session's state under vLLM: the tokens only (vLLM's prefix cache holds the keys and
-    values). Same surface as Engine where the gateway uses it."""
+    values; `cached` counts the tokens whose distributions were already returned)."""
 
-    def __init__(self, lm: Any) -> None:
-        self.lm = lm
-        self.tokens: list[int] = []
-        self.cached = 0  # tokens whose distributions were already returned
-        self.tie_recomputes = 0
-        self.forward_passes = 0
-        self._cache = None
+    def _forward(self, start: int, upto: int) -> torch.Tensor:
+        raise RuntimeError("a vLLM sequence is computed by VllmBackend.forward, in batches")
 
-    def append(self, tokens: list[int]) -> None:
-        self.tokens.extend(int(t) for t in tokens)
-
-    def truncate(self, pos: int) -> None:
-        if pos < 0 or pos > len(self.tokens):
-            raise ValueError(f"cannot truncate a sequence of {len(self.tokens)} tokens to {pos}")
-        del self.tokens[pos:]
-        self.cached = min(self.cached, pos)
-
-    def truncate_cache(self, pos: int) -> None:
-        self.cached = min(self.cached, pos)
-
-    def reset(self) -> None:
-        self.tokens, self.cached = [], 0
+    def _crop(self, pos: int) -> bool:
+        return True  # vLLM re-uses its cached prefix up to `pos` on the next request
 
     def pending(self) -> list[int]:
         return self.tokens[self.cached :]

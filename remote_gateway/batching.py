@@ -56,13 +56,6 @@ class SessionEngine(Engine):
     def pending(self) -> list[int]:
         return self.tokens[self.cached :]
 
-    def kv_cache(self):
-        if self._cache is None:
-            from transformers import DynamicCache
-
-            self._cache = DynamicCache()
-        return self._cache
-
     @torch.inference_mode()
     def fill_cache(self, upto: int) -> None:
         """Forward tokens[cached:upto] into the cache without materialising their logits (a long

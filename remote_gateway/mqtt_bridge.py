@@ -15,30 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache
 from pydantic import ValidationError
 
 from ..protocols.broker import BrokerURL
 from ..protocols.errors import GatewayError, TransportError, gateway_error
-from ..protocols.messages import (
-    CloseSession,
-    GenerateRequest,
-    OpenSession,
-    VerifyRequest,
-    VerifyTextRequest,
-)
-from ..protocols.mqtt import (
-    GATEWAY_REQUEST,
-    PREFIX,
-    GetInfo,
-    Topics,
-    close_client,
-    decode_rpc,
-    encode_rpc,
-    open_client,
-)
+from ..protocols.mqtt import PREFIX, Topics, decode_rpc, encode_rpc, reconnecting
+from ..protocols.operations import REQUEST_ADAPTER, dispatch, operation_for
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -73,7 +58,7 @@ class MqttBridge:
         self.reconnect_s = reconnect_s
         self.protocol: str | None = None
         self.stats = {"requests": 0, "replays": 0, "errors": 0}
-        self._replies: OrderedDict[bytes, list[bytes] | None] = OrderedDict()
+        self._replies: LRUCache[bytes, list[bytes] | None] = LRUCache(_REPLAY_MEMORY)
         self._runner: asyncio.Task | None = None
         self._ready = asyncio.Event()
         self._handlers: set[asyncio.Task] = set()
@@ -110,29 +95,20 @@ class MqttBridge:
         """Connect, subscribe, serve; on a lost broker wait and do it again (persistent session,
         so requests published while the bridge was away are delivered when it is back)."""
         topic = self.topics.gateway_request(self.name)
-        while True:
-            try:
-                client, self.protocol = await open_client(
-                    self.broker, identifier=f"tandem-gateway-{self.name}", persistent=True
-                )
-            except TransportError as exc:
-                log.warning("gateway bridge: %s; retrying", exc)
-                await asyncio.sleep(self.reconnect_s)
-                continue
-            try:
-                await client.subscribe(topic, qos=1)
-                self._ready.set()
-                async for message in client.messages:
-                    task = asyncio.create_task(self._handle(client, message))
-                    self._handlers.add(task)
-                    task.add_done_callback(self._handlers.discard)
-            except asyncio.CancelledError:
-                await close_client(client)
-                raise
-            except Exception as exc:  # the broker went away
-                log.warning("gateway bridge lost the broker (%s); reconnecting", exc)
-            await close_client(client)
-            await asyncio.sleep(self.reconnect_s)
+
+        async def session(client: aiomqtt.Client, protocol: str) -> None:
+            self.protocol = protocol
+            await client.subscribe(topic, qos=1)
+            self._ready.set()
+            async for message in client.messages:
+                task = asyncio.create_task(self._handle(client, message))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+
+        await reconnecting(
+            self.broker, session, name=f"gateway bridge {self.name}", reconnect_s=self.reconnect_s,
+            identifier=f"tandem-gateway-{self.name}", persistent=True,
+        )
 
     async def _reply(self, client: aiomqtt.Client, topic: str, correlation: bytes, bodies: list[bytes]) -> None:
         for body in bodies:
@@ -155,24 +131,21 @@ class MqttBridge:
                 await self._reply(client, response_topic, correlation, stored)
             return  # still running: its reply is on the way
         self._replies[correlation] = None
-        while len(self._replies) > _REPLAY_MEMORY:
-            self._replies.popitem(last=False)
         self.stats["requests"] += 1
         sent: list[bytes] = []
         try:
             try:
-                request = GATEWAY_REQUEST.validate_json(body)
+                request = REQUEST_ADAPTER.validate_json(body)
             except ValidationError as exc:
                 raise gateway_error("bad_request", str(exc)) from exc
-            if isinstance(request, GenerateRequest):
-                async for chunk in await self.gateway.generate(request):
+            if operation_for(request).streaming:
+                async for chunk in await dispatch(self.gateway, request):
                     data = chunk.model_dump_json().encode()
                     sent.append(data)
                     await self._reply(client, response_topic, correlation, [data])
                 self._replies[correlation] = sent
                 return
-            reply = await self._call(request)
-            data = reply.model_dump_json().encode()
+            data = (await dispatch(self.gateway, request)).model_dump_json().encode()
         except GatewayError as exc:
             self.stats["errors"] += 1
             data = exc.to_reply().model_dump_json().encode()
@@ -183,20 +156,6 @@ class MqttBridge:
         self._replies[correlation] = sent + [data]
         with contextlib.suppress(Exception):
             await self._reply(client, response_topic, correlation, [data])
-
-    async def _call(self, request):
-        gw = self.gateway
-        if isinstance(request, OpenSession):
-            return await gw.open(request)
-        if isinstance(request, VerifyRequest):
-            return await gw.verify(request)
-        if isinstance(request, VerifyTextRequest):
-            return await gw.verify_text(request)
-        if isinstance(request, CloseSession):
-            return await gw.close_session(request)
-        if isinstance(request, GetInfo):
-            return gw.info()
-        raise gateway_error("bad_request", f"the gateway bridge does not serve '{request.type}' requests")
 
 
 __all__ = ["MqttBridge"]

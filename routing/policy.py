@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..protocols.errors import PolicyFileError
 from .base import query_router_names, token_router_names, valid_score
 
 Mode = Literal["local", "cloud", "speculative", "assist"]
@@ -436,13 +437,6 @@ class PolicyIssue:
         return f"{where}: {self.field or '<top>'}: {self.message}{got}"
 
 
-class PolicyFileError(ValueError):
-    def __init__(self, filename: str, issues: list[PolicyIssue]) -> None:
-        self.filename = filename
-        self.issues = issues
-        super().__init__("\n".join(i.format(filename) for i in issues))
-
-
 def _field_path(loc: tuple) -> str:
     out = ""
     for part in loc:
@@ -585,7 +579,6 @@ __all__ = [
     "RequestContext",
     "Decision",
     "PolicyIssue",
-    "PolicyFileError",
     "check_policy_text",
     "load_policy",
     "default_policy",

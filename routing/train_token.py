@@ -108,7 +108,7 @@ def collect(device, cloud, prompts: list[str], max_new_tokens: int, log: Callabl
     """Per device token: features (hidden + token features), label, prompt index."""
     import torch
 
-    from ..local_runtime.engine import generate_alone
+    from ..local_runtime.sequence import generate_alone
     from .token import HiddenStateTap, token_features
 
     feats, labels, groups, conf, ent = [], [], [], [], []

@@ -4,7 +4,7 @@ drafts, over real HTTP, and the text streams here as it is accepted.
     python samples/demo.py [--drafter NAME] [--target NAME] [--prompt TEXT] [--max-new-tokens N]
 
 The gateway is the same one `tandem gateway serve` runs; this script starts it on a free port
-(`tandem.sdk.launch.GatewayProcess`), waits until it answers, streams one speculative
+(`tandem.sdk.bench.launch.GatewayProcess`), waits until it answers, streams one speculative
 generation, prints the usage, and stops it.
 """
 
@@ -17,8 +17,8 @@ import sys
 from rich.console import Console
 
 from tandem.sdk import Client
+from tandem.sdk.bench.launch import GatewayProcess
 from tandem.sdk.client import DEFAULT_DRAFTER, DEFAULT_TARGET
-from tandem.sdk.launch import GatewayProcess
 
 console = Console(stderr=True)
 

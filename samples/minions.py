@@ -22,12 +22,12 @@ import sys
 import time
 from pathlib import Path
 
-from tandem.protocols.broker import EmbeddedBroker
 from tandem.protocols.mqtt import MqttTransport
 from tandem.remote_gateway.mqtt_bridge import MqttBridge
 from tandem.remote_gateway.service import Gateway
-from tandem.sdk.device_agent import spawn_agent, stop_agents
-from tandem.sdk.taskgraph import Coordinator, Graph
+from tandem.sdk.taskgraph import Coordinator, load_graph_spec
+from tandem.sdk.taskgraph.agent import spawn_agent, stop_agents
+from tandem.sdk.taskgraph.broker import EmbeddedBroker
 
 HERE = Path(__file__).resolve().parent
 SPECBENCH = HERE.parent.parent / "shared" / "data" / "specbench" / "question.jsonl"
@@ -48,7 +48,7 @@ def default_document() -> str:
 
 
 async def main(args: argparse.Namespace) -> None:
-    graph = Graph.from_yaml(HERE / "minions.yaml")
+    graph = load_graph_spec(HERE / "minions.yaml")
     document = Path(args.document).read_text() if args.document else default_document()
     cloud_model = args.cloud or ("tiny-llama" if args.tiny else "gemma3-270m")
     device_models = [args.device_model or ("tiny-llama-b" if args.tiny else "smollm2-135m")] * args.devices

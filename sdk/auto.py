@@ -15,45 +15,29 @@ Cloud forward passes per token: local 0, cloud 1, speculative 1 / E(alpha, k), a
 
 `choose_mode` ranks the modes a policy allows by its objective: latency (seconds per token),
 cost (cloud passes per token), or a weighted mix `s_per_token + cost_weight * passes_per_token`.
-The estimates come from measurements (`Estimates.observe_*`), so the choice follows the network:
+The estimates are the client's one `LinkEstimate` (estimates.py), so the choice follows the network:
 at small RTT speculation can beat streaming the cloud model; every round trip it adds pushes it
 back, and past some RTT streaming wins (or the device alone, if the policy allows it).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Literal
 
 from ..local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
+from .estimates import LinkEstimate
 
 Objective = Literal["latency", "cost", "weighted"]
 ALL_MODES = ("local", "cloud", "speculative", "assist")
 
 
-@dataclass
-class Estimates:
-    rtt_s: float = 0.05
-    local_token_s: float = 0.05  # device model, one decode step
-    cloud_token_s: float = 0.08  # target model, one decode step on the gateway
-    verify_s: float = 0.10  # target forward over a draft block, on the gateway
-    prefill_s: float = 0.2  # target prefill of a typical prompt
-    alpha: float = 0.7  # speculative acceptance rate
-    escalate_rate: float = 0.2  # assist: share of tokens sent to the cloud
-    k_max: int = 16
-    draft_len: int | None = None  # fixed k, or None to use the best k for this link
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def speculative_k(e: Estimates) -> int:
+def speculative_k(e: LinkEstimate) -> int:
     if e.draft_len is not None:
         return e.draft_len
     return optimal_draft_len(e.alpha, e.local_token_s, e.verify_s + e.rtt_s, e.k_max)
 
 
-def predict_s_per_token(mode: str, e: Estimates, n_tokens: int = 128) -> float:
+def predict_s_per_token(mode: str, e: LinkEstimate, n_tokens: int = 128) -> float:
     n = max(1, n_tokens)
     if mode == "local":
         return e.local_token_s
@@ -68,7 +52,7 @@ def predict_s_per_token(mode: str, e: Estimates, n_tokens: int = 128) -> float:
     raise ValueError(f"unknown mode '{mode}'")
 
 
-def predict_cloud_passes_per_token(mode: str, e: Estimates) -> float:
+def predict_cloud_passes_per_token(mode: str, e: LinkEstimate) -> float:
     if mode == "local":
         return 0.0
     if mode == "cloud":
@@ -80,7 +64,7 @@ def predict_cloud_passes_per_token(mode: str, e: Estimates) -> float:
     raise ValueError(f"unknown mode '{mode}'")
 
 
-def break_even_rtt_s(e: Estimates, n_tokens: int = 128, max_rtt_s: float = 2.0) -> float | None:
+def break_even_rtt_s(e: LinkEstimate, n_tokens: int = 128, max_rtt_s: float = 2.0) -> float | None:
     """The round-trip time past which streaming the cloud model beats speculation, predicted from
     these estimates (k re-chosen for every RTT): 0.0 if speculation loses even on a zero-latency
     link, None if it still wins at `max_rtt_s`. Speculation pays one round trip per round and
@@ -104,7 +88,7 @@ def break_even_rtt_s(e: Estimates, n_tokens: int = 128, max_rtt_s: float = 2.0) 
 
 def choose_mode(
     allowed: tuple[str, ...] | list[str],
-    e: Estimates,
+    e: LinkEstimate,
     objective: Objective = "latency",
     cost_weight: float = 0.0,
     n_tokens: int = 128,
@@ -129,7 +113,6 @@ def choose_mode(
 
 
 __all__ = [
-    "Estimates",
     "ALL_MODES",
     "predict_s_per_token",
     "predict_cloud_passes_per_token",

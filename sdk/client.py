@@ -11,6 +11,11 @@ Modes:
     cloud        the gateway's model alone, streamed (the baseline)
     speculative  the device drafts k tokens, the gateway verifies them in one forward pass;
                  lossless: greedy output equals the target's, sampled output has its distribution
+    assist       the device writes; a token router asks the cloud for the tokens it is unsure of
+    auto         one of these per query, by the policy's rules or the predicted cost (auto.py)
+
+The client owns the resources (the transport, the device model, one link estimate) and the
+choice of mode; each generation is a run of `sdk/runs/` over `RunOptions` and a `GatewayLink`.
 """
 
 from __future__ import annotations
@@ -19,13 +24,26 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from ..protocols.errors import TandemError, TransportError
-from ..protocols.messages import ChatMessage, GenerateRequest, SamplingParams
-from ..protocols.transport import GatewayHandler, InProcessTransport, Transport
-from .auto import Estimates, choose_mode
+from ..protocols.errors import TandemError
+from ..protocols.messages import SamplingParams
+from ..protocols.operations import GatewayHandler
+from ..protocols.transport import InProcessTransport, Transport
+from .auto import choose_mode
+from .estimates import LinkEstimate
+from .runs import (
+    AssistRun,
+    DeviceModel,
+    GatewayLink,
+    RunOptions,
+    TextSpeculation,
+    TokenSpeculation,
+    run_cloud,
+    run_local,
+)
 from .usage import GenerationRecord, Usage
 
 if TYPE_CHECKING:
@@ -125,7 +143,7 @@ class Client:
         `objective` from what this client has measured (round-trip time, both models' speeds,
         acceptance); see sdk/auto.py. The default choices are the lossless ones.
         Mode "assist" lets the device write and asks the cloud for a token only where
-        `token_router` scores the device's own below `assist_threshold` (lossy; see sdk/assist.py).
+        `token_router` scores the device's own below `assist_threshold` (lossy; see sdk/runs/assist.py).
         `policy` (a YAML file or a routing.policy.Policy) makes "auto" follow its rules: mode,
         draft length, token router and threshold per query, cloud budgets, offline behaviour."""
         if mode not in MODES:
@@ -142,58 +160,64 @@ class Client:
         self.drafter_name, self.drafter_backend = split_backend(self.drafter_name, drafter_backend)
         self.target_name = target
         self.mode = mode
-        self.draft_len = draft_len
-        self.max_draft_len = max_draft_len
+        self.defaults = RunOptions(
+            prompt="", target=target, draft_len=draft_len, max_draft_len=max_draft_len, fallback=fallback,
+            rejoin_every=rejoin_every, token_router=token_router, assist_threshold=assist_threshold,
+        )
         self.retries = retries
         self.fallback = fallback
-        self.rejoin_every = rejoin_every
         self.probe_timeout_s = probe_timeout_s
         self._pipeline = pipeline
         self.auto_modes = tuple(auto_modes)
         self.objective = objective
         self.cost_weight = cost_weight
-        self.token_router = token_router
-        self.assist_threshold = assist_threshold
         if isinstance(policy, (str, Path)):
             from ..routing.policy import load_policy
 
             policy = load_policy(policy)
         self.policy = policy
         self._cloud_log: deque[tuple[float, int]] = deque()  # (time, cloud tokens) for the budgets
-        self.estimates = Estimates()
+        self.estimate = LinkEstimate()
         self.progress = progress
         self._gateway_spec = gateway
         self._timeout_s = timeout_s
         self._api_key = api_key
-        self._transport: Transport | None = None
+        self._link: GatewayLink | None = None
         self._owned_gateway = None
         self._drafter = None if isinstance(drafter, str) or drafter is None else drafter
-        self._same_tokenizer: bool | None = None
-        self._rtt_samples = 0
 
     # -- resources -------------------------------------------------------------------------------
 
     @property
     def transport(self) -> Transport:
-        if self._transport is None:
-            spec = self._gateway_spec
-            if isinstance(spec, Transport):
-                self._transport = spec
-            elif isinstance(spec, str) and spec.startswith(("http://", "https://")):
-                from ..protocols.http import HttpTransport
+        return self.link.transport
 
-                headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else None
-                self._transport = HttpTransport(spec, timeout_s=self._timeout_s, headers=headers)
-            elif spec == "inproc":
-                from ..remote_gateway.service import Gateway
+    @property
+    def link(self) -> GatewayLink:
+        if self._link is None:
+            self._link = GatewayLink(
+                self._make_transport(), retries=self.retries, fallback=self.fallback,
+                probe_timeout_s=self.probe_timeout_s, estimate=self.estimate,
+            )
+        return self._link
 
-                self._owned_gateway = Gateway(self.target_name or DEFAULT_TARGET)
-                self._transport = InProcessTransport(self._owned_gateway)
-            elif isinstance(spec, str):
-                raise ValueError(f"gateway must be 'inproc' or an http(s):// URL, got '{spec}'")
-            else:
-                self._transport = InProcessTransport(spec)
-        return self._transport
+    def _make_transport(self) -> Transport:
+        spec = self._gateway_spec
+        if isinstance(spec, Transport):
+            return spec
+        if isinstance(spec, str) and spec.startswith(("http://", "https://")):
+            from ..protocols.http import HttpTransport
+
+            headers = {"authorization": f"Bearer {self._api_key}"} if self._api_key else None
+            return HttpTransport(spec, timeout_s=self._timeout_s, headers=headers)
+        if spec == "inproc":
+            from ..remote_gateway.service import Gateway
+
+            self._owned_gateway = Gateway(self.target_name or DEFAULT_TARGET)
+            return InProcessTransport(self._owned_gateway)
+        if isinstance(spec, str):
+            raise ValueError(f"gateway must be 'inproc' or an http(s):// URL, got '{spec}'")
+        return InProcessTransport(spec)
 
     @property
     def pipelining(self) -> bool:
@@ -211,15 +235,17 @@ class Client:
             self._drafter = load_drafter(self.drafter_name, self.drafter_backend, progress=self.progress)
         return self._drafter
 
+    @property
+    def device(self) -> DeviceModel:
+        return DeviceModel(self.drafter, self.drafter_backend)
+
     def new_drafter_engine(self):
         """A fresh drafting engine (one sequence) over the device model, on its backend."""
-        from ..local_runtime.backends import drafter_engine
-
-        return drafter_engine(self.drafter, self.drafter_backend)
+        return self.device.new_engine()
 
     async def aclose(self) -> None:
-        if self._transport is not None:
-            await self._transport.aclose()
+        if self._link is not None:
+            await self._link.transport.aclose()
         if self._owned_gateway is not None:
             self._owned_gateway.close()
 
@@ -251,46 +277,50 @@ class Client:
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed)
+        d = self.defaults
+        options = replace(
+            d, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
+            draft_len=d.draft_len if draft_len is None else draft_len,
+            token_router=token_router or d.token_router,
+            assist_threshold=d.assist_threshold if assist_threshold is None else assist_threshold,
+        )
+        if mode == "auto":
+            return Generation(mode, lambda rec: self._run_auto(rec, options, frozenset(tags)), on_done=self._observe)
+        return Generation(mode, lambda rec: self._run(mode, options, rec), on_done=self._observe)
 
-        def runner(name: str, k=None, router=None, threshold=None):
-            k = k if k is not None else (self.draft_len if draft_len is None else draft_len)
-            router = router or token_router or self.token_router
-            if threshold is None:
-                threshold = self.assist_threshold if assist_threshold is None else assist_threshold
-            return {
-                "local": lambda rec: self._run_local(rec, prompt, chat, sampling, max_new_tokens),
-                "cloud": lambda rec: self._run_cloud(rec, prompt, chat, sampling, max_new_tokens),
-                "speculative": lambda rec: self._run_speculative(rec, prompt, chat, sampling, max_new_tokens, k),
-                "assist": lambda rec: self._run_assist(rec, prompt, chat, sampling, max_new_tokens, router, threshold),
-                "auto": lambda rec: self._run_auto(rec, prompt, frozenset(tags), runner, max_new_tokens),
-            }[name]
+    async def generate(self, prompt: str, **kwargs) -> GenerationRecord:
+        return await self.stream(prompt, **kwargs).collect()
 
-        return Generation(mode, runner(mode), on_done=self._observe)
+    async def _run(self, mode: str, options: RunOptions, rec: GenerationRecord) -> AsyncIterator[str]:
+        options = replace(options, pipeline=self.pipelining)
+        if mode == "local":
+            run = run_local(options, self.device, rec)
+        elif mode == "cloud":
+            run = run_cloud(options, self.link, rec)
+        elif mode == "assist":
+            text_space = not await self.link.shares_tokenizer(self.drafter.tokenizer.fingerprint)
+            run = AssistRun(options, self.link, self.device, rec, text_space=text_space).run()
+        else:
+            same = await self.link.shares_tokenizer(self.drafter.tokenizer.fingerprint)
+            run = (TokenSpeculation if same else TextSpeculation)(options, self.link, self.device, rec).run()
+        async for piece in run:
+            yield piece
 
     # -- auto: measure, predict, choose ------------------------------------------------------------
 
     async def measure_rtt(self) -> float | None:
         """One light round trip to the gateway (GET /v1/info); None when it cannot be reached."""
-        t0 = time.perf_counter()
-        try:
-            await asyncio.wait_for(self.transport.info(), self.probe_timeout_s)
-        except (TransportError, asyncio.TimeoutError):
-            return None
-        rtt = time.perf_counter() - t0
-        e = self.estimates
-        e.rtt_s = rtt if self._rtt_samples == 0 else 0.5 * e.rtt_s + 0.5 * rtt
-        self._rtt_samples += 1
-        return rtt
+        return await self.link.measure_rtt()
 
-    async def _run_auto(self, rec, prompt, tags, runner, max_new_tokens) -> AsyncIterator[str]:
+    async def _run_auto(self, rec: GenerationRecord, options: RunOptions, tags: frozenset[str]) -> AsyncIterator[str]:
         """Decide the mode for this query, then run it. With a policy, its rules decide (tags,
         prompt length, difficulty, budgets, network); a rule whose mode is "auto", or no policy at
         all, leaves the choice to the predictions among the allowed modes."""
         rtt = await self.measure_rtt()
         online = rtt is not None
         decision: dict = {"rtt_ms": None if rtt is None else round(rtt * 1000, 2)}
-        mode, k, router, threshold = None, None, None, None
+        mode = None
         allowed, objective, cost_weight = list(self.auto_modes), self.objective, self.cost_weight
         if self.policy is not None:
             from ..routing.policy import RequestContext
@@ -299,9 +329,15 @@ class Client:
                 tags=tags, online=online, rtt_ms=None if rtt is None else rtt * 1000,
                 cloud_tokens_last_minute=self._cloud_tokens_since(60), cloud_tokens_today=self._cloud_tokens_since(86_400),
             )
-            d = self.policy.choose(prompt, ctx)
+            d = self.policy.choose(options.prompt, ctx)
             decision["policy"] = d.model_dump()
-            mode, k, router, threshold = d.mode, d.draft_len, d.token_router, d.threshold
+            mode = d.mode
+            options = replace(
+                options,
+                draft_len=options.draft_len if d.draft_len is None else d.draft_len,
+                token_router=d.token_router or options.token_router,
+                assist_threshold=options.assist_threshold if d.threshold is None else d.threshold,
+            )
             if mode == "auto":
                 o = self.policy.objective
                 allowed, objective, cost_weight = list(o.modes), o.kind, o.cost_weight
@@ -311,14 +347,14 @@ class Client:
                 mode = "local"  # offline: the device alone
                 rec.usage.fallbacks += 1
             else:
-                mode, table = choose_mode(allowed, self.estimates, objective, cost_weight, max_new_tokens)
+                mode, table = choose_mode(allowed, self.estimate, objective, cost_weight, options.max_new_tokens)
                 decision["predicted"] = table
                 decision["objective"] = objective
-        decision["estimates"] = self.estimates.to_dict()
+        decision["estimates"] = self.estimate.to_dict()
         decision["mode"] = mode
         rec.mode = mode
         rec.decision = decision
-        async for piece in runner(mode, k, router, threshold)(rec):
+        async for piece in self._run(mode, options, rec):
             yield piece
 
     def _cloud_tokens_since(self, seconds: float) -> int:
@@ -326,113 +362,37 @@ class Client:
         return sum(n for t, n in self._cloud_log if t >= cutoff)
 
     def _observe(self, rec: GenerationRecord) -> None:
-        """Fold a finished generation's timings into the estimates auto decides on, and its cloud
-        tokens into the budget log."""
-        e, u, n = self.estimates, rec.usage, max(1, len(rec.tokens))
+        """Fold a finished generation's timings into the link estimate (speculative rounds were
+        folded in as they came), and its cloud tokens into the budget log."""
+        e, u, n = self.estimate, rec.usage, max(1, len(rec.tokens))
         if u.cloud_tokens or u.accepted_tokens:
             now = time.time()
             self._cloud_log.append((now, u.cloud_tokens + u.accepted_tokens))
             while self._cloud_log and self._cloud_log[0][0] < now - 86_400:
                 self._cloud_log.popleft()
-
-        def mix(old: float, new: float) -> float:
-            return 0.5 * old + 0.5 * new
-
         if rec.mode == "local" and u.wall_s > 0:
-            e.local_token_s = mix(e.local_token_s, u.wall_s / n)
+            e.observe("local_token_s", u.wall_s / n)
         elif rec.mode == "cloud" and u.wall_s > 0:
-            e.cloud_token_s = mix(e.cloud_token_s, max(1e-4, (u.wall_s - e.rtt_s) / n))
+            e.observe("cloud_token_s", max(1e-4, (u.wall_s - e.rtt_s) / n))
         elif rec.mode == "assist" and rec.tokens:
-            e.escalate_rate = mix(e.escalate_rate, u.rounds / len(rec.tokens))
-        elif rec.mode == "speculative" and rec.rounds:
-            drafted = sum(r.k for r in rec.rounds)
-            if drafted:
-                e.local_token_s = mix(e.local_token_s, sum(r.draft_s for r in rec.rounds) / drafted)
-            verify = sum(r.verify_s for r in rec.rounds) / len(rec.rounds)
-            e.verify_s = mix(e.verify_s, max(1e-4, verify - e.rtt_s))
-            if u.tested_tokens:
-                e.alpha = mix(e.alpha, u.acceptance_rate)
-
-    async def generate(self, prompt: str, **kwargs) -> GenerationRecord:
-        return await self.stream(prompt, **kwargs).collect()
-
-    async def _run_local(self, rec, prompt, chat, sampling, max_new_tokens) -> AsyncIterator[str]:
-        from ..local_runtime.engine import generate_alone
-        from ..local_runtime.text import IncrementalDecoder
-
-        lm = self.drafter
-        tok = lm.tokenizer
-        tokens = generate_alone(
-            lm, tok.prompt_tokens(prompt, chat), max_new_tokens,
-            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
-        )
-        decoder = IncrementalDecoder(tok.decode, skip_ids=tok.eos_token_ids)
-        done = object()
-        while (t := await asyncio.to_thread(next, tokens, done)) is not done:
-            rec.tokens.append(t)
-            rec.usage.local_tokens += 1
-            if t in tok.eos_token_ids:
-                rec.finish_reason = "eos"
-            if piece := decoder.push([t]):
-                yield piece
-        rec.finish_reason = rec.finish_reason or "length"
-        if tail := decoder.flush():
-            yield tail
-
-    async def _run_cloud(self, rec, prompt, chat, sampling, max_new_tokens) -> AsyncIterator[str]:
-        transport = self.transport
-        if chat:
-            req = GenerateRequest(
-                messages=[ChatMessage(role="user", content=prompt)], sampling=sampling,
-                max_new_tokens=max_new_tokens, model=self.target_name,
-            )
-        else:
-            req = GenerateRequest(
-                prompt_text=prompt, sampling=sampling, max_new_tokens=max_new_tokens, model=self.target_name
-            )
-        up, down = transport.bytes_up, transport.bytes_down
-        try:
-            rec.usage.rounds += 1
-            async for chunk in transport.stream(req):
-                rec.tokens.extend(chunk.tokens)
-                rec.usage.cloud_tokens += len(chunk.tokens)
-                if chunk.finished:
-                    rec.finish_reason = chunk.finish_reason
-                if chunk.text:
-                    yield chunk.text
-        finally:
-            rec.usage.bytes_up += transport.bytes_up - up
-            rec.usage.bytes_down += transport.bytes_down - down
-
-    async def _run_assist(self, rec, prompt, chat, sampling, max_new_tokens, router, threshold) -> AsyncIterator[str]:
-        from .assist import AssistRun
-
-        async for piece in AssistRun(self, rec, prompt, chat, sampling, max_new_tokens, router, threshold).run():
-            yield piece
-
-    async def _shares_tokenizer(self) -> bool:
-        """Whether drafter and target tokenize alike (verify token ids) or not (verify text)."""
-        if self._same_tokenizer is None:
-            try:
-                info = await self.transport.info()
-            except TransportError:
-                return True  # unknown: token space; the fallback takes over if the gateway stays away
-            self._same_tokenizer = info.tokenizer_fingerprint == self.drafter.tokenizer.fingerprint
-        return self._same_tokenizer
-
-    async def _run_speculative(self, rec, prompt, chat, sampling, max_new_tokens, draft_len) -> AsyncIterator[str]:
-        from .speculative import SpeculativeRun
-
-        run = SpeculativeRun(self, rec, prompt, chat, sampling, max_new_tokens, draft_len)
-        loop = run.run_tokens() if await self._shares_tokenizer() else run.run_text()
-        async for piece in loop:
-            yield piece
+            e.observe("escalate_rate", u.rounds / len(rec.tokens))
 
 
 class SyncClient:
-    """Blocking wrapper over `Client` for scripts and notebooks; same arguments."""
+    """Blocking wrapper over `Client` for scripts; same arguments. It runs its own event loop,
+    so it cannot be used where one is already running (a notebook, an async app): use the
+    async `Client` there (`async with Client(...) as c: await c.generate(...)`)."""
 
     def __init__(self, **kwargs) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise TandemError(
+                "SyncClient cannot run inside a running event loop (a notebook or an async app): "
+                "use the async tandem.sdk.Client there, e.g. `async with Client(...) as c: await c.generate(...)`"
+            )
         self._runner = asyncio.Runner()
         self._client = Client(**kwargs)
 

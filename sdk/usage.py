@@ -4,6 +4,25 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+ACCEPTED, CLOUD, LOCAL = "accepted", "cloud", "local"
+
+
+class Piece(str):
+    """A piece of generated text and who produced it:
+
+        "accepted"  drafted on the device and accepted by the cloud model
+        "cloud"     chosen by the cloud model itself (a correction, a bonus token, cloud mode)
+        "local"     produced on the device with no cloud (local mode, assist's kept tokens, a fallback)
+
+    A `str` like any other (print it, join it); `origin` says where it came from."""
+
+    origin: str
+
+    def __new__(cls, text: str, origin: str) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.origin = origin
+        return piece
+
 
 @dataclass
 class Usage:
@@ -50,4 +69,4 @@ class GenerationRecord:
     decision: dict | None = None  # auto mode: what was chosen, and the predictions it was chosen on
 
 
-__all__ = ["Usage", "Round", "GenerationRecord"]
+__all__ = ["Usage", "Round", "GenerationRecord", "Piece", "ACCEPTED", "CLOUD", "LOCAL"]

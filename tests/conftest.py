@@ -1,10 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,28 +8,11 @@ import torch
 torch.set_num_threads(2)
 
 
-@contextmanager
 def serve_in_thread(app):
-    """A real uvicorn server on 127.0.0.1 (a free port), in a background thread."""
-    import uvicorn
+    """A real uvicorn server on 127.0.0.1 (a free port), in a background thread; yields its URL."""
+    from tandem.sdk.bench.launch import serving
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    return serving(app)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import load_model
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.transport import InProcessTransport
 from tandem.sdk import Client
 
@@ -46,9 +46,9 @@ def test_a_threshold_in_between_mixes(tiny_gateway, router):
 
 
 def test_assist_across_tokenizers_always_escalating_is_the_cloud_text(text_gateway):
-    from .test_text_space import pair_tokenizer
-
     from tandem.local_runtime.models import LoadedModel, tiny_llama
+
+    from .test_text_space import pair_tokenizer
 
     tok = pair_tokenizer()
     drafter = LoadedModel("tiny-pair", tiny_llama(5, 64, 2, 4, len(tok.vocab)), tok, "random init")

@@ -4,7 +4,7 @@ the config (hashed or from the environment), and the SDK with api_key= end to en
 import httpx
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import AuthenticationError, UnknownSessionError
 from tandem.protocols.http import HttpTransport
 from tandem.protocols.messages import AppendRequest, OpenSession, VerifyRequest

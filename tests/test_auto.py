@@ -5,8 +5,8 @@ from dataclasses import replace
 import pytest
 
 from tandem.local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
-from tandem.sdk.auto import Estimates, choose_mode, predict_cloud_passes_per_token, predict_s_per_token
-from tandem.sdk.control import DraftLengthController
+from tandem.sdk.auto import choose_mode, predict_cloud_passes_per_token, predict_s_per_token
+from tandem.sdk.estimates import DraftLengthController, LinkEstimate
 
 
 def test_optimal_draft_len_exact():
@@ -36,7 +36,7 @@ def test_controller_follows_the_link():
 
 
 def test_predictions_exact():
-    e = Estimates(rtt_s=0.1, local_token_s=0.01, cloud_token_s=0.05, verify_s=0.06, prefill_s=0.0,
+    e = LinkEstimate(rtt_s=0.1, local_token_s=0.01, cloud_token_s=0.05, verify_s=0.06, prefill_s=0.0,
                   alpha=0.5, escalate_rate=0.25, draft_len=2)
     n = 100
     assert predict_s_per_token("local", e, n) == pytest.approx(0.01)
@@ -48,13 +48,13 @@ def test_predictions_exact():
 
 def test_choice_moves_with_rtt():
     base = dict(local_token_s=0.01, cloud_token_s=0.08, verify_s=0.09, prefill_s=0.0, alpha=0.8)
-    near, _ = choose_mode(("cloud", "speculative"), Estimates(rtt_s=0.005, **base))
-    far, _ = choose_mode(("cloud", "speculative"), Estimates(rtt_s=0.5, **base))
+    near, _ = choose_mode(("cloud", "speculative"), LinkEstimate(rtt_s=0.005, **base))
+    far, _ = choose_mode(("cloud", "speculative"), LinkEstimate(rtt_s=0.5, **base))
     assert (near, far) == ("speculative", "cloud")
-    cheapest, _ = choose_mode(("cloud", "speculative", "local"), Estimates(rtt_s=0.5, **base), objective="cost")
+    cheapest, _ = choose_mode(("cloud", "speculative", "local"), LinkEstimate(rtt_s=0.5, **base), objective="cost")
     assert cheapest == "local"
     with pytest.raises(ValueError):
-        choose_mode((), Estimates())
+        choose_mode((), LinkEstimate())
 
 
 def test_auto_mode_decides_and_learns(tiny_gateway):
@@ -69,7 +69,7 @@ def test_auto_mode_decides_and_learns(tiny_gateway):
             for mode in ("cloud", "speculative"):
                 await c.generate("Hello", mode=mode, max_new_tokens=16, chat=False)
             second = await c.generate("Hello", mode="auto", max_new_tokens=16, chat=False)
-            return first, second, c.estimates
+            return first, second, c.estimate
 
     first, second, est = run(go())
     for rec in (first, second):
@@ -150,7 +150,7 @@ def test_policy_auto_uses_the_objective(tiny_gateway, tmp_path):
 def test_break_even_rtt_is_where_the_predictions_cross():
     from tandem.sdk.auto import break_even_rtt_s
 
-    e = Estimates(local_token_s=0.01, cloud_token_s=0.08, verify_s=0.09, alpha=0.8, prefill_s=0.0)
+    e = LinkEstimate(local_token_s=0.01, cloud_token_s=0.08, verify_s=0.09, alpha=0.8, prefill_s=0.0)
     rtt = break_even_rtt_s(e)
     assert rtt is not None and 0 < rtt < 2.0
     below, above = replace(e, rtt_s=rtt * 0.9), replace(e, rtt_s=rtt * 1.1)

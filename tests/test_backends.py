@@ -7,16 +7,17 @@ import pytest
 import torch
 
 from tandem.local_runtime.backends import (
-    BackendUnavailable,
     DraftingEngine,
     PrefillBackend,
     WithPrefill,
     drafter_engine,
     split_backend,
 )
-from tandem.local_runtime.engine import Engine, generate_alone
+from tandem.local_runtime.engine import Engine
 from tandem.local_runtime.models import load_model
 from tandem.local_runtime.prefill import calibrate
+from tandem.local_runtime.sequence import generate_alone
+from tandem.protocols.errors import BackendUnavailable
 from tandem.protocols.transport import InProcessTransport
 from tandem.sdk import Client
 

@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import LoadedModel, byte_tokenizer, load_model
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.messages import AppendRequest, OpenSession, VerifyRequest
 from tandem.protocols.transport import InProcessTransport
 from tandem.remote_gateway.backends import TransformersBackend

@@ -5,8 +5,8 @@ import json
 import subprocess
 import sys
 
-from tandem.sdk.bench import bench_modes, bench_speculative, similarity
-from tandem.sdk.plots import plot_rtt
+from tandem.sdk.bench.plots import plot_rtt
+from tandem.sdk.bench.speculative import bench_modes, bench_speculative, similarity
 
 from .conftest import run
 

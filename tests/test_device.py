@@ -7,17 +7,12 @@ import signal
 import subprocess
 
 import pytest
-from tandem.protocols.broker import EmbeddedBroker
-from tandem.protocols.mqtt import (
-    TaskAssignment,
-    TaskInput,
-    TaskResult,
-    Topics,
-    close_client,
-    open_client,
-)
-from tandem.sdk.device_agent import DeviceAgent, spawn_agent
+
+from tandem.protocols.mqtt import Topics, close_client, open_client
+from tandem.protocols.taskgraph import TaskAssignment, TaskInput, TaskResult
 from tandem.sdk.taskgraph import Coordinator, Function, Graph
+from tandem.sdk.taskgraph.agent import DeviceAgent, spawn_agent
+from tandem.sdk.taskgraph.broker import EmbeddedBroker
 
 from .conftest import run
 
@@ -91,7 +86,7 @@ def test_devices_lost_mid_task_are_replaced_and_the_graph_completes():
 @pytest.mark.slow
 def test_bench_dag_with_a_device_killed():
     """The benchmark end to end: LLM tasks on tiny-llama in three device processes, one killed."""
-    from tandem.sdk.taskgraph.bench import bench_dag
+    from tandem.sdk.bench.dag import bench_dag
 
     result = run(bench_dag(devices=3, fail=1, chunks=6, tokens=48, rounds=1, timeout_s=150))
     assert result["completed"] and result["lost"] == 0 and result["duplicates"] == 0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tandem.sdk.bench_device import bench_device
+from tandem.sdk.bench.device import bench_device
 
 FIELDS = {"prefill_tok_per_s", "decode_tok_per_s", "greedy_agreement", "max_abs_logit_err"}
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from tandem.local_runtime.engine import Engine, generate_alone
+from tandem.local_runtime.engine import Engine
 from tandem.local_runtime.models import load_model
+from tandem.local_runtime.sequence import generate_alone
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,9 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from pydantic import ValidationError
-
 from schemathesis.generation.modes import GenerationMode
 
 from tandem.protocols.errors import from_reply, gateway_error

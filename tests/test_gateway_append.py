@@ -5,7 +5,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import GatewayError, RequestTooLargeError, WrongPositionError
 from tandem.protocols.http import HttpTransport
 from tandem.protocols.messages import AppendRequest, AppendResult, OpenSession, VerifyRequest

@@ -1,12 +1,11 @@
 """Limits: body size, sessions per key, tokens per minute (429 + Retry-After), the KV-cache
 budget with LRU eviction (410 session_evicted), the TTL, and the SDK re-opening evicted sessions."""
 
-import time
 
 import httpx
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import RateLimitError, RequestTooLargeError, SessionEvictedError
 from tandem.protocols.messages import OpenSession, VerifyRequest
 from tandem.protocols.transport import InProcessTransport
@@ -201,14 +200,17 @@ def test_sdk_reopens_evicted_sessions_transparently(tiny_gateway, tiny_target, d
 
 
 def test_idle_sessions_expire_with_a_clear_error(tiny_target):
-    gw = Gateway(tiny_target, GatewayLimits(session_ttl_s=0.2))
+    now = [1000.0]
+    gw = Gateway(tiny_target, GatewayLimits(session_ttl_s=60), clock=lambda: now[0])
 
     async def go():
         t = InProcessTransport(gw)
         opened = await t.request(_open(tiny_target))
-        time.sleep(0.3)
-        with pytest.raises(SessionEvictedError, match="expired after 0.2 s idle") as exc:
-            await t.request(VerifyRequest(session_id=opened.session_id, position=opened.position, draft_tokens=[], draft_probs=[]))
+        now[0] += 59  # idle, but not for long enough
+        await t.request(VerifyRequest(session_id=opened.session_id, position=opened.position, draft_tokens=[], draft_probs=[]))
+        now[0] += 61
+        with pytest.raises(SessionEvictedError, match="expired after 60 s idle") as exc:
+            await t.request(VerifyRequest(session_id=opened.session_id, position=opened.position + 1, draft_tokens=[], draft_probs=[]))
         assert "resume_tokens" in exc.value.message
 
     run(go())

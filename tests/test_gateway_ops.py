@@ -13,7 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import GatewayError
 from tandem.protocols.messages import OpenSession
 from tandem.protocols.transport import InProcessTransport

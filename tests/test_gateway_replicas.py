@@ -6,14 +6,14 @@ import asyncio
 import httpx
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.messages import OpenSession
 from tandem.remote_gateway.app import create_app
-from tandem.remote_gateway.bench import serving
 from tandem.remote_gateway.replicas import StickyRouter, discover
 from tandem.remote_gateway.service import Gateway
 from tandem.remote_gateway.sessions import replica_of
 from tandem.sdk import Client
+from tandem.sdk.bench.gateway import serving
 
 from .conftest import run, serve_in_thread
 

@@ -5,7 +5,7 @@ import time
 import httpx
 import pytest
 
-from tandem.protocols.linksim import LinkProxy
+from tandem.sdk.bench.linksim import LinkProxy
 
 
 def _timed_get(client: httpx.Client, path: str = "/healthz") -> float:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import load_tokenizer
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.transport import InProcessTransport
 from tandem.sdk import Client
 

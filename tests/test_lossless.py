@@ -7,8 +7,8 @@ import pytest
 import torch
 from scipy import stats
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import LoadedModel, Tokenizer, load_model, tiny_llama
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.transport import InProcessTransport
 from tandem.remote_gateway.service import Gateway
 from tandem.sdk import Client

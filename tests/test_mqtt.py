@@ -7,20 +7,15 @@ import contextlib
 import shutil
 
 import pytest
-from tandem.local_runtime.engine import generate_alone
-from tandem.protocols.broker import BrokerURL, EmbeddedBroker, Mosquitto, device_acl
+
+from tandem.local_runtime.sequence import generate_alone
+from tandem.protocols.broker import BrokerURL
 from tandem.protocols.errors import TransportError, UnknownSessionError
 from tandem.protocols.messages import CloseSession, OpenSession, SessionOpened
-from tandem.protocols.mqtt import (
-    MqttTransport,
-    Topics,
-    close_client,
-    decode_rpc,
-    encode_rpc,
-    open_client,
-)
+from tandem.protocols.mqtt import MqttTransport, Topics, close_client, decode_rpc, encode_rpc, open_client
 from tandem.remote_gateway.mqtt_bridge import MqttBridge
 from tandem.sdk import Client
+from tandem.sdk.taskgraph.broker import EmbeddedBroker, Mosquitto, device_acl
 
 from .conftest import run
 
@@ -88,6 +83,21 @@ def test_speculation_is_lossless_over_the_embedded_broker(tiny_gateway):
     lm = tiny_gateway.lm
     assert streamed.tokens == list(generate_alone(lm, lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False), 12))
     assert stats["errors"] == 0 and stats["requests"] > 10
+
+
+def test_assist_is_served_over_the_broker(tiny_gateway):
+    """Every operation of the table reaches the gateway through the bridge, `append` included."""
+
+    async def go():
+        async with EmbeddedBroker() as broker, MqttBridge(tiny_gateway, broker.url):
+            async with Client(drafter="tiny-llama-b", gateway=MqttTransport(broker.url, timeout_s=20), progress=False) as c:
+                return await c.generate(PROMPTS[0], mode="assist", assist_threshold=1.1, max_new_tokens=10, chat=False)
+
+    rec = run(go())
+    lm = tiny_gateway.lm
+    # a threshold above every score asks the cloud for every token: the target's own output
+    assert rec.tokens == list(generate_alone(lm, lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False), 10))
+    assert rec.usage.rounds == 10 and rec.usage.fallbacks == 0
 
 
 def test_gateway_errors_and_silence_map_to_the_error_tree(tiny_gateway):
@@ -251,8 +261,8 @@ def test_persistent_session_survives_a_broker_restart(mosquitto):
 def test_a_graph_completes_across_a_broker_restart(tmp_path, tiny_target):
     """Devices and coordinator reconnect to their persistent sessions; tasks and results queued
     meanwhile are delivered; each task's result is applied once and the outputs are right."""
-    from tandem.sdk.device_agent import DeviceAgent
     from tandem.sdk.taskgraph import Coordinator, Function, Graph, Map, Reduce
+    from tandem.sdk.taskgraph.agent import DeviceAgent
 
     lib = "tandem.sdk.taskgraph.library"
     graph = Graph(
@@ -290,7 +300,7 @@ def test_a_graph_completes_across_a_broker_restart(tmp_path, tiny_target):
         broker.stop()
     assert report.completed and report.lost == 0 and report.duplicates == 0
     tok = tiny_target.tokenizer
-    from tandem.local_runtime.engine import generate_alone as alone
+    from tandem.local_runtime.sequence import generate_alone as alone
     from tandem.sdk.taskgraph.library import split_chunks
 
     expected = [tok.text(alone(tiny_target, tok.prompt_tokens(c, chat=False), 48, eos_token_ids=[])) for c in split_chunks(text, 12)]

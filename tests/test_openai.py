@@ -3,7 +3,7 @@
 import openai
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
+from tandem.local_runtime.sequence import generate_alone
 from tandem.local_runtime.text import IncrementalDecoder
 from tandem.remote_gateway.app import create_app
 from tandem.remote_gateway.auth import KeyRing, Principal, hash_key

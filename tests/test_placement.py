@@ -3,10 +3,11 @@
 import math
 
 import pytest
+
+from tandem.protocols.errors import PlacementError
 from tandem.sdk.taskgraph.placement import (
     Done,
     Job,
-    PlacementError,
     Proc,
     comm_time,
     earliest_finish,

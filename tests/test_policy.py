@@ -7,14 +7,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tandem.routing.policy import (
-    Policy,
-    PolicyFileError,
-    RequestContext,
-    check_policy_text,
-    load_policy,
-    policy_json_schema,
-)
+from tandem.protocols.errors import PolicyFileError
+from tandem.routing.policy import Policy, RequestContext, check_policy_text, load_policy, policy_json_schema
 from tandem.sdk.cli import app
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "samples" / "policies").glob("*.yaml"))

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from tandem.local_runtime.models import load_model
-from tandem.local_runtime.prefill import ChunkedPrefill, UnsupportedModel, calibrate, llama_layout
+from tandem.local_runtime.prefill import ChunkedPrefill, calibrate, llama_layout
 from tandem.local_runtime.quant_w8a8 import KERNELS, pack, pick_kernel, quantize_w8a8, w8a8_linear
+from tandem.protocols.errors import UnsupportedModel
 
 CHUNKS = [16, 32, 64]
 LENGTHS = [1, 5, 15, 16, 17, 40, 64, 100]  # shorter than a chunk, exact multiples, and not

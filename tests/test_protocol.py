@@ -7,13 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from tandem.protocols.messages import (
-    GenerateRequest,
-    OpenSession,
-    SparseDist,
-    VerifyRequest,
-    VerifyResult,
-)
+from tandem.protocols.messages import GenerateRequest, OpenSession, SparseDist, VerifyRequest, VerifyResult
 from tandem.remote_gateway.config import GatewayConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

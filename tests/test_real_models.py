@@ -11,7 +11,7 @@ from tandem.local_runtime.models import load_model
 from tandem.protocols.transport import InProcessTransport
 from tandem.remote_gateway.service import Gateway
 from tandem.sdk import Client
-from tandem.sdk.bench import load_prompts
+from tandem.sdk.bench.prompts import load_prompts
 
 from .conftest import run
 

@@ -1,19 +1,18 @@
 """The client never strands the user: a lost reply is retried once, a vanished gateway is
 replaced by the device model, and speculation resumes when the gateway is back."""
 
-import asyncio
 
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import load_model
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import TransportError
 from tandem.protocols.http import HttpTransport
-from tandem.protocols.linksim import LinkProxy
 from tandem.protocols.messages import VerifyRequest
 from tandem.remote_gateway.app import create_app
 from tandem.remote_gateway.service import Gateway
 from tandem.sdk import Client
+from tandem.sdk.bench.linksim import LinkProxy
 
 from .conftest import run, serve_in_thread
 

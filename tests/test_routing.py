@@ -287,7 +287,7 @@ def test_route_eval_table_output_and_errors(tmp_path):
 
 def test_importing_routing_stays_light():
     code = (
-        "import sys, tandem.routing, tandem.routing.policy, tandem.routing.base, tandem.sdk.cli_route;"
+        "import sys, tandem.routing, tandem.routing.policy, tandem.routing.base, tandem.sdk.cli.route;"
         "print(sorted(m for m in ('torch','sklearn','sentence_transformers','transformers','matplotlib') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -5,8 +5,23 @@ import math
 import numpy as np
 import pytest
 
-from tandem.routing.base import Calibration, RollingCalibration, calibrate_threshold, query_to_cloud, token_to_cloud, valid_score
-from tandem.routing.metrics import apgr, auc, oracle_curve, quality_curve, random_curve, route_metrics, strong_calls_at
+from tandem.routing.base import (
+    Calibration,
+    RollingCalibration,
+    calibrate_threshold,
+    query_to_cloud,
+    token_to_cloud,
+    valid_score,
+)
+from tandem.routing.metrics import (
+    apgr,
+    auc,
+    oracle_curve,
+    quality_curve,
+    random_curve,
+    route_metrics,
+    strong_calls_at,
+)
 
 # weak right on row 2 only, strong right on rows 0-2: weak 0.25, strong 0.75
 WEAK = [0, 0, 1, 0]

@@ -6,6 +6,7 @@ import contextlib
 from pathlib import Path
 
 import pytest
+
 from tandem.sdk.taskgraph import LLM, Function, Graph, GraphError, Map, Reduce
 from tandem.sdk.taskgraph.graph import render_prompt, template_fields
 from tandem.sdk.taskgraph.spec import load_graph_spec
@@ -132,11 +133,11 @@ nodes:
 @contextlib.asynccontextmanager
 async def _cluster(agents, gateway=None, **coordinator):
     """An amqtt broker, the given agents running, a coordinator (and a gateway bridge) on it."""
-    from tandem.protocols.broker import EmbeddedBroker
     from tandem.protocols.mqtt import MqttTransport
     from tandem.remote_gateway.mqtt_bridge import MqttBridge
-    from tandem.sdk.device_agent import DeviceAgent
     from tandem.sdk.taskgraph import Coordinator
+    from tandem.sdk.taskgraph.agent import DeviceAgent
+    from tandem.sdk.taskgraph.broker import EmbeddedBroker
 
     async with EmbeddedBroker() as broker:
         running = [DeviceAgent(d, broker.url, threads=2, heartbeat_s=0.3, **kw) for d, kw in agents.items()]
@@ -187,7 +188,7 @@ def test_constraints_place_private_and_cloud_nodes(tiny_gateway):
     answer, mine = report.outputs["both"]
     assert isinstance(answer, str) and isinstance(mine, str)
     # each map note is exactly what the model of the device that ran it writes
-    from tandem.local_runtime.engine import generate_alone
+    from tandem.local_runtime.sequence import generate_alone
     from tandem.sdk.taskgraph.library import split_chunks
 
     for i, chunk in enumerate(split_chunks("One two three four. Five six seven eight. Nine ten.", 25)):

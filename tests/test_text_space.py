@@ -7,8 +7,9 @@ of token: words, pieces, CJK, byte fallback) and then the real models.
 
 import pytest
 
-from tandem.local_runtime.engine import Engine, generate_alone
+from tandem.local_runtime.engine import Engine
 from tandem.local_runtime.models import LoadedModel, Tokenizer, load_model, tiny_llama
+from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import TokenizerMismatchError
 from tandem.protocols.messages import CloseSession, OpenSession, VerifyTextRequest
 from tandem.protocols.transport import InProcessTransport
@@ -168,15 +169,15 @@ class TestRealTokenizers:
             ("a  b", "a  b", "a  b"),  # runs of spaces
         ],
     )
-    def test_drafter_resync(self, smol, committed, proposed_text, expect_kept):
-        from tandem.sdk.speculative import _resync
+    def test_drafterresync(self, smol, committed, proposed_text, expect_kept):
+        from tandem.sdk.runs.text import resync
 
         tok = smol.tokenizer
         engine = Engine(smol)
         base = tok.prompt_tokens("prompt", chat=False)
         proposed = tok.encode(proposed_text)
         engine.append(base + proposed)
-        gen = _resync(tok, engine, len(base), [], proposed, committed)
+        gen = resync(tok, engine, len(base), [], proposed, committed)
         assert tok.decode(gen) == committed
         assert engine.tokens == base + gen
         kept = next(j for j in range(len(proposed), -1, -1) if gen[:j] == proposed[:j])

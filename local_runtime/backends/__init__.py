@@ -24,7 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendUnavailable, DraftingEngine, PrefillBackend, missing_extra
+from ...protocols.errors import BackendUnavailable
+from ..draft import DEFAULT_TIE_MARGIN
+from .base import DraftingEngine, PrefillBackend, missing_extra
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -33,8 +35,6 @@ PREFILL_BACKENDS = ("reference-fp32", "cpu-int8", "onnx")
 DRAFTING_BACKENDS = ("torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp", "mlc")
 _ALIASES = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "reference": "torch", "fp32": "torch"}
 
-# prompts shorter than this prefill in the engine itself: a padded chunk would cost more
-MIN_BACKEND_PREFILL = 16
 
 
 def normalize_backend(name: str) -> str:
@@ -97,7 +97,7 @@ class WithPrefill:
         return getattr(self.lm, item)
 
     def new_engine(self, *, tie_margin: float | None = None) -> Any:
-        from ..engine import DEFAULT_TIE_MARGIN, Engine
+        from ..engine import Engine
 
         tie = DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin
         return Engine(self.lm, tie_margin=tie, prefill_backend=self.backend)
@@ -150,27 +150,24 @@ def load_drafter(name: str, backend: str | None = None, *, progress: bool = True
 
 
 def drafter_engine(model: Any, backend: str | None = None) -> DraftingEngine:
-    """A fresh engine (one sequence) over a drafter from `load_drafter`, or over any object with
-    a `new_engine()` method, or over a plain `LoadedModel` (the torch `Engine`)."""
-    from ..engine import Engine
+    """A fresh engine (one sequence) over a drafter from `load_drafter`, or over a plain
+    `LoadedModel` on the torch backends."""
+    from ..models import LoadedModel
 
     backend = normalize_backend(backend) if backend else "torch"
-    if hasattr(model, "new_engine"):
-        return model.new_engine()
-    if backend in ("cpu-int8", "onnx"):
-        return Engine(model, prefill_backend=prefill_backend(backend, model))
-    if backend != "torch":
-        raise BackendUnavailable(f"backend '{backend}' needs its device model from load_drafter")
-    return Engine(model)
+    if isinstance(model, LoadedModel):
+        if backend in ("cpu-int8", "onnx"):
+            return WithPrefill(model, prefill_backend(backend, model)).new_engine()
+        if backend != "torch":
+            raise BackendUnavailable(f"backend '{backend}' needs its device model from load_drafter")
+    return model.new_engine()
 
 
 __all__ = [
     "PrefillBackend",
     "DraftingEngine",
-    "BackendUnavailable",
     "PREFILL_BACKENDS",
     "DRAFTING_BACKENDS",
-    "MIN_BACKEND_PREFILL",
     "split_backend",
     "normalize_backend",
     "prefill_backend",

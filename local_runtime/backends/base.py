@@ -2,9 +2,10 @@
 
     PrefillBackend      prompt in, next-token logits (and the prompt's keys/values) out;
                         what an accelerator runs: fixed-shape chunks, int8, compiled once
-    DraftingEngine      the part of `Engine` the speculative loop drives: a token sequence with a
-                        cache written by position, `draft(k)`, `truncate(pos)`; torch, llama.cpp
-                        and MLC engines all provide it, so the loop runs unchanged on any of them
+    DraftingEngine      the part of a `Sequence` (local_runtime/sequence.py) the speculative loop
+                        drives: tokens with a cache written by position, `draft(k)`,
+                        `truncate(pos)`; every engine extends that base, so the loop runs
+                        unchanged on torch, the lean int8 loop, llama.cpp and MLC
 
 Both report `resident_bytes()`: the memory their copy of the model occupies.
 """
@@ -13,17 +14,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ...protocols.errors import TandemError
+from ...protocols.errors import BackendUnavailable
 
 if TYPE_CHECKING:
     import torch
 
-    from ..engine import Draft
+    from ..draft import Draft
     from ..prefill import PrefillResult
-
-
-class BackendUnavailable(TandemError):
-    """An optional backend whose package is not installed, or that cannot run this model."""
 
 
 @runtime_checkable
@@ -84,4 +81,4 @@ def tensor_bytes(tensors: Any) -> int:
     return total
 
 
-__all__ = ["PrefillBackend", "DraftingEngine", "BackendUnavailable", "missing_extra", "tensor_bytes"]
+__all__ = ["PrefillBackend", "DraftingEngine", "missing_extra", "tensor_bytes"]

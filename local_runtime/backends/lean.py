@@ -17,17 +17,25 @@ fast drafter there.
 from __future__ import annotations
 
 import math
-import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from ..prefill import LINEAR_GROUPS, _cat_linear, _post_attention, _pre_attention, attend, llama_layout, rms_norm
+from ..draft import DEFAULT_TIE_MARGIN
+from ..prefill import (
+    LINEAR_GROUPS,
+    _cat_linear,
+    _post_attention,
+    _pre_attention,
+    attend,
+    llama_layout,
+    rms_norm,
+)
+from ..sequence import Sequence
 from .base import tensor_bytes
 
 if TYPE_CHECKING:
-    from ..engine import Draft
     from ..models import LoadedModel
 
 
@@ -75,40 +83,23 @@ class StaticInt8Model:
         return tensor_bytes(tensors)
 
     def new_engine(self, *, tie_margin: float | None = None) -> "StaticInt8Engine":
-        from ..engine import DEFAULT_TIE_MARGIN
-
         return StaticInt8Engine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
 
 
-class StaticInt8Engine:
-    """The `DraftingEngine` interface over a `StaticInt8Model`."""
+class StaticInt8Engine(Sequence):
+    """The `DraftingEngine` interface over a `StaticInt8Model`: a static cache written by position,
+    so cropping it is only moving the position."""
 
     def __init__(self, model: StaticInt8Model, *, tie_margin: float) -> None:
-        self.lm = model
-        self.tie_margin = tie_margin
+        super().__init__(model, tie_margin=tie_margin)
         lay = model.layout
-        self.tokens: list[int] = []
-        self.cached = 0
-        self.forward_passes = 0
-        self.tie_recomputes = 0
         self._keys = torch.zeros(lay.n_layers, lay.n_kv_heads, model.capacity, lay.head_dim)
         self._values = torch.zeros_like(self._keys)
         self._cos = self._sin = torch.zeros(0)
         self._scale = 1.0 / math.sqrt(lay.head_dim)
 
-    # -- the cache ---------------------------------------------------------------------------
-
-    def reset(self) -> None:
-        self.tokens, self.cached = [], 0
-
-    def append(self, tokens: list[int]) -> None:
-        self.tokens.extend(int(t) for t in tokens)
-
-    def truncate(self, pos: int) -> None:
-        if pos < 0 or pos > len(self.tokens):
-            raise ValueError(f"cannot truncate a sequence of {len(self.tokens)} tokens to {pos}")
-        del self.tokens[pos:]
-        self.cached = min(self.cached, pos)
+    def _crop(self, pos: int) -> bool:
+        return True  # positions past `cached` are overwritten when next computed
 
     def _ensure(self, n: int) -> None:
         if n > self._keys.shape[2]:
@@ -137,68 +128,7 @@ class StaticInt8Engine:
             self._values[i, :, start:upto] = v.transpose(0, 1)
             a = attend(q, self._keys[i, :, :upto], self._values[i, :, :upto], mask, self._scale)
             x = _post_attention(_wo8_linear, x, a, p["o"], p["ln2"], p["gate_up"], p["down"], lay.eps)
-        self.forward_passes += 1
         return _wo8_linear(rms_norm(x[-1:], lay.final_norm, lay.eps), (*m.head, None))[0]
-
-    def next_logits(self) -> torch.Tensor:
-        if not self.tokens:
-            raise RuntimeError("nothing to compute: the sequence is empty")
-        start = min(self.cached, len(self.tokens) - 1)
-        logits = self._forward(start, len(self.tokens))
-        self.cached = len(self.tokens)
-        return logits
-
-    def fresh_logits(self, prefix_len: int) -> torch.Tensor:
-        """Logits after tokens[:prefix_len] recomputed from position 0 in one block (canonical)."""
-        logits = self._forward(0, prefix_len)
-        self.cached = prefix_len
-        return logits
-
-    # -- entry points --------------------------------------------------------------------------
-
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        self.reset()
-        self.append(prompt)
-        return self.next_logits()
-
-    def step(self, token: int) -> torch.Tensor:
-        self.append([token])
-        return self.next_logits()
-
-    def greedy_token(self, logits: torch.Tensor, prefix_len: int) -> int:
-        from ..sampling import top2_margin
-
-        if top2_margin(logits) >= self.tie_margin:
-            return int(torch.argmax(logits))
-        self.tie_recomputes += 1
-        return int(torch.argmax(self.fresh_logits(prefix_len)))
-
-    def draft(self, k: int, *, temperature: float = 0.0, top_p: float = 1.0, generator: Any = None,
-              support: int | None = None) -> "Draft":
-        from ..engine import Draft
-        from ..sampling import DEFAULT_DRAFT_SUPPORT, logits_to_probs, sample_sparse, truncate_support
-
-        t0 = time.perf_counter()
-        out = Draft(tokens=[], probs=[], dists=[] if temperature > 0 else None)
-        if k == 0:
-            return out
-        logits = self.next_logits()
-        for i in range(k):
-            if temperature > 0:
-                ids, probs = truncate_support(logits_to_probs(logits, temperature, top_p), support or DEFAULT_DRAFT_SUPPORT)
-                tok = sample_sparse(ids, probs, generator)
-                q = float(probs[(ids == tok).nonzero()[0, 0]])
-                out.dists.append((ids.tolist(), probs.tolist()))
-            else:
-                tok = int(torch.argmax(logits))
-                q = float(torch.softmax(logits.double(), -1)[tok])
-            out.tokens.append(tok)
-            out.probs.append(q)
-            self.tokens.append(tok)
-            if i < k - 1:
-                logits = self.next_logits()
-        out.seconds = time.perf_counter() - t0
-        return out
 
 
 __all__ = ["StaticInt8Model", "StaticInt8Engine"]

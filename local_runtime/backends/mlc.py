@@ -18,12 +18,11 @@ import math
 import time
 from typing import TYPE_CHECKING, Any
 
-from .base import BackendUnavailable
+from ...protocols.errors import BackendUnavailable
+from ..draft import Draft
+from ..sequence import Sequence
 
 if TYPE_CHECKING:
-    import torch
-
-    from ..engine import Draft
     from ..models import Tokenizer
 
 
@@ -59,23 +58,18 @@ class MlcModel:
         self.engine.terminate()
 
 
-class MlcEngine:
-    """The `DraftingEngine` interface over an MLC engine (greedy drafting)."""
+class MlcEngine(Sequence):
+    """The `DraftingEngine` interface over an MLC engine (greedy drafting). MLC keeps the cache
+    (pages with prefix caching), so this side keeps only the token ids."""
 
     def __init__(self, model: MlcModel) -> None:
-        self.lm = model
-        self.tokens: list[int] = []
+        super().__init__(model)
 
-    def reset(self) -> None:
-        self.tokens = []
+    def _crop(self, pos: int) -> bool:
+        return True  # the next request re-uses MLC's cached prefix up to `pos`
 
-    def append(self, tokens: list[int]) -> None:
-        self.tokens.extend(int(t) for t in tokens)
-
-    def truncate(self, pos: int) -> None:
-        if pos < 0 or pos > len(self.tokens):
-            raise ValueError(f"cannot truncate a sequence of {len(self.tokens)} tokens to {pos}")
-        del self.tokens[pos:]
+    def _forward(self, start: int, upto: int) -> Any:
+        raise BackendUnavailable("the mlc backend drafts greedily through MLC's engine and exposes no logits")
 
     def _complete(self, k: int) -> tuple[list[int], list[float]]:
         resp = self.lm.engine.completions.create(
@@ -87,25 +81,8 @@ class MlcEngine:
         probs = [math.exp(lp) if lp is not None else 1.0 for lp in logprobs][: len(ids)]
         return ids, probs + [1.0] * (len(ids) - len(probs))
 
-    def next_logits(self) -> "torch.Tensor":
-        raise BackendUnavailable("the mlc backend drafts greedily through MLC's engine and exposes no logits")
-
-    def prefill(self, prompt: list[int]) -> "torch.Tensor":
-        self.reset()
-        self.append(prompt)
-        return self.next_logits()
-
-    def step(self, token: int) -> "torch.Tensor":
-        self.append([token])
-        return self.next_logits()
-
-    def greedy_token(self, logits: "torch.Tensor", prefix_len: int) -> int:
-        raise BackendUnavailable("the mlc backend exposes no logits")
-
     def draft(self, k: int, *, temperature: float = 0.0, top_p: float = 1.0, generator: Any = None,
-              support: int | None = None) -> "Draft":
-        from ..engine import Draft
-
+              support: int | None = None) -> Draft:
         if temperature > 0:
             raise BackendUnavailable("the mlc backend drafts greedily only (it exposes no draft distribution)")
         t0 = time.perf_counter()

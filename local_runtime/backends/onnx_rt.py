@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...protocols.errors import BackendUnavailable
 from ..prefill import PrefillResult, calibrate, llama_layout, quantize_layers
 from ..prefill_calibration import calibration_samples
 from ..quant_w8a8 import DEFAULT_SMOOTH
-from .base import BackendUnavailable, missing_extra
+from .base import missing_extra
 
 if TYPE_CHECKING:
     from ..models import LoadedModel

@@ -1,4 +1,6 @@
-"""Task graphs spread over devices: declare (Python or YAML), validate, place (HEFT), run over MQTT.
+"""Task graphs spread over devices: declare (graph.py, or YAML: spec.py), validate, place (HEFT:
+placement.py), run over MQTT (executor.py: the coordinator; run.py, contents.py: one run), on
+device agents (agent.py) reached through a broker (broker.py: amqtt in-process, mosquitto).
 
     from tandem.sdk.taskgraph import Graph, Map, Reduce, Function, Coordinator
 
@@ -7,13 +9,13 @@ The graph model and placement import nothing heavy; running needs the `mqtt` ext
 
 from importlib import import_module
 
-from .graph import LLM, Function, Graph, GraphError, Map, Node, Reduce
-from .placement import Done, Job, PlacementError, Proc, Schedule, Slot, heft
+from ...protocols.errors import GraphError, GraphRunError, PlacementError
+from .graph import LLM, Function, Graph, Map, Node, Reduce
+from .placement import Done, Job, Proc, Schedule, Slot, heft
 
 _LAZY = {
     "Coordinator": ".executor",
-    "RunReport": ".executor",
-    "GraphRunError": ".executor",
+    "RunReport": ".run",
     "load_graph_spec": ".spec",
 }
 

@@ -20,25 +20,16 @@ such a node runs only on that device.
 from __future__ import annotations
 
 import difflib
+import graphlib
 import importlib
 import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from ...protocols.errors import TandemError
+from ...protocols.errors import GraphError
 
 Requires = Literal["gateway"]
-
-
-class GraphError(TandemError):
-    """A graph that cannot run; `problems` lists every reason, one line each."""
-
-    def __init__(self, problems: list[str], name: str = "graph") -> None:
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{name} is invalid ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}")
 
 
 def template_fields(template: str) -> list[str]:
@@ -247,20 +238,8 @@ class Graph:
 
     def order(self) -> list[Node]:
         """The nodes in a dependency order (each after everything it reads)."""
-        by_name, done, out = self.by_name, set(), []
-
-        def visit(node: Node) -> None:
-            if node.name in done:
-                return
-            done.add(node.name)
-            for r in node.reads():
-                if r in by_name:
-                    visit(by_name[r])
-            out.append(node)
-
-        for node in self.nodes:
-            visit(node)
-        return out
+        by_name = self.by_name
+        return [by_name[name] for name in _sorter(self.nodes).static_order()]
 
     def check_inputs(self, values: Mapping[str, Any]) -> None:
         missing = [i for i in self.inputs if i not in values]
@@ -271,13 +250,6 @@ class Graph:
             raise GraphError(problems, f"the inputs of graph '{self.name}'")
 
     # -- YAML ----------------------------------------------------------------------------------
-
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> Graph:
-        """A graph from a YAML file (a path) or YAML text; see `samples/minions.yaml`."""
-        from .spec import load_graph_spec
-
-        return load_graph_spec(source)
 
 
 def _suggest(name: str, choices: Iterable[str]) -> str:
@@ -333,31 +305,24 @@ def _node_problems(node: Node, known: set[str], local: set[str], by_name: dict[s
     return p
 
 
+def _sorter(nodes: list[Node]) -> graphlib.TopologicalSorter:
+    """Each node after the nodes it reads (graph inputs are not nodes, so they do not count)."""
+    names = {n.name for n in nodes}
+    return graphlib.TopologicalSorter({n.name: [r for r in n.reads() if r in names] for n in nodes})
+
+
 def _find_cycle(nodes: list[Node]) -> list[str] | None:
-    """One cycle as a path of names (first == last), or None. Depth-first, three colours."""
-    by_name = {n.name: n for n in nodes}
-    colour: dict[str, int] = {}
-    stack: list[str] = []
-
-    def visit(name: str) -> list[str] | None:
-        colour[name] = 1
-        stack.append(name)
-        for r in by_name[name].reads():
-            if r not in by_name:
-                continue
-            if colour.get(r) == 1:
-                return stack[stack.index(r):] + [r]
-            if r not in colour and (found := visit(r)):
-                return found
-        stack.pop()
-        colour[name] = 2
-        return None
-
-    for n in nodes:
-        if n.name not in colour and (found := visit(n.name)):
-            # report in data-flow order: producer -> consumer
-            return list(reversed(found))
+    """One cycle as a path of names in data-flow order (producer -> consumer, first == last),
+    starting at the node declared first; None when there is none."""
+    try:
+        _sorter(nodes).prepare()
+    except graphlib.CycleError as exc:
+        cycle = list(exc.args[1][:-1])
+        declared = [n.name for n in nodes]
+        start = min(range(len(cycle)), key=lambda i: declared.index(cycle[i]))
+        cycle = cycle[start:] + cycle[:start]
+        return cycle + cycle[:1]
     return None
 
 
-__all__ = ["LLM", "Function", "Graph", "GraphError", "Map", "Node", "Reduce", "function_ref", "render_prompt", "resolve_function", "template_fields"]
+__all__ = ["LLM", "Function", "Graph", "Map", "Node", "Reduce", "function_ref", "render_prompt", "resolve_function", "template_fields"]

@@ -19,11 +19,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ...protocols.errors import TandemError
-
-
-class PlacementError(TandemError):
-    """No processor can run a task (its constraints exclude every device that is up)."""
+from ...protocols.errors import PlacementError
 
 
 @dataclass(frozen=True)
@@ -192,7 +188,6 @@ def serial_time(jobs: Iterable[Job], proc: Proc) -> float:
 __all__ = [
     "Done",
     "Job",
-    "PlacementError",
     "Proc",
     "Schedule",
     "Slot",

@@ -30,7 +30,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .graph import LLM, Function, Graph, GraphError, Map, Node, Reduce
+from ...protocols.errors import GraphError
+from .graph import LLM, Function, Graph, Map, Node, Reduce
 
 
 class NodeSpec(BaseModel):

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .bench import load_prompts
+from .prompts import load_prompts
 
 Progress = Callable[[str], None]
 
@@ -76,10 +76,10 @@ def bench_device(
     """Measure the device backends on `model`; returns the `bench device` JSON object."""
     import torch
 
-    from ..local_runtime.backends import BackendUnavailable, gguf_path, prefill_backend
-    from ..local_runtime.engine import Engine
-    from ..local_runtime.models import load_model
-    from ..protocols.errors import ModelLoadError
+    from ...local_runtime.backends import gguf_path, prefill_backend
+    from ...local_runtime.engine import Engine
+    from ...local_runtime.models import load_model
+    from ...protocols.errors import BackendUnavailable, ModelLoadError
 
     say = progress or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -145,7 +145,7 @@ def bench_device(
         prefill_fns[name] = lambda ids, b=b: b.prefill(ids).logits
 
     if "torch-int8" in wanted:
-        from ..local_runtime.backends.lean import StaticInt8Model
+        from ...local_runtime.backends.lean import StaticInt8Model
 
         t0 = time.perf_counter()
         lean = StaticInt8Model(lm, capacity=tokens + decode_tokens + 8)
@@ -156,7 +156,7 @@ def bench_device(
 
     if "llama.cpp" in wanted:
         try:
-            from ..local_runtime.backends.llamacpp import LlamaCppModel, native_generate_rate
+            from ...local_runtime.backends.llamacpp import LlamaCppModel, native_generate_rate
 
             path = gguf_path(model.partition(":")[0])
             t0 = time.perf_counter()

@@ -8,17 +8,12 @@ import logging
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from ..protocols.errors import TandemError
+from ...protocols.errors import TandemError
+from .common import err, fail
 
 device_app = typer.Typer(help="Device agents for task graphs (MQTT).", no_args_is_help=True)
-err = Console(stderr=True)
 
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @device_app.command("serve")
@@ -34,25 +29,25 @@ def device_serve(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a device agent: announce capabilities, heartbeat, run the tasks sent to this device."""
-    from ..protocols.mqtt import check_device_id
-    from .device_agent import DEFAULT_FUNCTIONS, serve_device
+    from ...protocols.mqtt import check_device_id
+    from ..taskgraph.agent import DEFAULT_FUNCTIONS, serve_device
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     try:
         check_device_id(id)
     except ValueError as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     if power not in (None, "mains", "battery", "unknown"):
-        _fail(f"--power must be mains, battery or unknown, not '{power}'", code=2)
+        fail(f"--power must be mains, battery or unknown, not '{power}'", code=2)
     held: dict[str, str] = {}
     for item in data:
         name, sep, path = item.partition("=")
         if not sep or not name:
-            _fail(f"--data takes NAME=FILE, got '{item}'", code=2)
+            fail(f"--data takes NAME=FILE, got '{item}'", code=2)
         try:
             held[name] = Path(path).read_text()
         except OSError as exc:
-            _fail(f"--data {name}: {exc}", code=2)
+            fail(f"--data {name}: {exc}", code=2)
     err.print(f"device [bold]{id}[/]: model {model}, broker {broker.split('@')[-1]}")
     try:
         serve_device(
@@ -60,7 +55,7 @@ def device_serve(
             functions=tuple(functions) or DEFAULT_FUNCTIONS, heartbeat_s=heartbeat_s,
         )
     except (TandemError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def bench_dag_cmd(
@@ -75,7 +70,7 @@ def bench_dag_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """A task graph over N device agents on a broker, K of them killed mid-run; against 1 device."""
-    from .taskgraph.bench import bench_dag
+    from ..bench.dag import bench_dag
 
     try:
         result = asyncio.run(
@@ -83,9 +78,9 @@ def bench_dag_cmd(
                       rounds=rounds, timeout_s=timeout_s, log=lambda line: err.print(line.strip(), highlight=False))
         )
     except ValueError as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     except TandemError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps(result))
     else:

@@ -10,9 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..protocols.errors import TandemError
-
-err = Console(stderr=True)
+from ...protocols.errors import TandemError
+from .common import err
 
 
 def bench_device_cmd(
@@ -28,7 +27,7 @@ def bench_device_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """On-device engine speed: prefill and decode of every backend, agreement with fp32."""
-    from .bench_device import bench_device
+    from ..bench.device import bench_device
 
     try:
         result = bench_device(

@@ -2,56 +2,31 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from ..protocols.errors import TandemError
-from .client import DEFAULT_DRAFTER, DEFAULT_TARGET
-
-err = Console(stderr=True)
+from ..client import DEFAULT_DRAFTER, DEFAULT_TARGET
+from .common import err, fail, print_result, run
 
 PIPELINE_HELP = ("Draft the next block while a verify is in flight (default: on for a gateway in another "
                  "process). Off is fairer when the gateway shares this machine's cores.")
 PROMPTS_HELP = "Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
 
 def _prompts(path, limit):
-    from .bench import load_prompts
+    from ..bench.prompts import load_prompts
 
     try:
         return load_prompts(path, limit)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
 
 
-def _print(result: dict, title: str, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(result))
-        return
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value")
-    for k, v in result.items():
-        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
-    Console().print(table)
 
-
-def _run(coro):
-    try:
-        return asyncio.run(coro)
-    except TandemError as exc:
-        _fail(str(exc))
 
 
 def speculative(
@@ -67,18 +42,18 @@ def speculative(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
-    from .bench import bench_speculative
+    from ..bench.speculative import bench_speculative
 
-    k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else _fail("--draft-len: a number or 'auto'", 2)
+    k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else fail("--draft-len: a number or 'auto'", 2)
 
     def progress(i, n, rec):
         err.print(f"[{i}/{n}] {len(rec.tokens)} tokens, {rec.usage.rounds} rounds, acceptance {rec.usage.acceptance_rate:.0%}")
 
-    result = _run(bench_speculative(
+    result = run(bench_speculative(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
         draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, progress=progress,
     ))
-    _print(result, "bench speculative", as_json)
+    print_result(result, "bench speculative", as_json)
 
 
 def modes(
@@ -98,7 +73,7 @@ def modes(
 ) -> None:
     """Every mode and `auto` on the same prompts through the same link: seconds per token, cloud
     passes per token, agreement with the cloud model's text."""
-    from .bench import bench_modes
+    from ..bench.speculative import bench_modes
 
     allowed = tuple(m.strip() for m in auto_modes.split(",") if m.strip())
 
@@ -106,12 +81,12 @@ def modes(
         err.print(f"[{i}/{n}] " + ", ".join(f"{m}: {r.usage.wall_s / max(1, len(r.tokens)) * 1000:.0f} ms/tok"
                                               + (f" ({r.mode})" if m == "auto" else "") for m, r in records.items()))
 
-    result = _run(bench_modes(
+    result = run(bench_modes(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
         rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress, token_router=token_router, pipeline=pipeline,
         modes=tuple(m.strip() for m in modes_.split(",") if m.strip()),
     ))
-    _print(result, f"bench modes (rtt {rtt_ms} ms)", as_json)
+    print_result(result, f"bench modes (rtt {rtt_ms} ms)", as_json)
 
 
 def rtt_plot(
@@ -126,10 +101,10 @@ def rtt_plot(
 ) -> None:
     """Seconds per token against RTT for each mode, measured, with the analytical prediction
     (sdk/auto.py, fed with the speeds measured at the lowest RTT) drawn beside."""
-    from ..protocols.linksim import LinkProxy
-    from .bench import bench_modes
-    from .launch import GatewayProcess
-    from .plots import plot_rtt
+    from ..bench.launch import GatewayProcess
+    from ..bench.linksim import LinkProxy
+    from ..bench.plots import plot_rtt
+    from ..bench.speculative import bench_modes
 
     points = sorted(float(x) for x in rtts.split(","))
     prompt_list = _prompts(prompts, limit)
@@ -139,14 +114,14 @@ def rtt_plot(
         for rtt in points:
             err.print(f"rtt {rtt:.0f} ms ...")
             with LinkProxy(gateway.port, delay_ms=rtt / 2) as link:
-                result = _run(bench_modes(drafter=drafter, target=target, prompts=prompt_list,
+                result = run(bench_modes(drafter=drafter, target=target, prompts=prompt_list,
                                           max_new_tokens=max_new_tokens, gateway=link.url))
             result["rtt_ms"] = rtt
             results.append(result)
             err.print(json.dumps(result))
     summary = plot_rtt(results, out)
     summary["png"] = str(out)
-    _print(summary, "seconds per token vs RTT", as_json)
+    print_result(summary, "seconds per token vs RTT", as_json)
 
 
 def register(bench_app: typer.Typer) -> None:

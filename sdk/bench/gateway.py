@@ -23,19 +23,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import resource
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 
-from ..local_runtime.models import LoadedModel, load_model
-from ..protocols.http import HttpTransport
-from ..protocols.messages import CloseSession, OpenSession, VerifyRequest
-from .app import create_app
-from .batching import BatchingConfig
-from .service import Gateway, GatewayLimits
+from ...local_runtime.models import LoadedModel, load_model
+from ...protocols.http import HttpTransport
+from ...protocols.messages import CloseSession, OpenSession, VerifyRequest
+from ...remote_gateway.app import create_app
+from ...remote_gateway.batching import BatchingConfig
+from ...remote_gateway.service import Gateway, GatewayLimits
+from .launch import serving
 
 PROMPTS = [
     "Explain how a hash table works.",
@@ -49,29 +47,6 @@ PROMPTS = [
     "List three uses of a paperclip.",
     "Why is the sky blue?",
 ]
-
-
-@contextmanager
-def serving(app, lifespan: str = "off"):
-    """A uvicorn server for `app` on a free loopback port, in a thread; yields its URL."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan=lifespan, access_log=False))
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 def lookup_draft(context: list[int], k: int) -> list[int]:

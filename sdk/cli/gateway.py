@@ -10,14 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..protocols.errors import TandemError
-
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+from ...protocols.errors import TandemError
+from .common import err, fail
 
 
 def gateway_serve(
@@ -27,23 +21,23 @@ def gateway_serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
 ) -> None:
     """Serve the gateway over HTTP (uvicorn)."""
-    from ..remote_gateway.app import serve
-    from ..remote_gateway.backends import make_backend
-    from ..remote_gateway.config import load_config
-    from ..remote_gateway.service import Gateway
+    from ...remote_gateway.app import serve
+    from ...remote_gateway.backends import make_backend
+    from ...remote_gateway.config import load_config
+    from ...remote_gateway.service import Gateway
 
     try:
         cfg = load_config(config)
         cfg = cfg.model_copy(update={k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None})
         cfg.check_exposure()
     except (ValueError, FileNotFoundError) as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     keys = cfg.keyring()
     try:
         backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled)
         gw = Gateway(limits=cfg.limits(), batching=cfg.batching.config(), backend=backend, replica_id=cfg.replica_id)
     except TandemError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     auth = f"{len(keys)} API key(s)" if keys.required else "no API keys (auth: none)"
     err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port} (replica {gw.replica_id}, {auth})")
     serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level, keys=keys, log_format=cfg.log_format)
@@ -51,7 +45,7 @@ def gateway_serve(
 
 def gateway_new_key(key_id: str = typer.Argument("my-key", help="The id the key will have in the config.")) -> None:
     """Print a new random API key and the config entry that admits it (only its hash)."""
-    from ..remote_gateway.auth import hash_key, new_key
+    from ...remote_gateway.auth import hash_key, new_key
 
     key = new_key()
     print(f"key (give it to the client; it is not stored anywhere): {key}")
@@ -67,12 +61,12 @@ def gateway_route(
     """A reference sticky router: sends each session's requests to the replica that holds it."""
     import uvicorn
 
-    from ..remote_gateway.replicas import StickyRouter, discover
+    from ...remote_gateway.replicas import StickyRouter, discover
 
     try:
         replicas = discover(replica)
     except Exception as exc:  # noqa: BLE001 - any failure to reach a replica ends here
-        _fail(f"could not reach every replica: {exc}")
+        fail(f"could not reach every replica: {exc}")
     router = StickyRouter(replicas)
     err.print(f"router: {', '.join(f'{r}={u}' for r, u in replicas.items())} on http://{host}:{port}")
     uvicorn.run(router.app, host=host, port=port, log_level="warning")
@@ -87,12 +81,12 @@ def bench_gateway_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Many concurrent sessions against one gateway over HTTP, batched vs unbatched in one run."""
-    from ..remote_gateway.bench import bench_gateway
+    from ..bench.gateway import bench_gateway
 
     try:
         result = bench_gateway(model=model, sessions=sessions, rounds=rounds, waves=waves, draft_len=draft_len, progress=err.print)
     except TandemError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps(result))
     else:

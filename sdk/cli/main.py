@@ -1,4 +1,5 @@
-"""The `tandem` command line. Every `--json` output is one JSON object on stdout."""
+"""`tandem generate` and `tandem models`, and the command tree: each group's commands live in
+their own module (bench, gateway, route/policy, dag/device) and register here."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from ..protocols.errors import TandemError
-from .client import DEFAULT_DRAFTER, DEFAULT_TARGET, Client
+from ...protocols.errors import TandemError
+from ..client import DEFAULT_DRAFTER, DEFAULT_TARGET, Client
+from . import bench, dag, device, gateway, route
+from .common import err, fail, origin_legend, origin_writer
 
 app = typer.Typer(help="tandem: a device model drafts, a cloud model verifies.", no_args_is_help=True, add_completion=False)
 gateway_app = typer.Typer(help="Run the cloud gateway.", no_args_is_help=True)
@@ -23,24 +25,12 @@ models_app = typer.Typer(help="Models tandem knows.", no_args_is_help=True)
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(bench_app, name="bench")
 app.add_typer(models_app, name="models")
-from .cli_route import policy_app, route_app  # noqa: E402 - routers and policy files
-
-app.add_typer(route_app, name="route")
-app.add_typer(policy_app, name="policy")
-
-from . import cli_dag  # noqa: E402 - the task-graph commands (device agents, bench dag)
-
-cli_dag.register(app, bench_app)
-
-from . import cli_bench  # noqa: E402 - the benchmark commands live in their own module
-
-cli_bench.register(bench_app)
-
-from . import cli_device  # noqa: E402 - bench device: the on-device backends side by side
-
-cli_device.register(bench_app)
-
-err = Console(stderr=True)
+app.add_typer(route.route_app, name="route")
+app.add_typer(route.policy_app, name="policy")
+dag.register(app, bench_app)
+bench.register(bench_app)
+device.register(bench_app)
+gateway.register(gateway_app, bench_app)
 
 
 class ModeChoice(str, Enum):
@@ -51,17 +41,13 @@ class ModeChoice(str, Enum):
     auto = "auto"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
 
 def _draft_len(value: str):
     if value == "auto":
         return "auto"
     if value.isdigit() and 0 <= int(value) <= 64:
         return int(value)
-    _fail(f"--draft-len must be 'auto' or a number from 0 to 64, not '{value}'", code=2)
+    fail(f"--draft-len must be 'auto' or a number from 0 to 64, not '{value}'", code=2)
 
 
 def _usage_table(record) -> Table:
@@ -99,10 +85,14 @@ def generate(
     policy: Optional[Path] = typer.Option(None, help="A routing policy (YAML) for --mode auto."),
     tag: list[str] = typer.Option([], "--tag", help="A tag describing the request to the policy (repeatable), e.g. --tag privacy."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
+    no_color: bool = typer.Option(False, "--no-color", help="Plain text even on a terminal (so does NO_COLOR=1)."),
 ) -> None:
-    """Generate text; streams it to stdout as it is accepted (the usage table goes to stderr)."""
+    """Generate text; streams it to stdout as it is accepted (the usage table goes to stderr). On a
+    terminal each piece is coloured by who produced it: a draft the cloud accepted, the cloud's
+    own token, or the device alone; piped output is plain text."""
 
     k = _draft_len(draft_len)
+    write = origin_writer(color=not no_color)
 
     async def run():
         async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=k, policy=policy) as client:
@@ -112,34 +102,30 @@ def generate(
             )
             async for piece in gen:
                 if not as_json:
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
+                    write(piece)
             return gen.record
 
     try:
         record = asyncio.run(run())
     except TandemError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     if as_json:
         print(json.dumps({"text": record.text, "mode": record.mode, "usage": record.usage.to_dict(),
                           "tokens": len(record.tokens), "finish_reason": record.finish_reason,
                           "decision": record.decision}, default=str))
     else:
         sys.stdout.write("\n")
+        if write.colored:
+            err.print(origin_legend())
         err.print(_usage_table(record))
-
-
-from . import cli_gateway  # noqa: E402 - gateway serve/new-key/route and bench gateway
-
-cli_gateway.register(gateway_app, bench_app)
 
 
 @models_app.command("list")
 def models_list() -> None:
     """Registered model names (paths and NAME:int8 work too)."""
-    from ..local_runtime.models import known_models
+    from ...local_runtime.models import known_models
 
     for name, about in known_models().items():
         print(f"{name:16s} {about}")

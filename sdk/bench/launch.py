@@ -1,29 +1,30 @@
-"""Start a gateway in its own process on loopback, for the demo and the benchmarks.
+"""Start a gateway on loopback, for the demo, the benchmarks and the tests.
 
-    with GatewayProcess("gemma3-270m") as gw:
+    with GatewayProcess("gemma3-270m") as gw:       # its own process: `tandem gateway serve`
         client = Client(gateway=gw.url)
+    with serving(create_app(gateway)) as url:        # uvicorn in a thread of this process
+        ...
 
-The process is `tandem gateway serve` on a free 127.0.0.1 port; entering waits until /healthz
-answers (a model load takes tens of seconds), leaving stops it.
+Both take a free 127.0.0.1 port; entering waits until the server answers (a model load takes
+tens of seconds), leaving stops it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ...protocols.broker import free_port
 
 
 class GatewayProcess:
@@ -78,4 +79,27 @@ class GatewayProcess:
         self.stop()
 
 
-__all__ = ["GatewayProcess", "free_port"]
+@contextmanager
+def serving(app, lifespan: str = "off"):
+    """A uvicorn server for `app` on a free loopback port, in a thread; yields its URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan=lifespan, access_log=False))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+__all__ = ["GatewayProcess", "free_port", "serving"]

@@ -21,29 +21,24 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachetools import LRUCache
 from pydantic import ValidationError
 
-from ..protocols.broker import BrokerURL
-from ..protocols.errors import TandemError
-from ..protocols.mqtt import (
-    PREFIX,
+from ...protocols.broker import BrokerURL
+from ...protocols.mqtt import PREFIX, Topics, check_device_id, reconnecting
+from ...protocols.taskgraph import (
     DeviceCapabilities,
     Heartbeat,
     Presence,
     TaskAssignment,
     TaskInput,
     TaskResult,
-    Topics,
-    check_device_id,
-    close_client,
-    open_client,
 )
-from .taskgraph.graph import render_prompt, resolve_function
+from .graph import render_prompt, resolve_function
 
 if TYPE_CHECKING:
     import subprocess
@@ -113,7 +108,7 @@ class DeviceAgent:
         self.keep_results = keep_results
         self.lm = None
         self.tokens_per_s: dict[str, float] = {}
-        self.results: OrderedDict[str, TaskResult] = OrderedDict()
+        self.results: LRUCache[str, TaskResult] = LRUCache(max(1, keep_results))  # by task id, for repeats
         self.stats = {"ran": 0, "replayed": 0, "failed": 0}
         self._accepted: set[str] = set()  # queued or running
         self._running: list[str] = []
@@ -131,8 +126,8 @@ class DeviceAgent:
             return
         import torch
 
-        from ..local_runtime.engine import generate_alone
-        from ..local_runtime.models import load_model
+        from ...local_runtime.models import load_model
+        from ...local_runtime.sequence import generate_alone
 
         torch.set_num_threads(self.threads)
         self.lm = load_model(self.model_name, progress=False)
@@ -170,34 +165,27 @@ class DeviceAgent:
             Presence(device_id=self.device_id, online=False).model_dump_json().encode(),
             qos=1, retain=True,
         )
+        async def session(client: aiomqtt.Client, protocol: str) -> None:
+            try:
+                await self._serve(client)
+            except asyncio.CancelledError:
+                # a clean stop says so itself (the will is for unclean ones); never wait long for it
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(client.publish(
+                        self.topics.presence(self.device_id),
+                        Presence(device_id=self.device_id, online=False).model_dump_json().encode(), qos=1, retain=True,
+                    ), 1.0)
+                raise
+            finally:
+                self._client = None
+                self.connected.clear()
+
         try:
-            while True:
-                try:
-                    client, _ = await open_client(
-                        self.broker, identifier=f"tandem-device-{self.device_id}", will=will, persistent=True,
-                        keepalive=max(2, int(self.heartbeat_s * 2)),
-                    )
-                except TandemError as exc:
-                    log.warning("device %s: %s; retrying", self.device_id, exc)
-                    await asyncio.sleep(self.reconnect_s)
-                    continue
-                try:
-                    await self._serve(client)
-                except asyncio.CancelledError:
-                    # a clean stop says so itself (the will is for unclean ones); never wait long for it
-                    with contextlib.suppress(Exception):
-                        await asyncio.wait_for(client.publish(
-                            self.topics.presence(self.device_id),
-                            Presence(device_id=self.device_id, online=False).model_dump_json().encode(), qos=1, retain=True,
-                        ), 1.0)
-                    raise
-                except Exception as exc:  # the broker went away
-                    log.warning("device %s lost the broker (%s); reconnecting", self.device_id, exc)
-                finally:
-                    self._client = None
-                    self.connected.clear()
-                    await close_client(client)
-                await asyncio.sleep(self.reconnect_s)
+            await reconnecting(
+                self.broker, session, name=f"device {self.device_id}", reconnect_s=self.reconnect_s,
+                identifier=f"tandem-device-{self.device_id}", will=will, persistent=True,
+                keepalive=max(2, int(self.heartbeat_s * 2)),
+            )
         finally:
             self._stopping.set()
             worker.cancel()
@@ -279,9 +267,8 @@ class DeviceAgent:
                 self._running.remove(task.task_id)
                 self._accepted.discard(task.task_id)
             if result.ok:
-                self.results[task.task_id] = result
-                while len(self.results) > self.keep_results:
-                    self.results.popitem(last=False)
+                if self.keep_results > 0:  # 0 keeps nothing: every reference is then asked for again
+                    self.results[task.task_id] = result
             await self._send(result)
 
     def execute(self, task: TaskAssignment, received: float | None = None) -> TaskResult:
@@ -329,7 +316,7 @@ class DeviceAgent:
         return inp.value
 
     def _run_llm(self, task: TaskAssignment, values: dict[str, Any], deadline: float | None) -> tuple[str, int]:
-        from ..local_runtime.engine import generate_alone
+        from ...local_runtime.sequence import generate_alone
 
         if self.lm is None or (task.model is not None and task.model != self.model_name):
             raise PermissionError(f"device {self.device_id} does not run model '{task.model or 'any'}'")

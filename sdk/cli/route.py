@@ -13,16 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .common import err, fail
+
 route_app = typer.Typer(help="Query and token routers: evaluate, train, list.", no_args_is_help=True)
 policy_app = typer.Typer(help="Routing policy files: check, schema, explain.", no_args_is_help=True)
-
-err = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -51,22 +45,22 @@ def route_eval(
 ) -> None:
     """Share of strong-model calls each router needs for 95% of the strong model's quality,
     next to random and oracle routing; also writes a quality-vs-cloud-calls plot."""
-    from ..routing.base import DEFAULT_QUERY_ROUTER, query_router_names
-    from ..routing.data import load_table
-    from ..routing.evaluate import evaluate, plot, spread_sample
-
     import numpy as np
+
+    from ...routing.base import DEFAULT_QUERY_ROUTER, query_router_names
+    from ...routing.data import load_table
+    from ...routing.evaluate import evaluate, plot, spread_sample
 
     try:
         table = load_table(data, weak=weak, strong=strong)
     except (FileNotFoundError, ValueError) as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     if only_unseen:
-        from ..routing.evaluate import seen_mask
+        from ...routing.evaluate import seen_mask
 
         table = table.subset(~seen_mask(table))
         if len(table) == 0:
-            _fail("every prompt in this data was seen in training", code=2)
+            fail("every prompt in this data was seen in training", code=2)
     if limit:
         table = table.subset(np.isin(np.arange(len(table)), spread_sample(len(table), limit)))
     if router in (None, ""):
@@ -77,12 +71,12 @@ def route_eval(
         names = [n.strip() for n in router.split(",") if n.strip()]
     unknown = [n for n in names if n not in query_router_names()]
     if unknown:
-        _fail(f"unknown router(s) {', '.join(unknown)} (known: {', '.join(query_router_names())})", code=2)
+        fail(f"unknown router(s) {', '.join(unknown)} (known: {', '.join(query_router_names())})", code=2)
     kwargs = {n: {"use_cache": True} for n in ("embedding", "prefill")} if cache else None
     try:
         res = evaluate(table, names, router_kwargs=kwargs, log=lambda s: err.print(s))
     except (FileNotFoundError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     first = res["routers"][names[0]]
     out = {"data": str(data), "router": names[0], **{k: v for k, v in first.items()}}
     out["seen_in_training"] = res["seen_in_training"]
@@ -118,7 +112,7 @@ def route_train(
     out: Optional[Path] = typer.Option(None, help="Artefact folder (default: the package's routing/artifacts)."),
 ) -> None:
     """Train the query routers on the training part of the shared routing data (deterministic)."""
-    from ..routing.train import train_query_routers
+    from ...routing.train import train_query_routers
 
     try:
         manifest = train_query_routers(
@@ -126,7 +120,7 @@ def route_train(
             per_domain=per_domain, gsm8k_sample=gsm8k_sample, max_tokens=max_tokens, log=lambda s: err.print(s),
         )
     except (FileNotFoundError, ValueError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(json.dumps(manifest))
 
 
@@ -142,7 +136,7 @@ def route_train_token(
 ) -> None:
     """Train the reward token router: a small head on the device model's hidden state predicting
     whether the cloud model's greedy continuation agrees with the device's token."""
-    from ..routing.train_token import train_reward_head
+    from ...routing.train_token import train_reward_head
 
     try:
         report = train_reward_head(
@@ -150,14 +144,14 @@ def route_train_token(
             cloud_model=cloud_model, out=out, reuse=reuse, log=lambda s: err.print(s),
         )
     except (FileNotFoundError, ValueError, ImportError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     print(json.dumps(report))
 
 
 @route_app.command("list")
 def route_list() -> None:
     """Registered query and token routers."""
-    from ..routing.base import DEFAULT_QUERY_ROUTER, query_router_names, token_router_names
+    from ...routing.base import DEFAULT_QUERY_ROUTER, query_router_names, token_router_names
 
     for name, about in query_router_names().items():
         star = " (default)" if name == DEFAULT_QUERY_ROUTER else ""
@@ -176,7 +170,7 @@ def policy_check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Validate a policy file: exit 0, or exit 2 listing each error with its line, field and value."""
-    from ..routing.policy import check_policy_text
+    from ...routing.policy import check_policy_text
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -205,7 +199,7 @@ def policy_check(
 @policy_app.command("schema")
 def policy_schema(out: Optional[Path] = typer.Option(None, help="Write here instead of stdout.")) -> None:
     """The JSON Schema of policy files (for editors)."""
-    from ..routing.policy import policy_json_schema
+    from ...routing.policy import policy_json_schema
 
     text = json.dumps(policy_json_schema(), indent=2)
     if out:
@@ -227,7 +221,8 @@ def policy_explain(
     cloud_tokens_last_minute: int = typer.Option(0, min=0),
 ) -> None:
     """Which mode the policy picks for one request, and why (one JSON object)."""
-    from ..routing.policy import PolicyFileError, RequestContext, load_policy
+    from ...protocols.errors import PolicyFileError
+    from ...routing.policy import RequestContext, load_policy
 
     try:
         policy = load_policy(file)
@@ -235,7 +230,7 @@ def policy_explain(
         sys.stderr.write(str(exc) + "\n")
         raise typer.Exit(2)
     except FileNotFoundError as exc:
-        _fail(str(exc), code=2)
+        fail(str(exc), code=2)
     ctx = RequestContext(
         tags=frozenset(tag), online=not offline, rtt_ms=rtt_ms, difficulty=difficulty,
         cloud_tokens_today=cloud_tokens_today, cloud_tokens_last_minute=cloud_tokens_last_minute,

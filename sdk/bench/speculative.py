@@ -3,55 +3,13 @@
 from __future__ import annotations
 
 import difflib
-import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
-from ..local_runtime.speculative import expected_tokens_per_round
-from .auto import break_even_rtt_s
-from .client import Client
-
-# Where the Spec-Bench prompts live when the repository sits beside `shared/`.
-DEFAULT_PROMPTS = Path("../shared/data/specbench/question.jsonl")
-
-# Used when no prompt file is given and none is found: one per Spec-Bench category.
-BUILTIN_PROMPTS = [
-    "Translate German to English: Das Wetter ist heute schön, und wir gehen in den Park.",
-    "Summarize in two sentences: The city council met on Tuesday to discuss the new park. "
-    "Residents spoke for and against the plan, which would replace a parking lot with trees and benches.",
-    "What is the capital of Australia, and why was it chosen?",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-    "How many clips did Natalia sell altogether in April and May?",
-    "Write a short poem about the sea.",
-    "Explain how a hash table works.",
-]
-
-
-def load_prompts(path: str | Path | None, limit: int | None) -> list[str]:
-    """First user turns of a Spec-Bench style JSONL file, spread evenly over the file (so a
-    small limit still samples every category)."""
-    if path is None and DEFAULT_PROMPTS.exists():
-        path = DEFAULT_PROMPTS
-    if path is None:
-        prompts = list(BUILTIN_PROMPTS)
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise FileNotFoundError(f"prompt file not found: {p}")
-        prompts = []
-        for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompts.append(row["turns"][0] if "turns" in row else row["prompt"])
-            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
-                raise ValueError(f"{p}:{lineno}: expected a JSON object with 'turns' (or 'prompt'): {exc}") from exc
-    if limit is not None and 0 < limit < len(prompts):
-        step = len(prompts) / limit
-        prompts = [prompts[int(i * step)] for i in range(limit)]
-    return prompts
+from ...local_runtime.speculative import expected_tokens_per_round
+from ..auto import break_even_rtt_s
+from ..client import Client
+from .prompts import BUILTIN_PROMPTS
 
 
 @contextmanager
@@ -62,8 +20,8 @@ def gateway_link(target: str, gateway: str = "inproc", rtt_ms: float | None = No
     if rtt_ms is None:
         yield gateway
         return
-    from ..protocols.linksim import LinkProxy
     from .launch import GatewayProcess
+    from .linksim import LinkProxy
 
     if gateway == "inproc":
         with GatewayProcess(target, quiet=True) as proc, LinkProxy(proc.port, delay_ms=rtt_ms / 2) as link:
@@ -253,7 +211,7 @@ async def bench_modes(
     best = min(table[m]["s_per_token"] for m in allowed)
     fastest = min(table[m]["s_per_token"] for m in modes)
     spec, cloud = table.get("speculative"), table.get("cloud")
-    be = break_even_rtt_s(client.estimates, max_new_tokens)
+    be = break_even_rtt_s(client.estimate, max_new_tokens)
     return {
         "modes": table,
         "auto_vs_best": round(table["auto"]["s_per_token"] / best, 3),
@@ -269,8 +227,8 @@ async def bench_modes(
         "max_new_tokens": max_new_tokens,
         "drafter": drafter,
         "target": target,
-        "estimates": client.estimates.to_dict(),
+        "estimates": client.estimate.to_dict(),
     }
 
 
-__all__ = ["bench_speculative", "bench_modes", "gateway_link", "load_prompts", "similarity", "BUILTIN_PROMPTS"]
+__all__ = ["bench_speculative", "bench_modes", "gateway_link", "similarity"]

@@ -26,10 +26,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ...protocols.broker import EmbeddedBroker
-from ..device_agent import spawn_agent, stop_agents
-from .executor import Coordinator, GraphRunError, RunReport
-from .graph import LLM, Function, Graph, Map, Reduce
+from ...protocols.errors import GraphRunError
+from ..taskgraph.agent import spawn_agent, stop_agents
+from ..taskgraph.broker import EmbeddedBroker
+from ..taskgraph.executor import Coordinator
+from ..taskgraph.graph import LLM, Function, Graph, Map, Reduce
+from ..taskgraph.run import RunReport
 
 LIBRARY = "tandem.sdk.taskgraph.library"
 

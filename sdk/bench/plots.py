@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .auto import Estimates, predict_s_per_token
+from ..auto import predict_s_per_token
+from ..estimates import LinkEstimate
 
 
-def crossover_rtt_s(e: Estimates, n_tokens: int, limit_s: float = 2.0) -> float | None:
+def crossover_rtt_s(e: LinkEstimate, n_tokens: int, limit_s: float = 2.0) -> float | None:
     """The smallest RTT at which speculative stops beating cloud, by the model in sdk/auto.py
     (None if it never beats it, or still does at `limit_s`)."""
     probe = copy.copy(e)
@@ -34,7 +35,7 @@ def plot_rtt(results: list[dict], out: str | Path) -> dict:
     import matplotlib.pyplot as plt
 
     results = sorted(results, key=lambda r: r["rtt_ms"] or 0.0)
-    base = Estimates(**results[0]["estimates"])
+    base = LinkEstimate(**results[0]["estimates"])
     base_rtt = base.rtt_s - (results[0]["rtt_ms"] or 0.0) / 1000  # the loopback's own overhead
     n_tokens = results[0]["max_new_tokens"]
     modes = [m for m in results[0]["modes"] if m != "auto"]

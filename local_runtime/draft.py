@@ -1,0 +1,50 @@
+"""What a drafting step produces, and the constants every engine shares (a leaf: imports nothing
+of tandem, so engines and their backends can all import it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Logit gap under which a greedy choice is recomputed canonically (see sequence.py). Block-vs-step
+# differences measured on the bundled models are ~5e-5 (logits of magnitude ~30); this leaves two
+# orders of magnitude of room.
+DEFAULT_TIE_MARGIN = 5e-3
+
+# Prompts shorter than this prefill in the engine itself: a padded fixed-shape chunk would cost more.
+MIN_BACKEND_PREFILL = 16
+
+# How many of the drafter's likeliest tokens a sampled draft distribution keeps.
+DEFAULT_DRAFT_SUPPORT = 64
+
+
+@dataclass
+class Draft:
+    """k proposed tokens, the drafter's probability of each, and (under sampling) the sparse
+    distribution (ids, probs) each was drawn from; `seconds` spent drafting them."""
+
+    tokens: list[int]
+    probs: list[float]
+    dists: list[tuple[list[int], list[float]]] | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def empty(cls, sampled: bool) -> "Draft":
+        return cls([], [], [] if sampled else None)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __add__(self, other: "Draft") -> "Draft":
+        dists = None if self.dists is None else self.dists + (other.dists or [])
+        return Draft(self.tokens + other.tokens, self.probs + other.probs, dists, self.seconds + other.seconds)
+
+    def head(self, n: int) -> "Draft":
+        """The first n tokens."""
+        return Draft(self.tokens[:n], self.probs[:n], None if self.dists is None else self.dists[:n])
+
+    def tail(self, start: int) -> "Draft":
+        """The tokens from index `start` on."""
+        return Draft(self.tokens[start:], self.probs[start:], None if self.dists is None else self.dists[start:])
+
+
+__all__ = ["Draft", "DEFAULT_TIE_MARGIN", "DEFAULT_DRAFT_SUPPORT", "MIN_BACKEND_PREFILL"]

@@ -1,0 +1,198 @@
+"""One token sequence and the cache of a prefix of it: the base every engine extends.
+
+`tokens` is the sequence; the engine's cache (a transformers DynamicCache, llama.cpp's KV memory,
+a static tensor, vLLM's prefix cache...) holds keys/values for the first `cached` of them.
+Appending is free; whatever is not cached yet is computed on the next `next_logits`, `step` or
+`draft`. Rejecting drafts is `truncate(pos)`: the sequence is cut and the cache cropped by moving
+a position, never copied. An engine supplies only two things:
+
+    _forward(start, upto)   evaluate tokens[start:upto] over a cache holding tokens[:start];
+                            return the logits row after token upto - 1 (a 1-D tensor or array)
+    _crop(pos)              drop cached keys/values from position `pos` on (False: cannot, clear)
+
+and may override `fresh_logits` (the canonical recomputation) where it has a cheaper one.
+
+Near ties. A block forward pass and a one-token step compute the same logits in a different
+floating-point order, so when the two best logits are closer than `tie_margin`, `greedy_token`
+takes the argmax of `fresh_logits`: the logits after the exact prefix recomputed in one block from
+an empty cache, a deterministic function of the tokens alone. The verifier (block passes) and
+the target decoding alone (one-token steps) then make the same choice even where their cached
+logits disagree in the last bits.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .draft import DEFAULT_DRAFT_SUPPORT, DEFAULT_TIE_MARGIN, Draft
+from .sampling import logits_to_probs, sample_sparse, top2_margin, truncate_support
+
+
+def _as_tensor(row: Any) -> torch.Tensor:
+    """A logits row as a float tensor that owns its memory (engine buffers are reused)."""
+    if isinstance(row, torch.Tensor):
+        return row.float()
+    return torch.from_numpy(np.array(row, dtype=np.float32, copy=True))
+
+
+def greedy_pick(row: Any) -> tuple[int, float]:
+    """argmax of a logits row and its softmax probability q = 1 / sum(exp(l - l_max)) (the max
+    term is subtracted, so nothing overflows)."""
+    r = row.detach().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
+    tok = int(r.argmax())
+    return tok, 1.0 / float(np.exp(r.astype(np.float64) - float(r[tok])).sum())
+
+
+class Sequence(ABC):
+    def __init__(self, lm: Any, *, tie_margin: float = DEFAULT_TIE_MARGIN) -> None:
+        self.lm = lm
+        self.tie_margin = tie_margin
+        self.tokens: list[int] = []
+        self.cached = 0
+        self.forward_passes = 0
+        self.tie_recomputes = 0
+
+    # -- what an engine implements -------------------------------------------------------------
+
+    @abstractmethod
+    def _forward(self, start: int, upto: int) -> Any:
+        """Evaluate tokens[start:upto] into the cache; the logits row after token upto - 1."""
+
+    @abstractmethod
+    def _crop(self, pos: int) -> bool:
+        """Drop cached keys/values from `pos` on; False if this cache cannot (then it is cleared)."""
+
+    # -- the sequence and its cache ----------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.tokens = []
+        self.truncate_cache(0)
+
+    def append(self, tokens: list[int]) -> None:
+        self.tokens.extend(int(t) for t in tokens)
+
+    def truncate(self, pos: int) -> None:
+        """Keep tokens[:pos]; cached keys/values past it are dropped by moving the position."""
+        if pos < 0 or pos > len(self.tokens):
+            raise ValueError(f"cannot truncate a sequence of {len(self.tokens)} tokens to {pos}")
+        del self.tokens[pos:]
+        self.truncate_cache(pos)
+
+    def truncate_cache(self, pos: int) -> None:
+        """Drop cached keys/values from position `pos` on (the tokens stay, to be recomputed)."""
+        if self.cached > pos:
+            self.cached = pos if self._crop(pos) else 0
+
+    def _evaluate(self, upto: int) -> Any:
+        row = self._forward(self.cached, upto)
+        self.cached = upto
+        self.forward_passes += 1
+        return row
+
+    def _next_row(self) -> Any:
+        """The row after the whole sequence; a fully cached sequence recomputes its last token."""
+        if not self.tokens:
+            raise RuntimeError("nothing to compute: the sequence is empty")
+        if self.cached == len(self.tokens):
+            self.truncate_cache(len(self.tokens) - 1)
+        return self._evaluate(len(self.tokens))
+
+    # -- the usual entry points ----------------------------------------------------------------------
+
+    def next_logits(self) -> torch.Tensor:
+        """Logits for the position after the sequence, computing what is not cached yet."""
+        return _as_tensor(self._next_row())
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        self.reset()
+        self.append(prompt)
+        return self.next_logits()
+
+    def step(self, token: int) -> torch.Tensor:
+        self.append([token])
+        return self.next_logits()
+
+    def fresh_logits(self, prefix_len: int) -> torch.Tensor:
+        """Logits after tokens[:prefix_len] recomputed in one block from an empty cache (canonical)."""
+        self.truncate_cache(0)
+        return _as_tensor(self._evaluate(prefix_len))
+
+    def greedy_token(self, logits: torch.Tensor, prefix_len: int) -> int:
+        """argmax of `logits`, the row predicting position `prefix_len`, with near-ties resolved
+        by the canonical recomputation (see the module docstring)."""
+        if top2_margin(logits) >= self.tie_margin:
+            return int(torch.argmax(logits))
+        self.tie_recomputes += 1
+        return int(torch.argmax(self.fresh_logits(prefix_len)))
+
+    def draft(
+        self,
+        k: int,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        support: int = DEFAULT_DRAFT_SUPPORT,
+    ) -> Draft:
+        """Propose k tokens after the sequence. They are appended to `tokens` (the caller
+        truncates back to what the target accepts); the last one is not yet computed. A drafter's
+        greedy choice need not be canonical: the target decides."""
+        t0 = time.perf_counter()
+        out = Draft.empty(sampled=temperature > 0)
+        if k == 0:
+            return out
+        row = self._next_row()
+        for i in range(k):
+            if temperature > 0:
+                ids, probs = truncate_support(logits_to_probs(_as_tensor(row), temperature, top_p), support)
+                tok = sample_sparse(ids, probs, generator)
+                q = float(probs[(ids == tok).nonzero()[0, 0]])
+                out.dists.append((ids.tolist(), probs.tolist()))
+            else:
+                tok, q = greedy_pick(row)
+            out.tokens.append(tok)
+            out.probs.append(q)
+            self.tokens.append(tok)
+            if i < k - 1:
+                row = self._evaluate(len(self.tokens))
+        out.seconds = time.perf_counter() - t0
+        return out
+
+
+def generate_alone(
+    lm: Any,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    tie_margin: float = DEFAULT_TIE_MARGIN,
+    eos_token_ids: list[int] | None = None,
+) -> Iterator[int]:
+    """One model decoding by itself, one token per step: the reference speculative output is
+    compared against, and the `local`/`cloud` modes. Yields token ids as they are chosen. Every
+    model brings its own engine (`new_engine`: torch, llama.cpp, the lean int8 loop, ...)."""
+    engine = lm.new_engine(tie_margin=tie_margin)
+    eos = set(lm.tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    logits = engine.prefill(prompt)
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            probs = logits_to_probs(logits, temperature, top_p)
+            tok = int(torch.multinomial(probs.float(), 1, generator=gen))
+        else:
+            tok = engine.greedy_token(logits, len(engine.tokens))
+        yield tok
+        if tok in eos:
+            return
+        logits = engine.step(tok)
+
+
+__all__ = ["Sequence", "generate_alone", "greedy_pick", "Draft", "DEFAULT_TIE_MARGIN"]

@@ -1,0 +1,111 @@
+"""The device's side of a gateway: what every run needs from it, in one place.
+
+    request(msg)         send with retries: a reply lost in transit is asked for again
+                         unchanged (the gateway answers a repeated verify with its first reply,
+                         so a session never advances twice)
+    open(msg, probe)     open a session; None when the gateway cannot be reached and the device
+                         may go on alone (`fallback="local"`), else TransportError
+    close(session_id)    best effort: a close that fails changes nothing for the caller
+    shares_tokenizer(f)  whether the target tokenises like the drafter (fingerprint f): verify
+                         token ids, or text
+    measure_rtt()        one light round trip (GET /v1/info), folded into the link estimate
+    counting()           the bytes one run moved up and down (a context that adds them to Usage)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from ...protocols.errors import TandemError, TransportError
+from ...protocols.messages import CloseSession, OpenSession
+from ...protocols.transport import Transport
+from ..estimates import LinkEstimate
+from ..usage import Usage
+
+
+class GatewayLink:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        retries: int = 2,
+        fallback: Literal["local", "error"] = "local",
+        probe_timeout_s: float = 2.0,
+        estimate: LinkEstimate | None = None,
+    ) -> None:
+        self.transport = transport
+        self.retries = retries
+        self.fallback = fallback
+        self.probe_timeout_s = probe_timeout_s
+        self.estimate = estimate if estimate is not None else LinkEstimate()
+        self._fingerprint: str | None = None
+        self._rtt_samples = 0
+
+    async def request(self, msg: Any) -> Any:
+        attempts = 1 + self.retries
+        for attempt in range(attempts):
+            try:
+                return await self.transport.request(msg)
+            except TransportError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+
+    async def open(self, msg: OpenSession, *, probe: bool = False) -> str | None:
+        """The new session's id; None when the gateway is away and the device may go on alone.
+        A probe (trying to rejoin) waits at most `probe_timeout_s` and is not retried."""
+        try:
+            if probe:
+                opened = await asyncio.wait_for(self.transport.request(msg), self.probe_timeout_s)
+            else:
+                opened = await self.request(msg)
+        except (TransportError, asyncio.TimeoutError) as exc:
+            if self.fallback != "local":
+                raise TransportError(f"gateway unreachable and fallback is '{self.fallback}': {exc}") from exc
+            return None
+        return opened.session_id
+
+    async def close(self, session_id: str | None) -> None:
+        if session_id is None:
+            return
+        try:
+            await self.transport.request(CloseSession(session_id=session_id))
+        except TandemError:
+            pass
+
+    async def shares_tokenizer(self, fingerprint: str) -> bool:
+        """Unknown (gateway away) counts as shared: token space, and the fallback takes over if
+        the gateway stays away."""
+        if self._fingerprint is None:
+            try:
+                self._fingerprint = (await self.transport.info()).tokenizer_fingerprint
+            except TransportError:
+                return True
+        return self._fingerprint == fingerprint
+
+    async def measure_rtt(self) -> float | None:
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(self.transport.info(), self.probe_timeout_s)
+        except (TransportError, asyncio.TimeoutError):
+            return None
+        rtt = time.perf_counter() - t0
+        self.estimate.observe_rtt(rtt, first=self._rtt_samples == 0)
+        self._rtt_samples += 1
+        return rtt
+
+    @contextmanager
+    def counting(self, usage: Usage):
+        """Add the bytes moved inside the block to `usage` (also when it fails half-way)."""
+        up, down = self.transport.bytes_up, self.transport.bytes_down
+        try:
+            yield
+        finally:
+            usage.bytes_up += self.transport.bytes_up - up
+            usage.bytes_down += self.transport.bytes_down - down
+
+
+__all__ = ["GatewayLink"]
