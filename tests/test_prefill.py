@@ -1,5 +1,6 @@
 """Chunked prefill: every chunk length and prompt length gives one-shot prefill's answer; W8A8 with
-shadow outliers stays close to float, and the outlier channels are what keeps it close."""
+shadow outliers stays close to float, and the outlier channels are what keeps it close. On both
+architectures: Llama, and Qwen2 (q/k/v biases, tied embeddings, grouped-query attention)."""
 
 import pytest
 import torch
@@ -13,9 +14,12 @@ CHUNKS = [16, 32, 64]
 LENGTHS = [1, 5, 15, 16, 17, 40, 64, 100]  # shorter than a chunk, exact multiples, and not
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return load_model("tiny-llama", progress=False)
+ARCHS = ["tiny-llama", "tiny-qwen2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def tiny(request):
+    return load_model(request.param, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +221,25 @@ def test_mixed_precision_options_are_validated(tiny, stats):
     n = llama_layout(tiny.model).n_layers
     with pytest.raises(ValueError, match=f"out of range for a model of {n} layers"):
         ChunkedPrefill(tiny.model, mode="w8a8", act_absmax=stats, float_layers=(n,))
+
+
+def test_tiny_qwen2_has_what_sets_qwen2_apart():
+    """q/k/v biases large enough to matter, tied embeddings and grouped-query attention: the parts
+    of Qwen2 a Llama-only backend would get wrong, so the tests above would catch it."""
+    lm = load_model("tiny-qwen2", progress=False)
+    lay = llama_layout(lm.model)
+    assert lay.lm_head.data_ptr() == lay.embed.data_ptr()
+    assert lay.n_kv_heads < lay.n_heads
+    for layer in lay.layers:
+        assert all(layer[m].bias is not None and layer[m].bias.abs().mean() > 0.5 for m in ("q", "k", "v"))
+        assert layer["o"].bias is None
+    ids = _prompt(40)
+    ref, _ = _one_shot(lm.model, ids)
+    import copy
+
+    unbiased = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for layer in unbiased.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.zero_()
+    assert (ChunkedPrefill(unbiased, chunk=16).run(ids).logits - ref).abs().max() > 0.1

@@ -106,12 +106,12 @@ class WithPrefill:
         return self.backend.resident_bytes()
 
 
-def gguf_path(name: str) -> Path:
+def gguf_path(name: str, *, progress: bool = True) -> Path:
     """The GGUF file behind a model name: a packaged model's, or the path itself."""
-    from ..models import _PACKAGED, resolve_gguf
+    from ..models import is_packaged, resolve_gguf
 
-    if name in _PACKAGED:
-        return resolve_gguf(name)
+    if is_packaged(name):
+        return resolve_gguf(name, progress=progress)
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return path
@@ -141,7 +141,9 @@ def load_drafter(name: str, backend: str | None = None, *, progress: bool = True
         elif backend == "llama.cpp":
             from .llamacpp import LlamaCppModel
 
-            _drafters[key] = LlamaCppModel(name, gguf_path(name), load_tokenizer(name, progress=progress))
+            _drafters[key] = LlamaCppModel(
+                name, gguf_path(name, progress=progress), load_tokenizer(name, progress=progress)
+            )
         else:
             from .mlc import MlcModel
 

@@ -1,13 +1,18 @@
-"""Write a transformers Llama-architecture model to a float32 GGUF file that llama.cpp loads.
+"""Write a transformers Llama-family model (Llama, Mistral, Qwen2) to a float32 GGUF file that
+llama.cpp loads.
 
-For models that exist only in torch (tests' tiny random Llamas, a fine-tuned drafter) so they can
+For models that exist only in torch (tests' tiny random models, a fine-tuned drafter) so they can
 draft on the llama.cpp backend. The vocabulary written is the model's tokenizer's (as a
 SentencePiece-style token list): llama.cpp only ever sees token ids from tandem, so the list
 matters for loading, not for tokenising.
 
-One conversion detail: transformers rotates query/key pairs (i, i + d/2) ("rotate half"), while
-llama.cpp's Llama graph rotates adjacent pairs (2i, 2i + 1); permuting the rows of the q and k
-projections maps one onto the other (the same permutation llama.cpp's own converter applies).
+Conversion details:
+- transformers rotates query/key pairs (i, i + d/2) ("rotate half"). llama.cpp's Llama graph
+  rotates adjacent pairs (2i, 2i + 1), so the rows of the q and k projections (and their biases)
+  are permuted to map one onto the other, as llama.cpp's own converter does. Its Qwen2 graph
+  rotates halves like transformers, so Qwen2 is written unpermuted, under the `qwen2` architecture.
+- Projection biases (Qwen2's q/k/v) are written beside their weights; tied embeddings write no
+  `output.weight`, and llama.cpp then reads the output layer from `token_embd.weight`.
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ def _permute_for_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, out_dim // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# transformers model type -> llama.cpp architecture, and whether its graph rotates halves (NeoX)
+_ARCHES = {"llama": ("llama", False), "mistral": ("llama", False), "qwen2": ("qwen2", True)}
+
+
 def write_llama_gguf(lm: "LoadedModel", path: str | Path) -> Path:
-    """Write `lm` (a Llama-architecture transformers model) as a float32 GGUF at `path`."""
+    """Write `lm` (a Llama-family transformers model) as a float32 GGUF at `path`."""
     try:
         import gguf  # noqa: PLC0415
     except ImportError as exc:
@@ -39,8 +48,9 @@ def write_llama_gguf(lm: "LoadedModel", path: str | Path) -> Path:
 
     lay = llama_layout(lm.model)
     cfg = lm.model.config
+    arch, rotates_halves = _ARCHES[cfg.model_type]
     path = Path(path)
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name(lm.name)
     w.add_context_length(int(getattr(cfg, "max_position_embeddings", 4096)))
     w.add_embedding_length(lay.hidden)
@@ -83,17 +93,27 @@ def write_llama_gguf(lm: "LoadedModel", path: str | Path) -> Path:
     def f32(t) -> np.ndarray:
         return t.detach().float().numpy().astype(np.float32)
 
+    def linear(prefix: str, module, rope_heads: int | None = None) -> None:
+        """A projection's weight and bias; rows permuted for llama.cpp's pairwise rope if needed."""
+        for kind, t in (("weight", module.weight), ("bias", module.bias)):
+            if t is None:
+                continue
+            data = f32(t)
+            if rope_heads is not None and not rotates_halves:
+                data = _permute_for_rope(data, rope_heads)
+            w.add_tensor(f"{prefix}.{kind}", data)
+
     w.add_tensor("token_embd.weight", f32(lay.embed))
     for i, layer in enumerate(lay.layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", f32(layer["ln1"]))
-        w.add_tensor(f"blk.{i}.attn_q.weight", _permute_for_rope(f32(layer["q"].weight), lay.n_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", _permute_for_rope(f32(layer["k"].weight), lay.n_kv_heads))
-        w.add_tensor(f"blk.{i}.attn_v.weight", f32(layer["v"].weight))
-        w.add_tensor(f"blk.{i}.attn_output.weight", f32(layer["o"].weight))
+        linear(f"blk.{i}.attn_q", layer["q"], lay.n_heads)
+        linear(f"blk.{i}.attn_k", layer["k"], lay.n_kv_heads)
+        linear(f"blk.{i}.attn_v", layer["v"])
+        linear(f"blk.{i}.attn_output", layer["o"])
         w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(layer["ln2"]))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", f32(layer["gate"].weight))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", f32(layer["up"].weight))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", f32(layer["down"].weight))
+        linear(f"blk.{i}.ffn_gate", layer["gate"])
+        linear(f"blk.{i}.ffn_up", layer["up"])
+        linear(f"blk.{i}.ffn_down", layer["down"])
     w.add_tensor("output_norm.weight", f32(lay.final_norm))
     if lay.lm_head.data_ptr() != lay.embed.data_ptr():
         w.add_tensor("output.weight", f32(lay.lm_head))

