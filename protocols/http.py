@@ -31,6 +31,18 @@ def _retry_after(response: httpx.Response) -> float | None:
 API_KEY_ENV = "TANDEM_API_KEY"
 
 
+def parse_chunk(line: str | bytes) -> GenerateChunk:
+    """One line of a generate stream: a chunk, or the error that ended the stream."""
+    try:
+        return GenerateChunk.model_validate_json(line)
+    except ValidationError:
+        try:
+            reply = ErrorReply.model_validate_json(line)
+        except ValidationError as exc:
+            raise gateway_error("internal", f"malformed line in the gateway's stream: {str(line)[:200]}") from exc
+        raise from_reply(reply) from None
+
+
 class HttpTransport(Transport):
     """`headers` go with every request; without an `authorization` header, the key in the
     TANDEM_API_KEY environment variable (if set) is sent as `Bearer <key>`."""
@@ -103,7 +115,7 @@ class HttpTransport(Transport):
                 async for line in response.aiter_lines():
                     if line.strip():
                         self.bytes_down += len(line) + 1
-                        yield GenerateChunk.model_validate_json(line)
+                        yield parse_chunk(line)
         except httpx.TimeoutException as exc:
             raise TransportError(f"gateway at {self.base_url} stopped answering mid-stream") from exc
         except httpx.TransportError as exc:

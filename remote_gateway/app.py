@@ -206,8 +206,11 @@ def _endpoint(op: Operation, gateway: Gateway, principal: Callable) -> Callable:
             return result
 
         async def ndjson():
-            async for chunk in result:
-                yield chunk.model_dump_json() + "\n"
+            try:
+                async for chunk in result:
+                    yield chunk.model_dump_json() + "\n"
+            except GatewayError as exc:  # the status line has gone: the error is the stream's last line
+                yield exc.to_reply().model_dump_json() + "\n"
 
         return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 

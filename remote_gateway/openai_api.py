@@ -29,9 +29,8 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..local_runtime.text import IncrementalDecoder
-from ..protocols.errors import GatewayError, SessionEvictedError, gateway_error
-from ..protocols.messages import AppendRequest, CloseSession, ErrorReply, OpenSession, SamplingParams
+from ..protocols.errors import GatewayError, gateway_error
+from ..protocols.messages import ErrorReply, GenerateRequest, SamplingParams
 from .auth import Principal
 
 DEFAULT_MAX_TOKENS = 256
@@ -109,44 +108,36 @@ class _Completion:
         temperature = 1.0 if req.temperature is None else req.temperature
         sampling = SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed)
         max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, gateway.limits.max_new_tokens)
-        self.open_req = OpenSession(
+        self.request = GenerateRequest(
             prompt_tokens=prompt, tokenizer_fingerprint=tok.fingerprint, sampling=sampling, max_new_tokens=max_new,
         )
         self.stops = _stops(req.stop)
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
-        self._decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
 
     async def start(self) -> None:
         """Open the session now, so that limits and bad requests answer before any streaming."""
-        self.opened = await self.gateway.open(self.open_req, self.principal)
+        self.chunks = await self.gateway.generate(self.request, self.principal)
 
     async def pieces(self) -> AsyncIterator[str]:
-        gateway, opened = self.gateway, self.opened
-        sid, pos, generated = opened.session_id, opened.position, []
-        text, sent, done = "", 0, False
+        """The text as the target decodes it (cloud mode's stream), cut at the first stop
+        sequence; text that might be the start of one is held back until it cannot be."""
+        text, sent = "", 0
         hold = max((len(s) for s in self.stops), default=1) - 1
+        chunks = self.chunks
         try:
-            while True:
-                try:
-                    r = await gateway.append(AppendRequest(session_id=sid, position=pos, tokens=[]), self.principal, strict_limits=False)
-                except SessionEvictedError:
-                    opened = await gateway.open(self.open_req.model_copy(update={"resume_tokens": list(generated)}), self.principal)
-                    sid, pos = opened.session_id, opened.position
-                    continue
-                generated += r.tokens
-                pos, done = r.position, r.finished
-                self.completion_tokens += len(r.tokens)
-                text += self._decoder.push(r.tokens) + (self._decoder.flush() if r.finished else "")
+            async for chunk in chunks:
+                self.completion_tokens += len(chunk.tokens)
+                text += chunk.text
                 cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
                 if cut >= 0:
                     self.finish_reason = "stop"
                     if cut > sent:
                         yield text[sent:cut]
                     return
-                if r.finished:
-                    self.finish_reason = "stop" if r.finish_reason == "eos" else "length"
+                if chunk.finished:
+                    self.finish_reason = "stop" if chunk.finish_reason == "eos" else "length"
                     if len(text) > sent:
                         yield text[sent:]
                     return
@@ -155,11 +146,7 @@ class _Completion:
                     yield text[sent:safe]
                     sent = safe
         finally:
-            if not done:  # a stop sequence, an error or a client gone: free the cache now
-                try:
-                    await gateway.close_session(CloseSession(session_id=sid), self.principal)
-                except GatewayError:
-                    pass
+            await chunks.aclose()  # a stop sequence or a client gone: the session is closed now
 
     def usage(self) -> dict:
         return {

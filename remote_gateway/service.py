@@ -28,9 +28,8 @@ import numpy as np
 
 from ..local_runtime.draft import DEFAULT_TIE_MARGIN
 from ..local_runtime.models import LoadedModel
-from ..local_runtime.sequence import generate_alone
 from ..local_runtime.text import IncrementalDecoder
-from ..protocols.errors import GatewayError, gateway_error
+from ..protocols.errors import GatewayError, SessionEvictedError, gateway_error
 from ..protocols.messages import (
     AppendRequest,
     AppendResult,
@@ -375,45 +374,43 @@ class Gateway:
     # -- cloud mode ------------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest, principal: Principal | None = None) -> AsyncIterator[GenerateChunk]:
-        """Validate now (so errors surface before streaming starts), then stream."""
+        """Cloud mode: the target decodes alone. It is a session like any other: opened now (so
+        limits and bad requests answer before streaming starts), then decoded one step at a time
+        through the batcher, where the steps of every streaming session share one forward pass
+        with each other and with devices' verifies (iteration-level batching), and counted
+        against the same caps and budgets. An evicted session is re-opened where it was."""
         principal = principal or ANONYMOUS
-        if not isinstance(self.backend, TransformersBackend):
-            raise gateway_error("bad_request", "cloud mode (/v1/generate) needs the transformers backend; use /v1/chat/completions")
-        prompt = self._prompt(req)
-        self.limiter.charge(principal, len(prompt))
-        return self._generate_stream(prompt, req, principal)
-
-    async def _generate_stream(self, prompt: list[int], req: GenerateRequest, principal: Principal) -> AsyncIterator[GenerateChunk]:
-        s = req.sampling
-        tokens = generate_alone(
-            self.lm,
-            prompt,
-            req.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=s.seed,
-            tie_margin=self.tie_margin,
+        prompt = self._prompt(req)  # whatever form the prompt came in, a token session decodes it
+        open_req = OpenSession(
+            prompt_tokens=prompt, tokenizer_fingerprint=self.lm.tokenizer.fingerprint, sampling=req.sampling,
+            max_new_tokens=req.max_new_tokens, model=req.model,
         )
-        decoder = IncrementalDecoder(self.lm.tokenizer.decode, skip_ids=self.lm.tokenizer.special_ids)
-        eos = set(self.lm.tokenizer.eos_token_ids)
-        done = object()
-        count = 0
-        while True:
-            tok = await self._run(next, tokens, done)
-            if tok is done:
-                yield GenerateChunk(tokens=[], text=decoder.flush(), finished=True, finish_reason="length")
-                return
-            count += 1
-            self.limiter.charge(principal, 1, strict=False)
-            self.metrics.tokens.labels("generated").inc()
-            if tok in eos:
-                yield GenerateChunk(tokens=[tok], text=decoder.flush(), finished=True, finish_reason="eos")
-                return
-            text = decoder.push([tok])
-            if count >= req.max_new_tokens:
-                yield GenerateChunk(tokens=[tok], text=text + decoder.flush(), finished=True, finish_reason="length")
-                return
-            yield GenerateChunk(tokens=[tok], text=text)
+        opened = await self.open(open_req, principal)
+        return self._decode(open_req, opened, principal)
+
+    async def _decode(self, open_req: OpenSession, opened: SessionOpened, principal: Principal) -> AsyncIterator[GenerateChunk]:
+        tok = self.lm.tokenizer
+        decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
+        sid, pos, generated, finished = opened.session_id, opened.position, [], False
+        try:
+            while not finished:
+                step = AppendRequest(session_id=sid, position=pos, tokens=[])
+                try:
+                    r = await self.append(step, principal, strict_limits=False)
+                except SessionEvictedError:
+                    opened = await self.open(open_req.model_copy(update={"resume_tokens": list(generated)}), principal)
+                    sid, pos = opened.session_id, opened.position
+                    continue
+                generated += r.tokens
+                pos, finished = r.position, r.finished
+                text = decoder.push(r.tokens) + (decoder.flush() if finished else "")
+                yield GenerateChunk(tokens=r.tokens, text=text, finished=finished, finish_reason=r.finish_reason)
+        finally:
+            if not finished:  # the caller went away (or failed): free the cache now
+                try:
+                    await self.close_session(CloseSession(session_id=sid), principal)
+                except GatewayError:
+                    pass
 
 
 __all__ = ["Gateway", "GatewayLimits", "GatewayError", "BatchingConfig"]
