@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +53,10 @@ HELDOUT_MMLU_DOMAINS: frozenset[str] = frozenset(
 
 
 def default_data_dir() -> Path:
-    """../shared/data/routing relative to the repository root (where the shared data lives)."""
-    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "routing"
+    """$TANDEM_ROUTING_DATA when set, else ../shared/data/routing relative to the repository root
+    (where the shared data lives)."""
+    env = os.environ.get("TANDEM_ROUTING_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "routing"
 
 
 @dataclass

