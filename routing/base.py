@@ -379,7 +379,7 @@ register_query_router(
 )
 register_query_router("mf", ".query:MFRouter", "RouteLLM's matrix-factorisation router on the same features")
 register_query_router("knn", ".query:KNNRouter", "similarity-weighted mean gain of the nearest training prompts")
-register_query_router("ensemble", ".query:EnsembleRouter", "mean of calibrated heads, MF and kNN scores")
+register_query_router("ensemble", ".query:EnsembleRouter", "mean of its members' calibrated scores (heads, MF, kNN: the combination cross-validation chose)")
 register_query_router(
     "prefill", ".query:PrefillRouter",
     "the device model's own prefill signals (prompt perplexity, entropy, length) + logistic regression",

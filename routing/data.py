@@ -16,7 +16,8 @@ The held-out split never changes with the files' order or contents:
   files shipped in ../shared/data/routing/mmlu (HELDOUT_MMLU_DOMAINS, 13 domains, about 29% of
   the prompts), so a router is measured on subjects it never saw.
 
-Router artefacts are trained on the rest only (see `routing/train.py`).
+The prefill router is trained on the rest only; the learned routers read every row and are
+judged by grouped cross-validation instead (see `routing/train.py`).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ an `.npz` (float32, float16 for kNN's stored prompts) and rebuild it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -223,10 +222,6 @@ def scorer_from_arrays(z: dict, prefix: str = "scorer_"):
     if kind not in _FAMILIES:
         raise ValueError(f"unknown scorer kind '{kind}' in the artefact")
     return _FAMILIES[kind].from_arrays(z, prefix)
-
-
-def spec_names(specs: Sequence[ScorerSpec]) -> list[str]:
-    return [s.name for s in specs]
 
 
 __all__ = [

@@ -39,6 +39,7 @@ import numpy as np
 
 from .base import Calibration
 from .data import RoutingTable, load_shared, mmlu_domain, prompt_hash, split
+from .features import prompt_features, take
 from .linear import LinearHeads
 from .query import ARTIFACTS
 from .scorers import ScorerSpec, fit_scorer, scorer_to_arrays
@@ -123,8 +124,6 @@ def train_learned_routers(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Select, fit and save every learned family; the manifest's 'learned' section."""
-    from .features import prompt_features
-
     t0 = time.perf_counter()
     X = prompt_features(table.prompts, FEATURES, cache_dir=cache_dir, use_cache=True)
     log(f"features of {len(table)} prompts in {time.perf_counter() - t0:.0f} s")
@@ -134,7 +133,7 @@ def train_learned_routers(
                     "candidates": {n: round(v, 4) for n, v in sel.criteria.items()}, "families": {}}
     for family, specs in CANDIDATES.items():
         best = max(specs, key=lambda s: sel.criteria[s.name])
-        scorer = fit_scorer(best, take_features(X, best), table.weak, table.strong, balance_weights(table))
+        scorer = fit_scorer(best, take(X, FEATURES, best.features), table.weak, table.strong, balance_weights(table))
         path = out / f"{family}_router.npz"
         _save(path, scorer_to_arrays(scorer), sel.oof[best.name],
               {"spec": best.name, "features": best.features, "criterion": sel.criteria[best.name], "n_train": len(table)})
@@ -153,12 +152,6 @@ def train_learned_routers(
             "winners": winners, "metrics": _rounded(per_set_metrics(outer, table)),
         }
     return report
-
-
-def take_features(X: np.ndarray, spec: ScorerSpec) -> np.ndarray:
-    from .features import take
-
-    return take(X, FEATURES, spec.features)
 
 
 def _sample(table: RoutingTable, per_domain: int, others: int) -> RoutingTable:
