@@ -92,6 +92,9 @@ def route_eval(
     first = res["routers"][names[0]]
     out = {"data": str(data), "router": names[0], **{k: v for k, v in first.items()}}
     out["seen_in_training"] = res["seen_in_training"]
+    if res["seen_in_training"]:
+        err.print(f"note: {res['seen_in_training']} of these {len(table)} prompts were seen in training; their numbers "
+                  "are optimistic (unseen prompts are reported apart; cross-validated figures: `tandem route train`)")
     out["routers"] = res["routers"]
     if not no_plot:
         path = plot_path or Path(f"route-eval-{data.stem or 'data'}.png")
