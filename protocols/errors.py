@@ -6,7 +6,9 @@
     │   └── UnsupportedModel      the model's architecture is not one the chunked backends lay out
     ├── ConfigError (ValueError)  a gateway config file that does not validate (names the field)
     ├── PolicyFileError (ValueError)  a routing policy file that does not validate (file:line: field)
-    ├── EmbeddingUnavailable (ImportError)  a router's encoder package is not installed
+    ├── RouterUnavailable         a router cannot score (its FailSafe sends every query to the cloud)
+    │   ├── ArtifactMissing (FileNotFoundError)   its trained weights are not there
+    │   └── EmbeddingUnavailable (ImportError)    its sentence encoder is not installed
     ├── GraphError                a task graph that cannot run (lists every problem)
     ├── GraphRunError             a task graph run that could not complete (has `.report`)
     ├── PlacementError            no device may run a task (its constraints exclude every one)
@@ -64,8 +66,16 @@ class PolicyFileError(TandemError, ValueError):
         super().__init__("\n".join(i.format(filename) for i in issues))
 
 
-class EmbeddingUnavailable(TandemError, ImportError):
-    pass
+class RouterUnavailable(TandemError):
+    """A router that cannot score any query (what it needs is missing)."""
+
+
+class ArtifactMissing(RouterUnavailable, FileNotFoundError):
+    """A trained router's artefact file is not where it should be."""
+
+
+class EmbeddingUnavailable(RouterUnavailable, ImportError):
+    """The sentence encoder a router reads is not installed."""
 
 
 class GraphError(TandemError):
@@ -190,6 +200,8 @@ __all__ = [
     "UnsupportedModel",
     "ConfigError",
     "PolicyFileError",
+    "RouterUnavailable",
+    "ArtifactMissing",
     "EmbeddingUnavailable",
     "GraphError",
     "GraphRunError",

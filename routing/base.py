@@ -20,6 +20,12 @@ query router, 0 for a token router) and counted in `stats`.
 
 Routers are found by name in a registry (`get_query_router("embedding")`); registering takes a
 factory, so nothing heavy is imported until a router is built.
+
+A router that cannot work at all (its artefact or its encoder is missing) raises, from every
+score, a `RouterUnavailable` (`ArtifactMissing`, `EmbeddingUnavailable`: see the error tree in
+protocols/errors.py); its FailSafe escalates every query to the cloud.
+
+`FailSafe` logs each distinct failure once (one clear warning, then only the count grows).
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+
+from ..protocols.errors import RouterUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +148,12 @@ class Calibration:
         q = np.asarray(self.quantiles)
         return float(np.interp(1.0 - cloud_share, np.linspace(0.0, 1.0, len(q)), q))
 
+    def cdf(self, scores: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The fraction of training scores below each score (linear between quantiles): the
+        inverse of `threshold_for_share`, cdf(threshold_for_share(s)) = 1 - s."""
+        q = np.asarray(self.quantiles)
+        return np.interp(np.asarray(scores, dtype=np.float64), q, np.linspace(0.0, 1.0, len(q)))
+
 
 class RollingCalibration:
     """A threshold for a target share of cloud calls from the scores of recent queries (no labels
@@ -207,7 +221,23 @@ class FailSafe:
         self.escalate_score = 1.0 if self.kind == "query" else 0.0
         self.stats = FailSafeStats()
         self._lock = threading.Lock()
+        self._warned: set[str] = set()
         self.calibration = getattr(router, "calibration", None)
+
+    def _warn_once(self, message: str) -> None:
+        """Log a failure the first time it is seen; repeats are only counted."""
+        with self._lock:
+            first = message not in self._warned
+            self._warned.add(message)
+        (log.warning if first else log.debug)("router %s: %s; escalating to the cloud", self.name, message)
+
+    def _escalate_error(self, exc: Exception, count: int = 1) -> float:
+        with self._lock:
+            self.stats.calls += count - 1
+            self.stats.errors += count
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        self._warn_once(self.stats.last_error)
+        return self.escalate_score
 
     def _guard(self, fn: Callable[[], Any]) -> float:
         with self._lock:
@@ -215,16 +245,12 @@ class FailSafe:
         try:
             value = fn()
         except Exception as exc:  # noqa: BLE001 - any failure of a router escalates
-            with self._lock:
-                self.stats.errors += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            log.warning("router %s failed (%s); escalating to the cloud", self.name, self.stats.last_error)
-            return self.escalate_score
+            return self._escalate_error(exc)
         if not valid_score(value):
             with self._lock:
                 self.stats.invalid += 1
                 self.stats.last_error = f"invalid score {value!r}"
-            log.warning("router %s returned an invalid score %r; escalating to the cloud", self.name, value)
+            self._warn_once("returned an invalid score")
             return self.escalate_score
         return float(value)
 
@@ -239,8 +265,13 @@ class FailSafe:
                 raw = np.asarray(many(list(queries)), dtype=np.float64)
                 if raw.shape != (len(queries),):
                     raise ValueError(f"score_many returned shape {raw.shape} for {len(queries)} queries")
+            except RouterUnavailable as exc:  # no query can be scored: all escalate, one warning
+                with self._lock:
+                    self.stats.calls += 1
+                self._escalate_error(exc, count=len(queries))
+                return np.full(len(queries), self.escalate_score)
             except Exception as exc:  # noqa: BLE001 - fall back to one at a time
-                log.warning("router %s: batched scoring failed (%s); scoring one by one", self.name, exc)
+                self._warn_once(f"batched scoring failed ({exc}), scoring one by one")
             else:
                 out = np.empty(len(queries))
                 for i, v in enumerate(raw):
@@ -328,8 +359,11 @@ register_query_router("random", ".query:RandomRouter", "uniform score from a has
 register_query_router("length", ".query:LengthRouter", "longer prompts score higher (a free heuristic)")
 register_query_router(
     "embedding", ".query:EmbeddingRouter",
-    "all-MiniLM-L6-v2 sentence embedding + logistic regression (trained on ../shared/data/routing)",
+    "two logistic heads on text features + all-MiniLM-L6-v2 embedding (trained on ../shared/data/routing)",
 )
+register_query_router("mf", ".query:MFRouter", "RouteLLM's matrix-factorisation router on the same features")
+register_query_router("knn", ".query:KNNRouter", "similarity-weighted mean gain of the nearest training prompts")
+register_query_router("ensemble", ".query:EnsembleRouter", "mean of its members' calibrated scores (heads, MF, kNN: the combination cross-validation chose)")
 register_query_router(
     "prefill", ".query:PrefillRouter",
     "the device model's own prefill signals (prompt perplexity, entropy, length) + logistic regression",

@@ -16,13 +16,15 @@ The held-out split never changes with the files' order or contents:
   files shipped in ../shared/data/routing/mmlu (HELDOUT_MMLU_DOMAINS, 13 domains, about 29% of
   the prompts), so a router is measured on subjects it never saw.
 
-Router artefacts are trained on the rest only (see `routing/train.py`).
+The prefill router is trained on the rest only; the learned routers read every row and are
+judged by grouped cross-validation instead (see `routing/train.py`).
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,8 +54,10 @@ HELDOUT_MMLU_DOMAINS: frozenset[str] = frozenset(
 
 
 def default_data_dir() -> Path:
-    """../shared/data/routing relative to the repository root (where the shared data lives)."""
-    return Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "routing"
+    """$TANDEM_ROUTING_DATA when set, else ../shared/data/routing relative to the repository root
+    (where the shared data lives)."""
+    env = os.environ.get("TANDEM_ROUTING_DATA")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "routing"
 
 
 @dataclass

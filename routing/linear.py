@@ -12,6 +12,8 @@ rows), where Newton converges in a handful of steps and the result is determinis
 Features may first be centred and projected on their top principal components
 (x -> (x - center) @ proj, fitted on the training rows): with hundreds of embedding dimensions
 and a few dozen training domains, the heads otherwise learn directions that only name a domain.
+The first `passthrough` columns (a few hand-made features in front of an embedding) can be kept
+as they are: proj is then block-diagonal, [[I, 0], [0, V]] with V the embedding's directions.
 
 A `LinearHeads` holds one or more such heads on the same features. With two heads named
 `strong` and `weak` (each model's chance of answering correctly), a query router's score is the
@@ -24,6 +26,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+
+def principal_directions(X: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, V): the column means of X and its top `components` principal directions (D, c),
+    the leading eigenvectors of the covariance (X - mean)^T (X - mean), each signed so that its
+    largest-magnitude entry is positive (the same data always gives the same directions)."""
+    X = np.asarray(X, dtype=np.float64)
+    center = X.mean(0)
+    Xc = X - center
+    vals, vecs = np.linalg.eigh(Xc.T @ Xc)
+    V = vecs[:, np.argsort(-vals, kind="stable")[:components]]
+    signs = np.sign(V[np.abs(V).argmax(0), np.arange(V.shape[1])])
+    return center, V * np.where(signs == 0, 1.0, signs)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -91,15 +106,19 @@ class LinearHeads:
         standardize: bool = True,
         components: int | None = None,
         weights: np.ndarray | None = None,
+        passthrough: int = 0,
     ) -> "LinearHeads":
-        """Fit every head on X; `components` projects on that many principal directions first,
-        `weights` weighs the rows of the log-loss."""
+        """Fit every head on X; `components` projects the columns after the first `passthrough`
+        on that many principal directions first, `weights` weighs the rows of the log-loss."""
         X = np.asarray(X, dtype=np.float64)
         center = proj = None
-        if components is not None and components < X.shape[1]:
-            center = X.mean(0)
-            _, _, vt = np.linalg.svd(X - center, full_matrices=False)
-            proj = vt[:components].T
+        rest = X.shape[1] - passthrough
+        if components is not None and components < rest:
+            c_rest, V = principal_directions(X[:, passthrough:], components)
+            center = np.concatenate([np.zeros(passthrough), c_rest])
+            proj = np.zeros((X.shape[1], passthrough + components))
+            proj[:passthrough, :passthrough] = np.eye(passthrough)
+            proj[passthrough:, passthrough:] = V
             X = (X - center) @ proj
         mean = X.mean(0) if standardize else np.zeros(X.shape[1])
         scale = X.std(0) if standardize else np.ones(X.shape[1])
@@ -143,4 +162,4 @@ def load_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-__all__ = ["sigmoid", "fit_logistic", "LinearHeads", "load_npz"]
+__all__ = ["principal_directions", "sigmoid", "fit_logistic", "LinearHeads", "load_npz"]

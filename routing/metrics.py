@@ -19,11 +19,14 @@ The summary numbers follow RouteLLM's evaluation (lm-sys/RouteLLM, routellm/eval
     strong_calls_at(p)  = the smallest share whose accuracy reaches target(p)
     apgr                = (integral over share in [0, 1] of acc - weak_acc) / (strong_acc - weak_acc)
                           (average performance gap recovered)
+    cpt50, cpt80        = strong_calls_at(0.5), strong_calls_at(0.8): RouteLLM's call-performance
+                          thresholds CPT(50%) and CPT(80%), the share of strong calls needed to
+                          recover half (four fifths) of the gap
 
 Baselines, in closed form:
 
     random   E[acc(share)] = weak_acc + share * (strong_acc - weak_acc): a straight line, so
-             strong_calls_at(p) = p and apgr = 1/2
+             strong_calls_at(p) = p and apgr = 1/2 (cpt50 = 0.5, cpt80 = 0.8)
     oracle   sends exactly the prompts only the strong model gets right (g of them) first:
              acc rises by 1/n per call up to share g/n, stays flat over prompts where both agree,
              and falls over prompts only the weak model gets right (sent last);
@@ -61,6 +64,12 @@ class RouteMetrics:
     apgr: float
     random_apgr: float
     oracle_apgr: float
+    cpt50: float
+    random_cpt50: float
+    oracle_cpt50: float
+    cpt80: float
+    random_cpt80: float
+    oracle_cpt80: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,18 +156,14 @@ def route_metrics(scores: Sequence[float], weak: Sequence, strong: Sequence, pct
     """The contract's numbers for one router on one table (router, random and oracle side by side)."""
     w, s = _as01(weak), _as01(strong)
     wa, sa = float(w.mean()), float(s.mean())
-    cur, rnd, orc = quality_curve(scores, w, s), random_curve(w, s), oracle_curve(w, s)
-    return RouteMetrics(
-        n=len(w),
-        weak_accuracy=wa,
-        strong_accuracy=sa,
-        strong_calls_at_95pct=strong_calls_at(cur, wa, sa, pct),
-        random_strong_calls_at_95pct=strong_calls_at(rnd, wa, sa, pct),
-        oracle_strong_calls_at_95pct=strong_calls_at(orc, wa, sa, pct),
-        apgr=apgr(cur, wa, sa),
-        random_apgr=apgr(rnd, wa, sa),
-        oracle_apgr=apgr(orc, wa, sa),
-    )
+    curves = {"": quality_curve(scores, w, s), "random_": random_curve(w, s), "oracle_": oracle_curve(w, s)}
+    fields: dict[str, float] = {}
+    for prefix, c in curves.items():
+        fields[f"{prefix}strong_calls_at_95pct"] = strong_calls_at(c, wa, sa, pct)
+        fields[f"{prefix}apgr"] = apgr(c, wa, sa)
+        fields[f"{prefix}cpt50"] = strong_calls_at(c, wa, sa, 0.5)
+        fields[f"{prefix}cpt80"] = strong_calls_at(c, wa, sa, 0.8)
+    return RouteMetrics(n=len(w), weak_accuracy=wa, strong_accuracy=sa, **fields)
 
 
 def auc(scores: Sequence[float], labels: Sequence) -> float:

@@ -25,6 +25,7 @@ and offending value; `load_policy(path)` raises `PolicyFileError` carrying the s
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ class QueryRouterSpec(_Strict):
     """A query router deciding, for requests no rule matched, between a mode for hard queries
     and one for easy queries."""
 
-    name: str = Field("embedding", description="A registered query router: embedding, prefill, length, random.")
+    name: str = Field("embedding", description="A registered query router: embedding, mf, knn, ensemble, prefill, length, random.")
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="Difficulty at or above which a query is hard. Default 0.5 (no expected gain)."
     )
@@ -559,6 +560,41 @@ def default_policy() -> Policy:
     return Policy(name="default", query_router=QueryRouterSpec(name=DEFAULT_QUERY_ROUTER))
 
 
+def with_query_router_threshold(text: str, router: str, threshold: float) -> str:
+    """A policy file's text with its top-level `query_router` block set to `router` and
+    `threshold` (any `cloud_share` dropped; its modes kept), every other line untouched; the block
+    is appended when the file has none. The result is validated: PolicyFileError if it is not a
+    valid policy.
+
+    The block runs from the line `query_router:` to the next line that starts in column 0 with
+    anything but a comment."""
+    import yaml
+
+    lines = text.splitlines()
+    start = next((i for i, ln in enumerate(lines) if re.match(r"query_router\s*:", ln)), None)
+    end = start
+    if start is not None:
+        end = start + 1
+        while end < len(lines) and (not lines[end].strip() or lines[end][0] in " \t#"):
+            end += 1
+        while end > start + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+            end -= 1  # trailing blank or comment lines belong to what follows
+    old = (yaml.safe_load("\n".join(lines[start:end])) or {}).get("query_router") if start is not None else None
+    spec = dict(old) if isinstance(old, dict) else {}
+    spec.pop("cloud_share", None)
+    spec.update(name=router, threshold=round(float(threshold), 6))
+    block = ["query_router:"] + [f"  {k}: {json.dumps(v)}" for k, v in spec.items()]
+    if start is None:
+        new = lines + ([""] if lines and lines[-1].strip() else []) + block
+    else:
+        new = lines[:start] + block + lines[end:]
+    result = "\n".join(new) + "\n"
+    policy, issues = check_policy_text(result)
+    if policy is None:
+        raise PolicyFileError("<policy>", issues)
+    return result
+
+
 def policy_json_schema() -> dict:
     """The JSON Schema of policy files (for editors: yaml-language-server and the like)."""
     schema = Policy.model_json_schema()
@@ -583,6 +619,7 @@ __all__ = [
     "load_policy",
     "default_policy",
     "policy_json_schema",
+    "with_query_router_threshold",
     "CLOUD_MODES",
     "Objective",
 ]

@@ -3,9 +3,14 @@
     random     a uniform number from a hash of the query: the baseline every router must beat
                (reproducible: the same query always gets the same score)
     length     n / (n + 500) for a prompt of n characters: a free heuristic
-    embedding  all-MiniLM-L6-v2 embedding -> two logistic heads predicting whether the strong
-               and the weak model answer correctly; score = (1 + p_strong - p_weak) / 2, the
-               expected gain of asking the strong model
+    embedding  two logistic heads predicting whether the strong and the weak model answer
+               correctly, on the prompt's text features and its all-MiniLM-L6-v2 embedding;
+               score = (1 + p_strong - p_weak) / 2, the expected gain of asking the strong model
+    mf         RouteLLM's matrix-factorisation router on the same features
+    knn        the similarity-weighted mean gain of the nearest training prompts (MiniLM)
+    ensemble   the mean of its members' calibrated scores
+               (the four learned routers: routing/scorers.py; which hyperparameters and
+               features each uses is chosen by grouped cross-validation, routing/train.py)
     prefill    the device model's own prefill signals (routing/signals.py: prompt length, mean
                log-perplexity, mean entropy) -> the same two heads;
                costs nothing extra where the device prefills the prompt anyway
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..protocols.errors import ArtifactMissing
 from .base import Calibration
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -62,52 +68,89 @@ class LengthRouter:
 
 
 class _TrainedRouter:
-    """Shared by the routers whose two logistic heads live in an artefact file."""
+    """Shared by the routers whose weights and score calibration live in an artefact file. A
+    missing file does not stop the router being built: every score then raises `ArtifactMissing`,
+    which `FailSafe` turns into "send it to the cloud" with one warning."""
 
     name = "trained"
     artifact = ""
 
     def __init__(self, path: str | Path | None = None) -> None:
-        from .linear import LinearHeads, load_npz
+        from .linear import load_npz
 
         self.path = Path(path) if path else ARTIFACTS / self.artifact
+        self.missing: ArtifactMissing | None = None
+        self.arrays: dict[str, np.ndarray] = {}
+        self.calibration: Calibration | None = None
         if not self.path.exists():
-            raise FileNotFoundError(
+            self.missing = ArtifactMissing(
                 f"router '{self.name}' has no trained weights at {self.path}; build them with `tandem route train`"
             )
-        z = load_npz(self.path)
-        self.heads = LinearHeads.from_arrays(z)
-        self.calibration = Calibration(tuple(float(q) for q in z["quantiles"]))
-        self.meta = {k: (v.item() if v.ndim == 0 else v) for k, v in z.items() if k.startswith("meta_")}
+        else:
+            self.arrays = load_npz(self.path)
+            self.calibration = Calibration(tuple(float(q) for q in self.arrays["quantiles"]))
+        self.meta = {k: (v.item() if v.ndim == 0 else v) for k, v in self.arrays.items() if k.startswith("meta_")}
+
+    def require(self) -> None:
+        if self.missing is not None:
+            raise self.missing
 
     def threshold_for_share(self, cloud_share: float) -> float:
         """The threshold sending about `cloud_share` of queries to the cloud (calibrated on the
-        training prompts)."""
+        out-of-fold scores of the training prompts)."""
+        self.require()
         return self.calibration.threshold_for_share(cloud_share)
 
-    def features(self, queries: Sequence[str]) -> np.ndarray:
-        raise NotImplementedError
-
     def score_many(self, queries: Sequence[str]) -> np.ndarray:
-        return self.heads.router_score(self.features(queries))
+        raise NotImplementedError
 
     def score(self, query: str) -> float:
         return float(self.score_many([query])[0])
 
 
-class EmbeddingRouter(_TrainedRouter):
-    name = "embedding"
-    artifact = "embedding_router.npz"
+class LearnedRouter(_TrainedRouter):
+    """One scorer family of routing/scorers.py, fitted by `tandem route train`, on the prompt
+    features its artefact names (routing/features.py)."""
 
     def __init__(self, path: str | Path | None = None, *, cache_dir: str | Path | None = None, use_cache: bool = False) -> None:
         super().__init__(path)
         self.cache_dir = cache_dir
         self.use_cache = use_cache or cache_dir is not None
+        self.scorer = None
+        self.feature_set = str(self.meta.get("meta_features", ""))
+        if self.missing is None:
+            from .scorers import scorer_from_arrays
+
+            self.scorer = scorer_from_arrays(self.arrays)
 
     def features(self, queries: Sequence[str]) -> np.ndarray:
-        from .embed import embed, embed_cached
+        from .features import prompt_features
 
-        return embed_cached(queries, cache_dir=self.cache_dir) if self.use_cache else embed(queries)
+        return prompt_features(list(queries), self.feature_set, cache_dir=self.cache_dir, use_cache=self.use_cache)
+
+    def score_many(self, queries: Sequence[str]) -> np.ndarray:
+        self.require()
+        return self.scorer.score(self.features(queries))
+
+
+class EmbeddingRouter(LearnedRouter):
+    name = "embedding"
+    artifact = "embedding_router.npz"
+
+
+class MFRouter(LearnedRouter):
+    name = "mf"
+    artifact = "mf_router.npz"
+
+
+class KNNRouter(LearnedRouter):
+    name = "knn"
+    artifact = "knn_router.npz"
+
+
+class EnsembleRouter(LearnedRouter):
+    name = "ensemble"
+    artifact = "ensemble_router.npz"
 
 
 class PrefillRouter(_TrainedRouter):
@@ -118,7 +161,10 @@ class PrefillRouter(_TrainedRouter):
         self, path: str | Path | None = None, *, model=None, cache_dir: str | Path | None = None, use_cache: bool = False
     ) -> None:
         super().__init__(path)
+        from .linear import LinearHeads
         from .signals import SIGNAL_NAMES
+
+        self.heads = LinearHeads.from_arrays(self.arrays) if self.missing is None else None
 
         self.model_name = str(self.meta.get("meta_model", "smollm2-135m"))
         self.max_tokens = int(self.meta.get("meta_max_tokens", 256))
@@ -135,6 +181,10 @@ class PrefillRouter(_TrainedRouter):
 
             self._lm = load_model(self.model_name, progress=False)
         return self._lm
+
+    def score_many(self, queries: Sequence[str]) -> np.ndarray:
+        self.require()
+        return self.heads.router_score(self.features(queries))
 
     def features(self, queries: Sequence[str]) -> np.ndarray:
         from .signals import prefill_signals
@@ -154,10 +204,14 @@ class PrefillRouter(_TrainedRouter):
         applied). Only the first `max_tokens` rows are read, as in training."""
         from .signals import signals_from_logits
 
+        self.require()
         ids = list(token_ids)
         k = min(len(ids), self.max_tokens)
         feats = signals_from_logits(logits_rows[:k], ids[:k], len(ids))[self.columns]
         return float(self.heads.router_score(feats[None])[0])
 
 
-__all__ = ["RandomRouter", "LengthRouter", "EmbeddingRouter", "PrefillRouter", "ARTIFACTS"]
+__all__ = [
+    "RandomRouter", "LengthRouter", "LearnedRouter", "EmbeddingRouter", "MFRouter", "KNNRouter", "EnsembleRouter",
+    "PrefillRouter", "ARTIFACTS",
+]

@@ -8,6 +8,7 @@
 """
 
 from ..protocols.errors import (
+    ArtifactMissing,
     AuthenticationError,
     BackendUnavailable,
     ConfigError,
@@ -20,6 +21,7 @@ from ..protocols.errors import (
     PolicyFileError,
     RateLimitError,
     RequestTooLargeError,
+    RouterUnavailable,
     SessionEvictedError,
     TandemError,
     TokenizerMismatchError,
@@ -46,6 +48,8 @@ __all__ = [
     "UnsupportedModel",
     "ConfigError",
     "PolicyFileError",
+    "RouterUnavailable",
+    "ArtifactMissing",
     "EmbeddingUnavailable",
     "GraphError",
     "GraphRunError",

@@ -263,8 +263,10 @@ def test_route_eval_json_contract(tmp_path):
     r = runner.invoke(app, ["route", "eval", "--data", str(path), "--router", "length,random", "--json", "--plot", str(plot)])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    for key in ("n", "strong_calls_at_95pct", "random_strong_calls_at_95pct", "oracle_strong_calls_at_95pct", "apgr"):
+    for key in ("n", "strong_calls_at_95pct", "random_strong_calls_at_95pct", "oracle_strong_calls_at_95pct", "apgr",
+                "cpt50", "cpt80", "random_apgr", "oracle_apgr", "random_cpt50", "oracle_cpt50", "random_cpt80", "oracle_cpt80"):
         assert key in out
+    assert (out["random_cpt50"], out["random_cpt80"]) == (pytest.approx(0.5), pytest.approx(0.8))
     assert out["n"] == 60 and out["router"] == "length"
     assert out["random_strong_calls_at_95pct"] == pytest.approx(0.95)
     assert out["oracle_strong_calls_at_95pct"] <= out["strong_calls_at_95pct"]

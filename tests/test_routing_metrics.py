@@ -49,6 +49,16 @@ def test_strong_calls_and_apgr_by_hand():
     assert (m.n, m.weak_accuracy, m.strong_accuracy) == (4, 0.25, 0.75)
 
 
+def test_cpt50_and_cpt80_by_hand():
+    m = route_metrics([0.9, 0.2, 0.5, 0.1], WEAK, STRONG)
+    # CPT(50%): target 0.25 + 0.5 * 0.5 = 0.5, reached at the first call (share 0.25)
+    # CPT(80%): target 0.65, crossed on the segment 0.5 -> 0.75 at 0.5 + 0.6 * 0.25
+    assert (m.cpt50, m.cpt80) == pytest.approx((0.25, 0.65))
+    assert (m.random_cpt50, m.random_cpt80) == pytest.approx((0.5, 0.8))
+    # oracle: p * (strong - weak)
+    assert (m.oracle_cpt50, m.oracle_cpt80) == pytest.approx((0.25, 0.4))
+
+
 def test_ties_are_averaged_so_a_constant_router_is_random():
     c = quality_curve([0.3] * 4, WEAK, STRONG)
     assert c.accuracy.tolist() == pytest.approx(random_curve(WEAK, STRONG).accuracy.tolist())

@@ -1,90 +1,78 @@
-"""The shipped router artefacts on held-out prompts (slow: they load the sentence encoder or the
-device model). Held out: the GSM8K prompts and MMLU domains that routing/data.py sets aside,
-which `tandem route train` never reads."""
+"""The shipped router artefacts (slow: they load the sentence encoder or the device model):
+small, described by the manifest, deterministic, calibrated, and the default router is the one
+the grouped cross-validation selected."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tandem.routing.base import get_query_router
-from tandem.routing.data import default_data_dir, load_table, split
+from tandem.routing.base import DEFAULT_QUERY_ROUTER, get_query_router
+from tandem.routing.data import default_data_dir, load_table, prompt_hash
 from tandem.routing.evaluate import spread_sample
-from tandem.routing.metrics import route_metrics
 from tandem.routing.query import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 
 SHARED = default_data_dir()
-needs = pytest.mark.skipif(
-    not (SHARED / "gsm8k.csv").exists() or not (ARTIFACTS / "embedding_router.npz").exists(),
-    reason="needs ../shared/data/routing and the trained artefacts",
-)
+LEARNED = ("embedding", "mf", "knn", "ensemble")
+needs_shared = pytest.mark.skipif(not (SHARED / "gsm8k.csv").exists(), reason="needs ../shared/data/routing")
 
 
-@pytest.fixture(scope="module")
-def heldout():
-    _, gsm = split(load_table(SHARED / "gsm8k.csv"))
-    _, mmlu = split(load_table(SHARED / "mmlu"))
-    return {"gsm8k": gsm, "mmlu": mmlu.subset(np.isin(np.arange(len(mmlu)), spread_sample(len(mmlu), 600)))}
+def _manifest() -> dict:
+    return json.loads((ARTIFACTS / "train_manifest.json").read_text())
 
 
-@pytest.fixture(scope="module")
-def embedding_scores(heldout):
-    r = get_query_router("embedding")
-    out = {name: r.score_many(t.prompts) for name, t in heldout.items()}
-    assert r.stats.escalations == 0
-    return out
-
-
-@needs
 def test_artefacts_are_small_and_described():
-    for f in ARTIFACTS.iterdir():
-        assert f.stat().st_size < 2_000_000, f
-    manifest = json.loads((ARTIFACTS / "train_manifest.json").read_text())
-    assert manifest["split"]["heldout_rows"]["gsm8k"] > 200
+    files = {f.name: f.stat().st_size for f in ARTIFACTS.iterdir()}
+    for name in LEARNED:
+        assert f"{name}_router.npz" in files, "the trained routers ship with the package"
+    assert max(files.values()) < 1_500_000 and sum(files.values()) < 3_000_000, files
+    learned = _manifest()["learned"]
+    assert learned["winner"] == DEFAULT_QUERY_ROUTER, "the default router is the winner of the selection"
+    assert set(learned["families"]) == set(LEARNED)
+    nested = learned["nested_cv"]["metrics"]
+    for name in ("gsm8k", "mmlu"):
+        assert nested[name]["apgr"] > nested[name]["random_apgr"]
+        assert nested[name]["cpt50"] < nested[name]["random_cpt50"]
+
+
+@needs_shared
+def test_training_prompts_are_recorded():
     hashes = np.load(ARTIFACTS / "train_prompt_hashes.npy")
-    _, held = split(load_table(SHARED / "gsm8k.csv"))
-    from tandem.routing.data import prompt_hash
-
-    assert not np.isin(np.array([prompt_hash(p) for p in held.prompts], dtype=np.uint64), hashes).any()
+    gsm = load_table(SHARED / "gsm8k.csv")
+    assert np.isin(np.array([prompt_hash(p) for p in gsm.prompts], dtype=np.uint64), hashes).all()
 
 
-@needs
-def test_calibration_hits_the_target_share_on_held_out_prompts(embedding_scores):
-    """Thresholds calibrated without labels on one set of prompts send about the target share of
-    other prompts of the same workload to the cloud: GSM8K (calibrated on its training prompts,
-    applied to the held-out ones) and the held-out MMLU domains (calibrated on every other one of them,
-    unlabelled, as a deployment would on its recent traffic; applied to the rest)."""
-    from tandem.routing.base import Calibration, RollingCalibration
-
-    router = get_query_router("embedding")
-    train, _ = split(load_table(SHARED / "gsm8k.csv"))
-    cal = Calibration.from_scores(router.score_many(train.prompts))
-    s = embedding_scores["gsm8k"]
-    for share in (0.2, 0.5, 0.7):
-        got = float(np.mean(s >= cal.threshold_for_share(share)))
-        assert got == pytest.approx(share, abs=0.06), (share, got)
-    s = embedding_scores["mmlu"]
-    roll = RollingCalibration(router.calibration, window=1000, min_scores=100)
-    for x in s[::2]:
-        roll.observe(x)
-    rest = s[1::2]
-    for share in (0.2, 0.5, 0.7):
-        got = float(np.mean(rest >= roll.threshold_for_share(share)))
-        assert got == pytest.approx(share, abs=0.06), (share, got)
+@pytest.mark.parametrize("name", LEARNED + ("random", "length"))
+def test_every_router_scores_deterministically(name):
+    prompts = ["What is 2 + 2?", "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+               "Which of the following is NOT a prime?\nA. 2\nB. 3\nC. 4\nD. 5\nAnswer:"]
+    # keyword arguments build a fresh instance each time
+    kwargs = {"random": {"seed": 0}, "length": {"half_at": 500}}.get(name, {"use_cache": False})
+    a, b = (get_query_router(name, fail_safe=False, **kwargs) for _ in range(2))
+    sa, sb = np.asarray(a.score_many(prompts)), np.asarray(b.score_many(prompts))
+    assert np.array_equal(sa, sb) and np.all((sa >= 0) & (sa <= 1))
+    assert np.array_equal(sa, np.asarray(a.score_many(prompts)))
+    # one at a time: the same up to float rounding (the encoder pads a batch)
+    assert [a.score(p) for p in prompts] == pytest.approx(sa.tolist(), abs=1e-6)
 
 
-@needs
-def test_embedding_router_beats_random_on_held_out(embedding_scores, heldout):
-    for name, t in heldout.items():
-        m = route_metrics(embedding_scores[name], t.weak, t.strong)
-        assert m.apgr > 0.5, (name, m)
-    m = route_metrics(embedding_scores["gsm8k"], heldout["gsm8k"].weak, heldout["gsm8k"].strong)
-    assert m.strong_calls_at_95pct < m.random_strong_calls_at_95pct
+@needs_shared
+def test_default_router_calibration_carries_over():
+    """The shipped calibration (quantiles of out-of-fold scores) sends about the target share of
+    the shared prompts to the cloud when applied to the router refitted on all of them."""
+    t = load_table(SHARED / "mmlu")
+    g = load_table(SHARED / "gsm8k.csv")
+    idx = spread_sample(len(t), 560)
+    prompts = [t.prompts[i] for i in idx] + g.prompts[::19]
+    r = get_query_router(DEFAULT_QUERY_ROUTER)
+    s = r.score_many(prompts)
+    assert r.stats.escalations == 0
+    for share in (0.2, 0.5):
+        assert float(np.mean(s >= r.calibration.threshold_for_share(share))) == pytest.approx(share, abs=0.05)
 
 
-@needs
 def test_prefill_router_from_the_engine_matches_its_own_prefill():
     assert (ARTIFACTS / "prefill_router.npz").exists(), "the trained prefill router ships with the package"
     import torch

@@ -15,8 +15,13 @@ from rich.table import Table
 
 from .common import err, fail
 
-route_app = typer.Typer(help="Query and token routers: evaluate, train, list.", no_args_is_help=True)
+route_app = typer.Typer(help="Query and token routers: evaluate, train, calibrate, list.", no_args_is_help=True)
 policy_app = typer.Typer(help="Routing policy files: check, schema, explain.", no_args_is_help=True)
+
+# routers reading per-prompt features that the on-disk cache can keep
+CACHED_ROUTERS = ("embedding", "mf", "knn", "ensemble", "prefill")
+METRIC_COLUMNS = ("strong_calls_at_95pct", "apgr", "cpt50", "cpt80")
+
 
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -43,8 +48,9 @@ def route_eval(
     cache: bool = typer.Option(True, help="Keep per-prompt features in the on-disk cache ($TANDEM_CACHE_DIR)."),
     only_unseen: bool = typer.Option(False, help="Judge only prompts the trained routers never saw in training."),
 ) -> None:
-    """Share of strong-model calls each router needs for 95% of the strong model's quality,
-    next to random and oracle routing; also writes a quality-vs-cloud-calls plot."""
+    """Share of strong-model calls each router needs for 95% of the strong model's quality, and
+    RouteLLM's APGR, CPT(50%) and CPT(80%), next to random and oracle routing; also writes a
+    quality-vs-cloud-calls plot."""
     import numpy as np
 
     from ...routing.base import DEFAULT_QUERY_ROUTER, query_router_names
@@ -72,7 +78,7 @@ def route_eval(
     unknown = [n for n in names if n not in query_router_names()]
     if unknown:
         fail(f"unknown router(s) {', '.join(unknown)} (known: {', '.join(query_router_names())})", code=2)
-    kwargs = {n: {"use_cache": True} for n in ("embedding", "prefill")} if cache else None
+    kwargs = {n: {"use_cache": True} for n in CACHED_ROUTERS} if cache else None
     try:
         res = evaluate(table, names, router_kwargs=kwargs, log=lambda s: err.print(s))
     except (FileNotFoundError, ImportError) as exc:
@@ -80,6 +86,9 @@ def route_eval(
     first = res["routers"][names[0]]
     out = {"data": str(data), "router": names[0], **{k: v for k, v in first.items()}}
     out["seen_in_training"] = res["seen_in_training"]
+    if res["seen_in_training"]:
+        err.print(f"note: {res['seen_in_training']} of these {len(table)} prompts were seen in training; their numbers "
+                  "are optimistic (unseen prompts are reported apart; cross-validated figures: `tandem route train`)")
     out["routers"] = res["routers"]
     if not no_plot:
         path = plot_path or Path(f"route-eval-{data.stem or 'data'}.png")
@@ -89,23 +98,78 @@ def route_eval(
         print(json.dumps(out))
         return
     t = Table(title=f"route eval: {data} ({len(table)} prompts, weak {first['weak_accuracy']:.1%}, strong {first['strong_accuracy']:.1%})")
-    for col in ("router", "strong calls @95%", "APGR", "unseen n", "unseen calls @95%", "unseen APGR", "escalations"):
+    for col in ("router", "strong calls @95%", "APGR", "CPT(50%)", "CPT(80%)", "unseen n", "unseen calls @95%",
+                "unseen APGR", "escalations"):
         t.add_column(col)
     for name, m in res["routers"].items():
         u = m.get("unseen") or {}
-        t.add_row(name, _fmt(m["strong_calls_at_95pct"]), _fmt(m["apgr"]), _fmt(u.get("n")),
+        t.add_row(name, *(_fmt(m[k]) for k in METRIC_COLUMNS), _fmt(u.get("n")),
                   _fmt(u.get("strong_calls_at_95pct")), _fmt(u.get("apgr")), str(m["escalations"]))
-    t.add_row("random", _fmt(first["random_strong_calls_at_95pct"]), _fmt(first["random_apgr"]), "", "", "", "")
-    t.add_row("oracle", _fmt(first["oracle_strong_calls_at_95pct"]), _fmt(first["oracle_apgr"]), "", "", "", "")
+    for base in ("random", "oracle"):
+        t.add_row(base, *(_fmt(first[f"{base}_{k}"]) for k in METRIC_COLUMNS), "", "", "", "")
     Console().print(t)
     if "plot" in out:
         err.print(f"plot: {out['plot']}")
 
 
+@route_app.command("calibrate")
+def route_calibrate(
+    share: float = typer.Option(..., "--share", min=0.0, max=1.0, help="Target share of queries sent to the cloud."),
+    router: Optional[str] = typer.Option(None, "--router", help="Query router (default: the one `auto` mode uses)."),
+    policy: Path = typer.Option(Path("policy.yaml"), "--policy", help="Policy file to write the threshold into (created when absent)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Calibrate on these prompts (a CSV or folder; e.g. recent traffic) instead of the router's training prompts."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Find the threshold that sends `--share` of queries to the cloud and write it, with the
+    router's name, into the policy file's `query_router` block (other lines are kept)."""
+    from ...protocols.errors import PolicyFileError
+    from ...routing.base import (
+        DEFAULT_QUERY_ROUTER,
+        calibrate_threshold,
+        get_query_router,
+        query_router_names,
+    )
+    from ...routing.policy import with_query_router_threshold
+
+    name = router or DEFAULT_QUERY_ROUTER
+    if name not in query_router_names():
+        fail(f"unknown router {name} (known: {', '.join(query_router_names())})", code=2)
+    r = get_query_router(name, **({"use_cache": True} if name in CACHED_ROUTERS else {}))
+    if data is not None:
+        from ...routing.data import load_table
+
+        try:
+            prompts = load_table(data).prompts
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc), code=2)
+        scores = r.score_many(prompts)
+        if r.stats.escalations:
+            fail(f"router '{name}' could not score {r.stats.escalations} of {len(prompts)} prompts ({r.stats.last_error})")
+        threshold, source = calibrate_threshold(scores, share), f"{len(prompts)} prompts of {data}"
+    else:
+        if r.calibration is None:
+            fail(f"router '{name}' has no calibration of its own (give --data, or train it with `tandem route train`)")
+        threshold, source = r.calibration.threshold_for_share(share), "the router's training prompts (out-of-fold scores)"
+    text = policy.read_text(encoding="utf-8") if policy.exists() else "version: 1\n"
+    try:
+        policy.write_text(with_query_router_threshold(text, name, threshold), encoding="utf-8")
+    except PolicyFileError as exc:
+        fail(f"{policy}: not a valid policy after the change:\n{exc}", code=2)
+    out = {"router": name, "share": share, "threshold": threshold, "calibrated_on": source, "policy": str(policy)}
+    if as_json:
+        print(json.dumps(out))
+    else:
+        err.print(f"{policy}: query_router {name}, threshold {threshold:.4f} (about {share:.0%} of queries to the cloud; "
+                  f"calibrated on {source})")
+
+
 @route_app.command("train")
 def route_train(
     data: Optional[Path] = typer.Option(None, help="Folder with gsm8k.csv and mmlu/ (default ../shared/data/routing)."),
-    routers: str = typer.Option("embedding,prefill", help="Which query routers to train."),
+    routers: str = typer.Option("learned", help="What to train: learned (embedding, mf, knn, ensemble), prefill."),
+    nested: bool = typer.Option(True, help="Also run the nested cross-validation that reports the selection's worth."),
     per_domain: int = typer.Option(5, min=1, help="Prefill router: training prompts per MMLU domain."),
     gsm8k_sample: int = typer.Option(120, min=1, help="Prefill router: GSM8K training prompts."),
     max_tokens: int = typer.Option(128, min=8, help="Prefill router: prompt tokens read."),
@@ -117,7 +181,8 @@ def route_train(
     try:
         manifest = train_query_routers(
             data_dir=data, out=out, routers=tuple(r.strip() for r in routers.split(",") if r.strip()),
-            per_domain=per_domain, gsm8k_sample=gsm8k_sample, max_tokens=max_tokens, log=lambda s: err.print(s),
+            per_domain=per_domain, gsm8k_sample=gsm8k_sample, max_tokens=max_tokens, nested=nested,
+            log=lambda s: err.print(s),
         )
     except (FileNotFoundError, ValueError, ImportError) as exc:
         fail(str(exc))
