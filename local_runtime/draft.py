@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Logit gap under which a greedy choice is recomputed canonically (see sequence.py). Block-vs-step
-# differences measured on the bundled models are ~5e-5 (logits of magnitude ~30); this leaves two
-# orders of magnitude of room.
+# Logit gap under which a greedy choice is recomputed canonically (see sequence.py); each model
+# carries the margin for how it computes (`model.tie_margin`), which every engine over it uses.
+# float32 (torch): block-vs-step differences on the bundled models are ~5e-5 (logits of
+# magnitude ~30), two orders of magnitude below the margin.
 DEFAULT_TIE_MARGIN = 5e-3
+# bfloat16 (torch): 8 bits of mantissa, so block and step logits differ far more than in float32.
+BF16_TIE_MARGIN = 0.5
 
 # Prompts shorter than this prefill in the engine itself: a padded fixed-shape chunk would cost more.
 MIN_BACKEND_PREFILL = 16
@@ -47,4 +50,4 @@ class Draft:
         return Draft(self.tokens[start:], self.probs[start:], None if self.dists is None else self.dists[start:])
 
 
-__all__ = ["Draft", "DEFAULT_TIE_MARGIN", "DEFAULT_DRAFT_SUPPORT", "MIN_BACKEND_PREFILL"]
+__all__ = ["Draft", "DEFAULT_TIE_MARGIN", "BF16_TIE_MARGIN", "DEFAULT_DRAFT_SUPPORT", "MIN_BACKEND_PREFILL"]

@@ -54,16 +54,17 @@ class Engine(Sequence):
 
     @torch.inference_mode()
     def _run(self, start: int, upto: int, last: bool) -> torch.Tensor:
-        positions = torch.arange(start, upto)
+        device = self.lm.model.device
+        positions = torch.arange(start, upto, device=device)
         out = self.lm.model(
-            input_ids=torch.tensor([self.tokens[start:upto]]),
+            input_ids=torch.tensor([self.tokens[start:upto]], device=device),
             cache=self.kv_cache(),
             use_cache=True,
             position_ids=positions[None],
             cache_position=positions,
             logits_to_keep=1 if last else 0,
         )
-        return out.logits[0].float()
+        return out.logits[0].float().cpu()  # decisions are made on the host
 
     def _forward(self, start: int, upto: int) -> torch.Tensor:
         return self._run(start, upto, last=True)[-1]
@@ -81,9 +82,10 @@ class Engine(Sequence):
 
     @torch.inference_mode()
     def fresh_logits(self, prefix_len: int) -> torch.Tensor:
-        out = self.lm.model(input_ids=torch.tensor([self.tokens[:prefix_len]]), use_cache=False, logits_to_keep=1)
+        ids = torch.tensor([self.tokens[:prefix_len]], device=self.lm.model.device)
+        out = self.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         self.forward_passes += 1
-        return out.logits[0, -1].float()
+        return out.logits[0, -1].float().cpu()
 
     # -- an accelerated prompt prefill ----------------------------------------------------------------
 

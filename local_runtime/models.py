@@ -108,12 +108,19 @@ class LoadedModel:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def tie_margin(self) -> float:
+        """The near-tie margin for this model's arithmetic (draft.py)."""
+        from .draft import BF16_TIE_MARGIN, DEFAULT_TIE_MARGIN
+
+        dtype = next(self.model.parameters()).dtype
+        return DEFAULT_TIE_MARGIN if dtype.itemsize >= 4 else BF16_TIE_MARGIN
+
     def new_engine(self, *, tie_margin: float | None = None):
         """A fresh torch `Engine` (one sequence) over this model."""
-        from .draft import DEFAULT_TIE_MARGIN
         from .engine import Engine
 
-        return Engine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
+        return Engine(self, tie_margin=self.tie_margin if tie_margin is None else tie_margin)
 
     def param_bytes(self) -> int:
         seen, total = set(), 0
@@ -205,24 +212,40 @@ def resolve_gguf(name: str, *, progress: bool = True) -> Path:
     return path
 
 
+# The default pair: Qwen2.5-Coder 0.5B drafting on llama.cpp for the 1.5B (one tokenizer: they
+# verify token ids). A gateway may run its target on llama.cpp (compute-bound on a CPU) or in
+# torch (`:bf16`/`:fp32`, memory-bound on a GPU or with AVX512-BF16), see the README.
+DEFAULT_DRAFTER = "qwen2.5-coder-0.5b@llama.cpp"
+DEFAULT_TARGET = "qwen2.5-coder-1.5b@llama.cpp"
+
 _cache: dict[str, LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
+VARIANTS = ("int8", "bf16", "fp32")
+
+
 def load_model(name: str, *, progress: bool = True) -> LoadedModel:
-    """Load a model by registry name or path; `NAME:int8` quantises its linear layers' weights."""
+    """Load a model by registry name or path. A variant names how its weights are held:
+    `NAME:int8` (weight-only int8, per output channel), `NAME:bf16` (bfloat16: what a GPU runs;
+    on a CPU fast only with AVX512-BF16 or AMX), `NAME:fp32` (float32, the default)."""
     with _cache_lock:
         if name in _cache:
             return _cache[name]
         base, _, variant = name.partition(":")
-        if variant not in ("", "int8"):
-            raise ModelLoadError(f"unknown model variant ':{variant}' in '{name}' (known: ':int8')")
-        lm = _load_base(base, progress=progress)
+        if variant not in ("", *VARIANTS):
+            raise ModelLoadError(f"unknown model variant ':{variant}' in '{name}' (known: {', '.join(':' + v for v in VARIANTS)})")
+        lm = _load_base(base, progress=progress) if variant != "bf16" else None
         if variant == "int8":
             from .quant import quantize_int8
 
             model = quantize_int8(_clone_module(lm.model))
             lm = LoadedModel(name=name, model=model, tokenizer=lm.tokenizer, source=lm.source + " (int8 weights)")
+        elif variant == "bf16":
+            bf16 = _load_base(base, progress=progress, dtype="bfloat16")
+            lm = LoadedModel(name=name, model=bf16.model, tokenizer=bf16.tokenizer, source=bf16.source + " (bfloat16 weights)")
+        elif variant == "fp32":
+            lm = LoadedModel(name=name, model=lm.model, tokenizer=lm.tokenizer, source=lm.source)
         _cache[name] = lm
         return lm
 
@@ -233,9 +256,17 @@ def _clone_module(model: Any) -> Any:
     return copy.deepcopy(model)
 
 
-def _load_base(name: str, *, progress: bool) -> LoadedModel:
-    if name in _cache:
+def _load_base(name: str, *, progress: bool, dtype: str = "float32") -> LoadedModel:
+    """The model behind a name, its weights in `dtype` (only float32 loads are cached: a
+    bfloat16 one is loaded straight in that dtype, never beside a float32 copy)."""
+    if dtype == "float32" and name in _cache:
         return _cache[name]
+    if dtype != "float32" and (name in _TINY or ("@" in name and name.partition("@")[0] in _TINY)):
+        import torch
+
+        tiny = _load_base(name, progress=progress)
+        return LoadedModel(name=name, model=_clone_module(tiny.model).to(getattr(torch, dtype)), tokenizer=tiny.tokenizer,
+                           source=tiny.source)
     if name in _TINY:
         lm = _tiny(name)
     elif "@" in name and name.partition("@")[0] in _TINY:
@@ -243,7 +274,7 @@ def _load_base(name: str, *, progress: bool) -> LoadedModel:
         lm = _tiny(tiny, load_tokenizer(tokenizer_of, progress=progress))
         lm.name = name
     elif is_packaged(name):
-        lm = _load_hf(name, resolve_gguf(name, progress=progress), progress=progress)
+        lm = _load_hf(name, resolve_gguf(name, progress=progress), progress=progress, dtype=dtype)
     else:
         path = Path(name).expanduser()
         if not path.exists():
@@ -251,8 +282,9 @@ def _load_base(name: str, *, progress: bool) -> LoadedModel:
                 f"unknown model '{name}': not a registered name ({', '.join(known_models())}) "
                 f"and no file or directory at {path}"
             )
-        lm = _load_hf(name, path, progress=progress)
-    _cache[name] = lm
+        lm = _load_hf(name, path, progress=progress, dtype=dtype)
+    if dtype == "float32":
+        _cache[name] = lm
     return lm
 
 
@@ -338,7 +370,7 @@ def _status(progress: bool, message: str):
     return Console(stderr=True).status(message, spinner="dots")
 
 
-def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
+def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -> LoadedModel:
     try:
         import torch
         import transformers
@@ -359,7 +391,7 @@ def _load_hf(name: str, path: Path, *, progress: bool) -> LoadedModel:
     with _status(progress, f"loading {name} from {path.name} ..."), _gguf_conversion_bar(progress):
         try:
             hf_tok = _hf_tokenizer(path)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"could not load model '{name}' from {path}: {exc}") from exc
     model.eval()

@@ -74,6 +74,10 @@ class Sequence(ABC):
         self.tokens = []
         self.truncate_cache(0)
 
+    def release(self) -> None:
+        """The sequence is over: free what it holds (engines sharing a pool give its slot back)."""
+        self.reset()
+
     def append(self, tokens: list[int]) -> None:
         self.tokens.extend(int(t) for t in tokens)
 
@@ -173,7 +177,7 @@ def generate_alone(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int | None = None,
-    tie_margin: float = DEFAULT_TIE_MARGIN,
+    tie_margin: float | None = None,
     eos_token_ids: list[int] | None = None,
 ) -> Iterator[int]:
     """One model decoding by itself, one token per step: the reference speculative output is

@@ -21,49 +21,31 @@ tokens at once:
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 
-from ..local_runtime.draft import DEFAULT_TIE_MARGIN
 from ..local_runtime.models import LoadedModel, load_model
 from ..local_runtime.sequence import Sequence
 from ..protocols.errors import ModelLoadError
 from .batching import SessionEngine, forward_packed, install
-
-
-class TargetBackend(ABC):
-    lm: Any  # .name, .tokenizer (local_runtime.models.Tokenizer), .vocab_size
-    batched: bool = False  # whether forward() packs several sessions into one pass
-    supports_sampling: bool = True
-
-    @property
-    def name(self) -> str:
-        return self.lm.name
-
-    @abstractmethod
-    def new_engine(self, tie_margin: float = DEFAULT_TIE_MARGIN) -> Any: ...
-
-    @abstractmethod
-    def forward(self, engines: list) -> list[torch.Tensor]: ...
-
-    def fill(self, engine, upto: int) -> None:
-        self.forward_one(engine, upto)
-
-    def forward_one(self, engine, upto: int | None = None) -> torch.Tensor:
-        return engine.compute(upto)
+from .target import TargetBackend
 
 
 class TransformersBackend(TargetBackend):
     """The target model in this process (transformers), batched by packing (see batching.py)."""
 
-    def __init__(self, model: str | LoadedModel, *, batching: bool = True) -> None:
+    def __init__(self, model: str | LoadedModel, *, batching: bool = True, device: str = "cpu",
+                 threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.lm = model if isinstance(model, LoadedModel) else load_model(model)
+        if device != "cpu":
+            self.lm = on_device(self.lm, device)
         self.batched = batching and install(self.lm.model)
 
-    def new_engine(self, tie_margin: float = DEFAULT_TIE_MARGIN) -> SessionEngine:
-        return SessionEngine(self.lm, tie_margin=tie_margin)
+    def new_engine(self, tie_margin: float | None = None) -> SessionEngine:
+        return SessionEngine(self.lm, tie_margin=self.lm.tie_margin if tie_margin is None else tie_margin)
 
     def forward(self, engines: list[SessionEngine]) -> list[torch.Tensor]:
         if len(engines) == 1 or not self.batched:
@@ -72,6 +54,24 @@ class TransformersBackend(TargetBackend):
 
     def fill(self, engine: SessionEngine, upto: int) -> None:
         engine.fill_cache(upto)
+
+    def kv_bytes_per_token(self) -> int:
+        cfg = self.lm.model.config
+        cfg = getattr(cfg, "text_config", None) or cfg
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        element = next(self.lm.model.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * element
+
+
+def on_device(lm: LoadedModel, device: str) -> LoadedModel:
+    """The model moved to `device` ("cuda", "cuda:1"); refused clearly where there is none."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{device}' was asked for, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use device: cpu")
+    if not device.startswith(("cuda", "cpu")):
+        raise ModelLoadError(f"unknown device '{device}' (cpu, cuda, cuda:N)")
+    return LoadedModel(name=lm.name, model=lm.model.to(device), tokenizer=lm.tokenizer, source=lm.source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +118,7 @@ class VllmBackend(TargetBackend):
         self.lm = _VllmModelInfo(model, tokenizer, vocab)
         self.logprobs = logprobs
 
-    def new_engine(self, tie_margin: float = DEFAULT_TIE_MARGIN) -> VllmSequence:
+    def new_engine(self, tie_margin: float | None = None) -> VllmSequence:
         return VllmSequence(self.lm)
 
     def fill(self, engine: VllmSequence, upto: int) -> None:
@@ -160,17 +160,47 @@ class _VllmModelInfo:
         self.model = None
 
 
-BACKENDS = {"transformers": TransformersBackend, "vllm": VllmBackend}
+BACKENDS = ("transformers", "llama.cpp", "vllm")
 
 
-def make_backend(kind: str, model: str | LoadedModel, *, batching: bool = True) -> TargetBackend:
+def split_target(model: str) -> tuple[str, str | None]:
+    """`NAME@llama.cpp` -> ("NAME", "llama.cpp"); a name without a backend suffix -> (name, None)."""
+    base, at, suffix = model.rpartition("@")
+    if at and suffix in ("llama.cpp", "llamacpp", "transformers", "torch", "vllm"):
+        return base, {"llamacpp": "llama.cpp", "torch": "transformers"}.get(suffix, suffix)
+    return model, None
+
+
+def make_backend(
+    kind: str | None,
+    model: str | LoadedModel,
+    *,
+    batching: bool = True,
+    device: str = "cpu",
+    threads: int | None = None,
+    max_sessions: int = 64,
+) -> TargetBackend:
+    """The backend that runs `model`: `kind`, or the one its name asks for (`NAME@llama.cpp`),
+    else transformers. `device` (transformers): "cpu" or "cuda"; `threads`: CPU threads."""
+    if isinstance(model, str):
+        model, suffix = split_target(model)
+        if suffix is not None and kind not in (None, suffix):
+            raise ValueError(f"model '{model}@{suffix}' names backend '{suffix}' but the config says '{kind}'")
+        kind = kind if kind is not None else suffix
+    kind = kind or "transformers"
     if kind == "transformers":
-        return TransformersBackend(model, batching=batching)
+        return TransformersBackend(model, batching=batching, device=device, threads=threads)
+    if device != "cpu":
+        raise ValueError(f"device '{device}' needs backend transformers (llama.cpp here runs on the CPU)")
+    if not isinstance(model, str):
+        raise ValueError(f"the {kind} backend takes a model name or path")
+    if kind == "llama.cpp":
+        from .llamacpp_target import LlamaCppTarget
+
+        return LlamaCppTarget(model, n_threads=threads, max_sessions=min(max_sessions, 32))
     if kind == "vllm":
-        if not isinstance(model, str):
-            raise ValueError("the vLLM backend takes a model name or path")
         return VllmBackend(model)
     raise ValueError(f"unknown backend '{kind}' (known: {', '.join(BACKENDS)})")
 
 
-__all__ = ["TargetBackend", "TransformersBackend", "VllmBackend", "VllmSequence", "make_backend", "BACKENDS"]
+__all__ = ["TargetBackend", "TransformersBackend", "VllmBackend", "VllmSequence", "make_backend", "split_target", "BACKENDS"]

@@ -63,9 +63,10 @@ class SessionEngine(Engine):
         new = self.tokens[self.cached : upto]
         if not new:
             return
-        positions = torch.arange(self.cached, upto)
+        device = self.lm.model.device
+        positions = torch.arange(self.cached, upto, device=device)
         self.lm.model(
-            input_ids=torch.tensor([new]), cache=self.kv_cache(), use_cache=True,
+            input_ids=torch.tensor([new], device=device), cache=self.kv_cache(), use_cache=True,
             position_ids=positions[None], logits_to_keep=1,
         )
         self.cached = upto
@@ -106,15 +107,15 @@ class RaggedBatch:
                     layer.values = layer.values[..., :offset, :]
 
 
-def _window_mask(q_len: int, offset: int, window: int | None) -> torch.Tensor | None:
+def _window_mask(q_len: int, offset: int, window: int | None, device=None) -> torch.Tensor | None:
     """Boolean (q_len, offset + q_len) mask: query j sits at position offset + j and sees keys at
     positions <= its own, and on a sliding layer only the last `window` of them (transformers'
     rule: kv > q - window). None when that is every key (a single query without a window)."""
     kv_len = offset + q_len
     if q_len == 1 and (window is None or kv_len <= window):
         return None
-    q = torch.arange(offset, kv_len)[:, None]
-    kv = torch.arange(kv_len)[None, :]
+    q = torch.arange(offset, kv_len, device=device)[:, None]
+    kv = torch.arange(kv_len, device=device)[None, :]
     mask = kv <= q
     if window is not None:
         mask &= kv > q - window
@@ -140,7 +141,7 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     outs = []
     for (s, e), (k, v), offset in zip(batch.segments, batch.kv[module.layer_idx], batch.offsets):
         q = query[:, :, s:e]
-        mask = _window_mask(e - s, offset, sliding_window)
+        mask = _window_mask(e - s, offset, sliding_window, q.device)
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         if softcap is None:
             outs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling))
@@ -202,15 +203,16 @@ def forward_packed(model, engines: list[SessionEngine]) -> list[torch.Tensor]:
     _active.batch = batch
     try:
         out = model(
-            input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]), cache=batch,
-            attention_mask=_NO_MASK, use_cache=True,
+            input_ids=torch.tensor([ids], device=model.device), position_ids=torch.tensor([positions], device=model.device),
+            cache=batch,
+            attention_mask=_NO_MASK.to(model.device), use_cache=True,
         )
     except BaseException:
         batch.rollback()
         raise
     finally:
         _active.batch = None
-    logits = out.logits[0].float()
+    logits = out.logits[0].float().cpu()
     rows = []
     for e, (s, t) in zip(engines, batch.segments):
         e.cached = len(e.tokens)

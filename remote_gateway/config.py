@@ -22,6 +22,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..local_runtime.models import DEFAULT_TARGET
 from .auth import KeyRing
 from .batching import BatchingConfig
 from .service import GatewayLimits
@@ -60,8 +61,12 @@ class BatchingSettings(BaseModel):
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("gemma3-270m", description="target model: a registered name, a path, NAME:int8")
-    backend: Literal["transformers", "vllm"] = Field("transformers", description="what runs the target model")
+    model: str = Field(DEFAULT_TARGET, description="target model: a registered name or path; NAME:bf16|fp32|int8 "
+                       "picks the torch weights, NAME@llama.cpp the llama.cpp backend")
+    backend: Literal["transformers", "llama.cpp", "vllm"] | None = Field(
+        None, description="what runs the target model (default: what the model name says, else transformers)")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="transformers backend: cpu, or cuda (refused without CUDA)")
+    threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: every core this process may use)")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535)
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$", description="prefix of this replica's session ids")

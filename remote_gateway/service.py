@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..local_runtime.draft import DEFAULT_TIE_MARGIN
-from ..local_runtime.models import LoadedModel
+from ..local_runtime.models import DEFAULT_TARGET, LoadedModel
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import GatewayError, SessionEvictedError, gateway_error
 from ..protocols.messages import (
@@ -47,11 +46,12 @@ from ..protocols.messages import (
     VerifyTextResult,
 )
 from .auth import ANONYMOUS, Principal
-from .backends import TargetBackend, TransformersBackend
+from .backends import make_backend
 from .batching import Batcher, BatchingConfig, Block
 from .limits import RateLimiter
 from .metrics import GatewayMetrics
 from .sessions import Session, SessionStore
+from .target import TargetBackend
 from .verify import Verifier, replay_key
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,10 @@ class GatewayLimits:
 class Gateway:
     def __init__(
         self,
-        model: str | LoadedModel = "gemma3-270m",
+        model: str | LoadedModel = DEFAULT_TARGET,
         limits: GatewayLimits | None = None,
         *,
-        tie_margin: float = DEFAULT_TIE_MARGIN,
+        tie_margin: float | None = None,
         batching: BatchingConfig | None = None,
         backend: TargetBackend | None = None,
         replica_id: str | None = None,
@@ -87,9 +87,9 @@ class Gateway:
     ) -> None:
         """`clock` (seconds, monotonic) times session expiry and rate limits; tests pass a fake."""
         batching = batching or BatchingConfig()
-        self.backend = backend or TransformersBackend(model, batching=batching.enabled)
-        self.lm = self.backend.lm
         self.limits = limits or GatewayLimits()
+        self.backend = backend or make_backend(None, model, batching=batching.enabled, max_sessions=self.limits.max_sessions)
+        self.lm = self.backend.lm
         self.tie_margin = tie_margin
         self.replica_id = replica_id or secrets.token_hex(3)
         self.auth_required = auth_required
@@ -99,6 +99,7 @@ class Gateway:
             lim.max_sessions, lim.session_ttl_s, replica=self.replica_id, max_per_key=lim.max_sessions_per_key,
             kv_budget_bytes=None if lim.kv_cache_budget_mb is None else int(lim.kv_cache_budget_mb * 2**20),
             on_evict=lambda reason: self.metrics.evictions.labels(reason).inc(), clock=clock,
+            bytes_per_token=self.backend.kv_bytes_per_token(),
         )
         self.limiter = RateLimiter(lim.tokens_per_minute_per_key, clock=clock)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-model")
@@ -163,6 +164,12 @@ class Gateway:
         if len(tokens) > self.limits.max_prompt_tokens:
             raise gateway_error(
                 "too_large", f"prompt of {len(tokens)} tokens exceeds this gateway's limit of {self.limits.max_prompt_tokens}"
+            )
+        longest = self.backend.max_sequence_tokens
+        if longest is not None and len(tokens) + max_new_tokens > longest:
+            raise gateway_error(
+                "too_large", f"a prompt of {len(tokens)} tokens and max_new_tokens {max_new_tokens} exceed the "
+                f"{longest} tokens a session of this gateway's backend can hold",
             )
         if max_new_tokens > self.limits.max_new_tokens:
             raise gateway_error(
@@ -240,7 +247,11 @@ class Gateway:
             session.text = session.decoder.text
             session.text_pending = len(session.decoder.pending_text()) > 0
         engine_len = len(prompt) + len(resume)
-        self.sessions.add(session, max_per_key=principal.max_sessions, need_bytes=self.sessions.bytes_for(engine_len))
+        try:
+            self.sessions.add(session, max_per_key=principal.max_sessions, need_bytes=self.sessions.bytes_for(engine_len))
+        except BaseException:
+            engine.release()
+            raise
         try:
             if engine_len > 1:
                 # prefill everything but the last token (each verify starts by feeding it), in
@@ -251,7 +262,7 @@ class Gateway:
                         await self._run(self.backend.fill, engine, upto)
         except BaseException:
             self.sessions.discard(session.id)
-            engine.reset()
+            engine.release()
             raise
         self.sessions.make_room(keep=session.id)
         self.stats["opened"] += 1
@@ -368,7 +379,7 @@ class Gateway:
 
     async def close_session(self, req: CloseSession, principal: Principal | None = None) -> SessionClosed:
         session = self.sessions.pop(req.session_id, (principal or ANONYMOUS).id)
-        session.engine.reset()
+        session.engine.release()
         return SessionClosed(session_id=session.id, generated_tokens=session.generated)
 
     # -- cloud mode ------------------------------------------------------------------------------

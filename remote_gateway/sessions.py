@@ -88,6 +88,7 @@ class SessionStore:
         on_evict=None,
         clock: Callable[[], float] = time.monotonic,
         finished_memory: int = 256,
+        bytes_per_token: int = 0,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
@@ -102,7 +103,7 @@ class SessionStore:
         self._finished: TTLCache[str, Session] = TTLCache(finished_memory, ttl_s, timer=clock)
         self._evicted: TTLCache[str, _Tombstone] = TTLCache(4096, max(3600.0, 4 * ttl_s), timer=clock)
         self._per_key: dict[str, int] = {}
-        self._bytes_per_token: int | None = None
+        self.bytes_per_token = bytes_per_token  # of one cached token's keys and values (0: unknown)
         self.expired = 0
         self.evicted = 0
 
@@ -115,26 +116,14 @@ class SessionStore:
     # -- memory ----------------------------------------------------------------------------------
 
     def kv_bytes(self, session: Session) -> int:
-        """Bytes held by a session's KV cache: cached tokens x bytes per token (measured once)."""
-        cached = session.engine.cached
-        if cached == 0:
-            return 0
-        if self._bytes_per_token is None:
-            total = 0
-            for layer in getattr(session.engine._cache, "layers", []):
-                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    if t is not None and t.dim() == 4:
-                        total += t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()
-            if total == 0:
-                return 0
-            self._bytes_per_token = total
-        return cached * self._bytes_per_token
+        """Bytes held by a session's KV cache: cached tokens x the backend's bytes per token."""
+        return session.engine.cached * self.bytes_per_token
 
     def kv_bytes_total(self) -> int:
         return sum(self.kv_bytes(s) for s in self._sessions.values())
 
     def bytes_for(self, tokens: int) -> int:
-        return tokens * (self._bytes_per_token or 0)
+        return tokens * self.bytes_per_token
 
     def make_room(self, need_bytes: int = 0, *, keep: str | None = None) -> bool:
         """Evict idle sessions, least recently used first, until every cache plus `need_bytes`
@@ -155,7 +144,7 @@ class SessionStore:
 
     def _evict(self, session: Session, reason: str) -> None:
         self._drop(session.id)
-        session.engine.reset()
+        session.engine.release()
         self._evicted[session.id] = _Tombstone(session.owner, reason, self.clock())
         if reason == "ttl":
             self.expired += 1
@@ -238,7 +227,7 @@ class SessionStore:
         session = self._drop(session_id)
         if session is None:
             return
-        session.engine.reset()
+        session.engine.release()
         self._finished[session_id] = session
 
     def sweep(self) -> None:

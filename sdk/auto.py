@@ -1,67 +1,39 @@
-"""Predicted seconds per token and cloud cost of each mode, and `auto`'s choice among them.
+"""`auto`'s choice: the mode a policy allows with the best predicted objective.
 
-The model, per generated token (all times in seconds):
-
-    local        t_local                                         (the device model alone)
-    cloud        t_cloud + (rtt + t_prefill) / n                 (streamed: one round trip, then the
-                                                                  gateway's decode speed)
-    speculative  (k t_local + t_verify + rtt) / E(alpha, k) + rtt / n
-                 with E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) and k chosen by
-                 `optimal_draft_len` for this link
-    assist       t_local + p (rtt + t_cloud) + rtt / n           (p: share of tokens the token
-                                                                  router sends to the cloud)
-
-Cloud forward passes per token: local 0, cloud 1, speculative 1 / E(alpha, k), assist p.
-
-`choose_mode` ranks the modes a policy allows by its objective: latency (seconds per token),
-cost (cloud passes per token), or a weighted mix `s_per_token + cost_weight * passes_per_token`.
-The estimates are the client's one `LinkEstimate` (estimates.py), so the choice follows the network:
-at small RTT speculation can beat streaming the cloud model; every round trip it adds pushes it
-back, and past some RTT streaming wins (or the device alone, if the policy allows it).
+Predictions come from the one cost model (costmodel.py) fed with the client's live link
+estimate (estimates.py): its drafting speed, the target's decode step and verify times, the RTT,
+acceptance and escalation rate. So the choice follows the network: at small RTT speculation can
+beat streaming the cloud model; every round trip it adds pushes it back, and past some RTT
+streaming wins (or the device alone, if the policy allows it). The objective is latency (seconds
+per token), cost (cloud passes per token), or `s_per_token + cost_weight * passes_per_token`.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from ..local_runtime.speculative import expected_tokens_per_round, optimal_draft_len
+from .costmodel import predict
 from .estimates import LinkEstimate
 
 Objective = Literal["latency", "cost", "weighted"]
 ALL_MODES = ("local", "cloud", "speculative", "assist")
 
 
+def _predict(mode: str, e: LinkEstimate, n_tokens: int, pipeline: bool = False):
+    return predict(mode, e.timings(), e.alpha, k=e.draft_len, pipeline=pipeline, n_tokens=n_tokens,
+                   escalate_rate=e.escalate_rate, k_max=e.k_max)
+
+
 def speculative_k(e: LinkEstimate) -> int:
-    if e.draft_len is not None:
-        return e.draft_len
-    return optimal_draft_len(e.alpha, e.local_token_s, e.verify_s + e.rtt_s, e.k_max)
+    return _predict("speculative", e, 128).k
 
 
-def predict_s_per_token(mode: str, e: LinkEstimate, n_tokens: int = 128) -> float:
-    n = max(1, n_tokens)
-    if mode == "local":
-        return e.local_token_s
-    if mode == "cloud":
-        return e.cloud_token_s + (e.rtt_s + e.prefill_s) / n
-    if mode == "speculative":
-        k = speculative_k(e)
-        per_round = k * e.local_token_s + e.verify_s + e.rtt_s
-        return per_round / expected_tokens_per_round(e.alpha, k) + (e.rtt_s + e.prefill_s) / n
-    if mode == "assist":
-        return e.local_token_s + e.escalate_rate * (e.rtt_s + e.cloud_token_s) + (e.rtt_s + e.prefill_s) / n
-    raise ValueError(f"unknown mode '{mode}'")
+def predict_s_per_token(mode: str, e: LinkEstimate, n_tokens: int = 128, pipeline: bool = False) -> float:
+    return _predict(mode, e, n_tokens, pipeline).s_per_token
 
 
 def predict_cloud_passes_per_token(mode: str, e: LinkEstimate) -> float:
-    if mode == "local":
-        return 0.0
-    if mode == "cloud":
-        return 1.0
-    if mode == "speculative":
-        return 1.0 / expected_tokens_per_round(e.alpha, speculative_k(e))
-    if mode == "assist":
-        return e.escalate_rate
-    raise ValueError(f"unknown mode '{mode}'")
+    return _predict(mode, e, 128).cloud_passes_per_token
 
 
 def break_even_rtt_s(e: LinkEstimate, n_tokens: int = 128, max_rtt_s: float = 2.0) -> float | None:

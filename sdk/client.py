@@ -28,6 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from ..local_runtime.models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from ..protocols.errors import TandemError
 from ..protocols.messages import SamplingParams
 from ..protocols.operations import GatewayHandler
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
 Mode = Literal["local", "cloud", "speculative", "assist", "auto"]
 MODES: tuple[str, ...] = ("local", "cloud", "speculative", "assist", "auto")
 
-DEFAULT_DRAFTER = "smollm2-135m"
-DEFAULT_TARGET = "gemma3-270m"
 
 
 class Generation:

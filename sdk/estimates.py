@@ -21,7 +21,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ..local_runtime.speculative import optimal_draft_len
+import numpy as np
+
+from .costmodel import Timings, best_draft_len
 
 
 @dataclass
@@ -37,6 +39,9 @@ class LinkEstimate:
     k_max: int = 16
     draft_len: int | None = None  # a fixed k, or None for the best k for this link
     rounds: int = 0  # verify rounds observed
+    # the gateway's share of a round by block length (k + 1 tokens), as measured: flat where the
+    # target is memory-bound, growing where it is compute-bound
+    verify_by_len: dict[int, float] = field(default_factory=dict)
     decay: float = 0.8  # weight of the past in each round's update
     # decayed counts behind alpha: the prior counts as 4 tested tokens at alpha 0.7
     _accepted: float = field(default=2.8, repr=False)
@@ -58,7 +63,23 @@ class LinkEstimate:
         if verify_s > 0:
             self.round_s = verify_s if first else d * self.round_s + (1 - d) * verify_s
             self.verify_s = max(1e-4, self.round_s - self.rtt_s)
+            block, gateway_s = k + 1, max(1e-4, verify_s - self.rtt_s)
+            old = self.verify_by_len.get(block)
+            self.verify_by_len[block] = gateway_s if old is None else d * old + (1 - d) * gateway_s
         self.rounds += 1
+
+    def verify_curve(self) -> tuple[float, ...]:
+        """The gateway's time for a block of 1, 2, ... tokens: measured lengths, interpolated
+        between them, flat outside; just `verify_s` before any round."""
+        if not self.verify_by_len:
+            return (self.verify_s,)
+        lens = sorted(self.verify_by_len)
+        return tuple(float(v) for v in np.interp(range(1, lens[-1] + 1), lens, [self.verify_by_len[j] for j in lens]))
+
+    def timings(self) -> Timings:
+        """The cost model's inputs (costmodel.py), as this estimate has measured them."""
+        return Timings(draft_s=self.local_token_s, step_s=self.cloud_token_s, verify_s=self.verify_curve(),
+                       rtt_s=self.rtt_s, prefill_s=self.prefill_s)
 
     def observe_rtt(self, rtt_s: float, first: bool = False) -> None:
         self.rtt_s = rtt_s if first else 0.5 * self.rtt_s + 0.5 * rtt_s
@@ -72,14 +93,17 @@ class LinkEstimate:
 
 
 class DraftLengthController:
-    """k for the next round: `optimal_draft_len` over the estimate's acceptance, drafting speed
-    and round trip (local_runtime/speculative.py), or `k_init` until a round has been measured."""
+    """k for the next round: the cost model's best draft length (`costmodel.best_draft_len`) for
+    the estimate's acceptance, drafting speed, verify times and RTT, with or without pipelining;
+    `k_init` until a round has been measured."""
 
-    def __init__(self, estimate: LinkEstimate | None = None, *, k_init: int = 4, k_max: int = 16, k_min: int = 1) -> None:
+    def __init__(self, estimate: LinkEstimate | None = None, *, k_init: int = 4, k_max: int = 16, k_min: int = 1,
+                 pipeline: bool = False) -> None:
         if not 1 <= k_min <= k_init <= k_max:
             raise ValueError(f"need 1 <= k_min <= k_init <= k_max, got {k_min}, {k_init}, {k_max}")
         self.estimate = estimate if estimate is not None else LinkEstimate()
         self.k_init, self.k_max, self.k_min = k_init, k_max, k_min
+        self.pipeline = pipeline
 
     def observe(self, k: int, accepted: int, draft_s: float, verify_s: float) -> None:
         self.estimate.observe_round(k, accepted, draft_s, verify_s)
@@ -88,7 +112,7 @@ class DraftLengthController:
         e = self.estimate
         if e.rounds == 0:
             return self.k_init
-        return optimal_draft_len(e.alpha, e.local_token_s, e.round_s, self.k_max, self.k_min)
+        return max(self.k_min, best_draft_len(e.timings(), e.alpha, self.pipeline, self.k_max))
 
 
 class FixedDraftLength(DraftLengthController):

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...protocols.errors import BackendUnavailable
-from ..draft import DEFAULT_TIE_MARGIN
 from .base import DraftingEngine, PrefillBackend, missing_extra
 
 if TYPE_CHECKING:
@@ -99,7 +98,7 @@ class WithPrefill:
     def new_engine(self, *, tie_margin: float | None = None) -> Any:
         from ..engine import Engine
 
-        tie = DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin
+        tie = self.lm.tie_margin if tie_margin is None else tie_margin
         return Engine(self.lm, tie_margin=tie, prefill_backend=self.backend)
 
     def resident_bytes(self) -> int:

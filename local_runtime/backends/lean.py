@@ -59,6 +59,7 @@ class StaticInt8Model:
         self.tokenizer = lm.tokenizer
         self.source = lm.source
         self.capacity = capacity
+        self.tie_margin = DEFAULT_TIE_MARGIN
         self.layout = lay = llama_layout(lm.model)
         self.layers: list[dict[str, Any]] = []
         with torch.no_grad():
@@ -83,7 +84,7 @@ class StaticInt8Model:
         return tensor_bytes(tensors)
 
     def new_engine(self, *, tie_margin: float | None = None) -> "StaticInt8Engine":
-        return StaticInt8Engine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
+        return StaticInt8Engine(self, tie_margin=self.tie_margin if tie_margin is None else tie_margin)
 
 
 class StaticInt8Engine(Sequence):

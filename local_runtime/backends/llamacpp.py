@@ -28,6 +28,8 @@ from ..sequence import Sequence
 from .base import missing_extra
 
 if TYPE_CHECKING:
+    import torch
+
     from ..models import Tokenizer
 
 DEFAULT_N_CTX = 4096
@@ -69,17 +71,21 @@ class LlamaCppModel:
         n_ctx: int = DEFAULT_N_CTX,
         n_threads: int | None = None,
         n_batch: int = 512,
+        n_ubatch: int | None = None,
     ) -> None:
+        """`n_ubatch` tokens are computed together (default `n_batch`); 1 computes every token
+        as a decode step does, so rows do not depend on what else was in a batch."""
         llama_cpp = _llama_cpp()
         self.name = name
         self.source = str(path)
         self.tokenizer = tokenizer
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
+        self.tie_margin = DEFAULT_TIE_MARGIN
         if not Path(path).is_file():
             raise BackendUnavailable(f"llama.cpp needs a GGUF file; nothing at {path}")
         self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=self.n_threads,
+            model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch or n_batch, n_threads=self.n_threads,
             n_threads_batch=self.n_threads, logits_all=False, verbose=False,
         )
         _open_models.add(self)
@@ -101,7 +107,7 @@ class LlamaCppModel:
         return int(llama_cpp.llama_model_size(self.llm.model)) + int(llama_cpp.llama_state_get_size(self.llm.ctx))
 
     def new_engine(self, *, tie_margin: float | None = None) -> "LlamaCppEngine":
-        return LlamaCppEngine(self, tie_margin=DEFAULT_TIE_MARGIN if tie_margin is None else tie_margin)
+        return LlamaCppEngine(self, tie_margin=self.tie_margin if tie_margin is None else tie_margin)
 
     def close(self) -> None:
         """Free llama.cpp's model and context (idempotent)."""
@@ -129,6 +135,13 @@ class LlamaCppEngine(Sequence):
             return True
         self._llama_cpp.llama_memory_clear(self._mem, True)
         return False
+
+    def fresh_logits(self, prefix_len: int) -> "torch.Tensor":
+        """The canonical recomputation, from a context emptied whatever it held (engines over one
+        model share its context, so `cached` alone cannot say it is empty)."""
+        self._crop(0)
+        self.cached = 0
+        return super().fresh_logits(prefix_len)
 
     def _forward(self, start: int, upto: int) -> np.ndarray:
         llama_cpp = self._llama_cpp

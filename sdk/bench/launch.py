@@ -28,12 +28,17 @@ from ...protocols.broker import free_port
 
 
 class GatewayProcess:
+    """`cores`: the CPU cores the process may run on (sched_setaffinity), with as many compute
+    threads (torch, llama.cpp); None leaves both to the machine."""
+
     def __init__(self, model: str | None = None, *, config: str | Path | None = None, port: int | None = None,
-                 quiet: bool = False, ready_timeout_s: float = 600.0, env: dict | None = None) -> None:
+                 quiet: bool = False, ready_timeout_s: float = 600.0, env: dict | None = None,
+                 cores: set[int] | None = None) -> None:
         self.model, self.config, self.quiet = model, config, quiet
         self.port = port or free_port()
         self.ready_timeout_s = ready_timeout_s
         self.env = env
+        self.cores = cores
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -46,9 +51,13 @@ class GatewayProcess:
             cmd += ["--model", self.model]
         if self.config:
             cmd += ["--config", str(self.config)]
+        if self.cores:
+            cmd += ["--threads", str(len(self.cores))]
         out = subprocess.DEVNULL if self.quiet else None
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
+        cores = self.cores
+        self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

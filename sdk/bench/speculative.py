@@ -1,35 +1,64 @@
-"""Benchmarks behind `tandem bench ...`: every comparison is measured side by side in one run."""
+"""`tandem bench speculative` and `tandem bench modes`: every comparison measured side by side in one run,
+next to what the cost model predicts from calibration passes of its own."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import os
 import time
 from contextlib import contextmanager
 
 from ...local_runtime.speculative import expected_tokens_per_round
 from ..auto import break_even_rtt_s
 from ..client import Client
+from ..costmodel import predict_rounds
+from .calibrate import Calibration, calibrate
+from .machine import cpu_flags, pin, split_cores
 from .prompts import BUILTIN_PROMPTS
 
 
 @contextmanager
-def gateway_link(target: str, gateway: str = "inproc", rtt_ms: float | None = None):
-    """Where the client should connect. Without an RTT: the given gateway ("inproc": one in this
-    process). With one: a gateway process (or the given URL) behind the link simulator, adding
-    rtt_ms / 2 each way."""
-    if rtt_ms is None:
+def gateway_link(target: str, gateway: str = "inproc", rtt_ms: float | None = None, cores: set[int] | None = None):
+    """Where the client should connect. Without an RTT or cores: the given gateway ("inproc": one
+    in this process). Otherwise a gateway process on `cores` (or the given URL), behind the link
+    simulator adding rtt_ms / 2 each way when an RTT is given."""
+    if rtt_ms is None and cores is None:
         yield gateway
         return
     from .launch import GatewayProcess
     from .linksim import LinkProxy
 
-    if gateway == "inproc":
-        with GatewayProcess(target, quiet=True) as proc, LinkProxy(proc.port, delay_ms=rtt_ms / 2) as link:
-            yield link.url
-    else:
-        port = int(gateway.rstrip("/").rsplit(":", 1)[1])
-        with LinkProxy(port, delay_ms=rtt_ms / 2) as link:
-            yield link.url
+    with contextlib.ExitStack() as stack:
+        if gateway == "inproc":
+            proc = stack.enter_context(GatewayProcess(target, quiet=True, cores=cores))
+            url, port = proc.url, proc.port
+        else:
+            url, port = gateway, int(gateway.rstrip("/").rsplit(":", 1)[1])
+        if rtt_ms is not None:
+            url = stack.enter_context(LinkProxy(port, delay_ms=rtt_ms / 2)).url
+        yield url
+
+
+@contextmanager
+def placed(split: bool):
+    """With `split`: this process (the device) on one half of the cores, the gateway process on
+    the other; yields (device cores, gateway cores), or (None, None) on one core or without."""
+    halves = split_cores() if split else None
+    if halves is None:
+        yield None, None
+        return
+    before = os.sched_getaffinity(0)
+    pin(halves[0])
+    try:
+        yield halves
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def machine(device_cores, gateway_cores) -> dict:
+    return {"cpu_flags": cpu_flags(), "cores": {"device": sorted(device_cores) if device_cores else "all",
+                                                "gateway": sorted(gateway_cores) if gateway_cores else "all"}}
 
 
 async def bench_speculative(
@@ -42,20 +71,25 @@ async def bench_speculative(
     gateway: str = "inproc",
     rtt_ms: float | None = None,
     pipeline: bool | None = None,
+    split: bool = False,
     progress=None,
 ) -> dict:
-    """Target alone (cloud), drafter alone (local) and speculative, per prompt, in one run.
-    `pipeline` as `Client(pipeline=...)` (None: the client's default).
+    """Target alone (cloud), drafter alone (local) and speculative, per prompt, in one run, after
+    calibration passes that measure the cost model's inputs (calibrate.py); then what the cost
+    model predicts for the rounds the run made, beside what it measured.
 
     mismatches counts prompts whose speculative greedy output differs from the target's own.
     acceptance_rate is accepted / tested over the draft tokens the target judged.
     theory_tokens_per_round averages E(a, k) = (1 - a^(k+1)) / (1 - a) over the rounds, with each
     round's k and its prompt's own acceptance rate a; theory_tokens_per_round_global_alpha uses
-    the run's single rate instead. Acceptance differs a lot between prompts (a list of facts
-    drafts well, a poem badly) and E is convex in a, so one pooled rate under-predicts (Jensen).
+    the run's single rate instead (E is convex in a, so one pooled rate under-predicts).
+    predicted_speedup_vs_cloud comes from the calibration timings, each round's k and each
+    prompt's acceptance (costmodel.py); efficiency is speedup_vs_cloud over it.
     """
-    with gateway_link(target, gateway, rtt_ms) as url:
-        out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, pipeline, progress)
+    with placed(split) as (device_cores, gateway_cores):
+        with gateway_link(target, gateway, rtt_ms, gateway_cores) as url:
+            out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, pipeline, progress)
+        out.update(machine(device_cores, gateway_cores))
     if rtt_ms is not None:
         out["rtt_ms"] = rtt_ms
     return out
@@ -67,9 +101,11 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     totals = {m: {"s": 0.0, "tokens": 0} for m in ("cloud", "local", "speculative")}
     mismatches, rounds, examples, prompt_alpha = 0, [], [], []
     accepted = tested = 0
+    predicted = {"cloud": 0.0, "speculative": 0.0}
     try:
-        # load both models before timing anything
-        _ = client.drafter, client.transport
+        _ = client.drafter, client.transport  # load both models before timing anything
+        cal = await calibrate(client)
+        tok = client.drafter.tokenizer
         for i, prompt in enumerate(prompts):
             runs = {}
             for mode in ("cloud", "local", "speculative"):
@@ -82,9 +118,13 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
                 mismatches += 1
                 examples.append({"prompt": prompt[:80], "target": ref.text[:200], "speculative": spec.text[:200]})
             rounds.extend(spec.rounds)
-            prompt_alpha.extend([spec.usage.acceptance_rate] * len(spec.rounds))
+            alpha_i = spec.usage.acceptance_rate
+            prompt_alpha.extend([alpha_i] * len(spec.rounds))
             accepted += spec.usage.accepted_tokens
             tested += spec.usage.tested_tokens
+            n_prompt = len(tok.prompt_tokens(prompt))
+            predicted["cloud"] += _predicted_cloud_s(cal, n_prompt, len(ref.tokens))
+            predicted["speculative"] += _predicted_speculative_s(cal, n_prompt, spec, alpha_i, client.pipelining)
             if progress:
                 progress(i + 1, len(prompts), spec)
     finally:
@@ -92,7 +132,10 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
 
     alpha = accepted / tested if tested else 0.0
     spt = {m: v["s"] / max(1, v["tokens"]) for m, v in totals.items()}
+    pred = {m: predicted[m] / max(1, totals[m]["tokens"]) for m in predicted}
     emitted = sum(r.emitted for r in rounds)
+    speedup = spt["cloud"] / spt["speculative"]
+    predicted_speedup = pred["cloud"] / pred["speculative"] if pred["speculative"] else float("nan")
     out = {
         "prompts": len(prompts),
         "mismatches": mismatches,
@@ -105,12 +148,18 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
             sum(expected_tokens_per_round(alpha, r.k) for r in rounds) / max(1, len(rounds)), 4
         ),
         "cloud_passes_per_token": round(len(rounds) / max(1, emitted), 4),
-        "speedup_vs_cloud": round(spt["cloud"] / spt["speculative"], 3),
+        "speedup_vs_cloud": round(speedup, 3),
         "speedup_vs_local": round(spt["local"] / spt["speculative"], 3),
+        "predicted_speedup_vs_cloud": round(predicted_speedup, 3),
+        "efficiency": round(speedup / predicted_speedup, 3),
         "s_per_token": {m: round(v, 5) for m, v in spt.items()},
+        "predicted_s_per_token": {m: round(v, 5) for m, v in pred.items()},
+        "calibration": cal.to_dict(),
         "drafter": drafter,
         "target": target,
+        "target_dtype": target_dtype(target),
         "draft_len": draft_len,
+        "mean_draft_len": round(sum(r.k for r in rounds) / max(1, len(rounds)), 2),
         "pipeline": client.pipelining,
         "max_new_tokens": max_new_tokens,
         "rounds": len(rounds),
@@ -121,6 +170,29 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     if examples:
         out["mismatch_examples"] = examples[:3]
     return out
+
+
+def _predicted_cloud_s(cal: Calibration, prompt_tokens: int, tokens: int) -> float:
+    """Cloud mode for one prompt: a round trip, the gateway's prefill, one step per token."""
+    return cal.rtt_s + cal.prefill_s * prompt_tokens + tokens * cal.step_s
+
+
+def _predicted_speculative_s(cal: Calibration, prompt_tokens: int, rec, alpha: float, pipeline: bool) -> float:
+    """Speculation for one prompt: the open (the gateway's prefill beside the device's), then
+    the rounds it made, at the cost model's predicted time per expected token."""
+    timings = cal.timings()
+    seconds, tokens = predict_rounds(timings, [alpha] * len(rec.rounds), [r.k for r in rec.rounds], pipeline)
+    per_token = seconds / tokens if tokens else 0.0
+    opening = cal.rtt_s + max(cal.prefill_s, cal.device_prefill_s) * prompt_tokens
+    return opening + per_token * len(rec.tokens) + cal.rtt_s  # the last round trip: the close
+
+
+def target_dtype(target: str) -> str:
+    """How the target's weights are held, from its name (`NAME:bf16`, `NAME@llama.cpp`, ...)."""
+    base, _, variant = target.partition(":")
+    if "@llama" in target:
+        return "gguf (llama.cpp)"
+    return {"bf16": "bfloat16", "int8": "int8 weights", "fp32": "float32"}.get(variant, "float32")
 
 
 def similarity(a: str, b: str) -> float:

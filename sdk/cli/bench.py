@@ -13,6 +13,8 @@ from .common import err, fail, print_result, run
 
 PIPELINE_HELP = ("Draft the next block while a verify is in flight (default: on for a gateway in another "
                  "process). Off is fairer when the gateway shares this machine's cores.")
+SPLIT_HELP = ("Run the gateway in its own process on one half of the cores and the device on the other (threads to "
+              "match), so drafting and verifying truly run in parallel. Default: on where there are at least 2 cores.")
 PROMPTS_HELP = "Spec-Bench style JSONL (default ../shared/data/specbench/question.jsonl)."
 
 
@@ -29,6 +31,16 @@ def _prompts(path, limit):
 
 
 
+def _split(flag: bool | None, gateway: str) -> bool:
+    from ..bench.machine import split_cores
+
+    if flag is None:
+        return gateway == "inproc" and split_cores() is not None
+    if flag and gateway != "inproc":
+        fail("--split-cores places a gateway this command starts; it cannot move one running at --gateway URL", 2)
+    return flag
+
+
 def speculative(
     drafter: str = typer.Option(DEFAULT_DRAFTER),
     target: str = typer.Option(DEFAULT_TARGET),
@@ -39,9 +51,11 @@ def speculative(
     rtt_ms: Optional[float] = typer.Option(None, min=0, help="Run the gateway in its own process behind the link simulator with this round-trip time."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
     pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline", help=PIPELINE_HELP),
+    split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Speculative vs target alone vs drafter alone, greedy, on the same prompts."""
+    """Speculative vs target alone vs drafter alone, greedy, on the same prompts; beside them what
+    the cost model predicts from calibration passes (predicted_speedup_vs_cloud, efficiency)."""
     from ..bench.speculative import bench_speculative
 
     k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else fail("--draft-len: a number or 'auto'", 2)
@@ -51,7 +65,7 @@ def speculative(
 
     result = run(bench_speculative(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
-        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, progress=progress,
+        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, split=_split(split_cores, gateway), progress=progress,
     ))
     print_result(result, "bench speculative", as_json)
 

@@ -16,9 +16,11 @@ from .common import err, fail
 
 def gateway_serve(
     config: Optional[Path] = typer.Option(None, help="Gateway config file (YAML); see samples/gateway.yaml."),
-    model: Optional[str] = typer.Option(None, help="Target model (default gemma3-270m)."),
+    model: Optional[str] = typer.Option(None, help="Target model: NAME, NAME:bf16|fp32|int8, NAME@llama.cpp (default from the config)."),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
+    device: Optional[str] = typer.Option(None, help="Where the torch target runs: cpu, cuda, cuda:N (refused without CUDA)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for the model (default: the cores this process may use)."),
 ) -> None:
     """Serve the gateway over HTTP (uvicorn)."""
     from ...remote_gateway.app import serve
@@ -28,13 +30,15 @@ def gateway_serve(
 
     try:
         cfg = load_config(config)
-        cfg = cfg.model_copy(update={k: v for k, v in {"model": model, "host": host, "port": port}.items() if v is not None})
+        given = {"model": model, "host": host, "port": port, "device": device, "threads": threads}
+        cfg = cfg.model_copy(update={k: v for k, v in given.items() if v is not None})
         cfg.check_exposure()
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc), code=2)
     keys = cfg.keyring()
     try:
-        backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled)
+        backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled, device=cfg.device,
+                               threads=cfg.threads, max_sessions=cfg.max_sessions)
         gw = Gateway(limits=cfg.limits(), batching=cfg.batching.config(), backend=backend, replica_id=cfg.replica_id)
     except TandemError as exc:
         fail(str(exc))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ...local_runtime.text import IncrementalDecoder
+from ...protocols.errors import BackendUnavailable
 from ...protocols.messages import OpenSession
 from ..estimates import DraftLengthController, FixedDraftLength
 from ..usage import CLOUD, LOCAL, GenerationRecord, Piece, Round
@@ -74,8 +75,17 @@ class SessionRun(ABC):
     # -- the skeleton --------------------------------------------------------------------------------
 
     async def run(self) -> AsyncIterator[str]:
+        if not self.link.rtt_measured:  # the draft length weighs drafting against round trips
+            await self.link.measure_rtt()
         with self.link.counting(self.rec.usage):
-            self.session_id = await self.link.open(self.open_msg())
+            # the device prefills its prompt while the gateway prefills the session's
+            opening = asyncio.ensure_future(self.link.open(self.open_msg()))
+            try:
+                await asyncio.to_thread(self.engine.next_logits)
+            except BackendUnavailable:
+                pass  # an engine that exposes no logits (MLC) prefills when it first drafts
+            finally:
+                self.session_id = await opening
             try:
                 while not self.finished:
                     if self.remaining <= 0:
@@ -139,7 +149,7 @@ class SessionRun(ABC):
         """k per round: from the link estimate ("auto"), or the fixed k asked for."""
         o, estimate = self.options, self.link.estimate
         if o.draft_len == "auto":
-            return DraftLengthController(estimate, k_max=o.max_draft_len)
+            return DraftLengthController(estimate, k_max=o.max_draft_len, pipeline=o.pipeline)
         return FixedDraftLength(int(o.draft_len), estimate)
 
     def account(self, k: int, accepted: int, emitted: list[int], candidates: int, draft_s: float, verify_s: float,

@@ -86,6 +86,10 @@ class GatewayLink:
                 return True
         return self._fingerprint == fingerprint
 
+    @property
+    def rtt_measured(self) -> bool:
+        return self._rtt_samples > 0
+
     async def measure_rtt(self) -> float | None:
         t0 = time.perf_counter()
         try:

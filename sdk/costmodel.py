@@ -1,0 +1,127 @@
+"""One cost model: seconds per token and cloud passes per token of each mode, from measured times.
+
+Inputs (seconds) come from calibration passes of their own (`sdk/bench/calibrate.py`), or from a
+client's live link estimate (`auto`); the acceptance rate alpha belongs to the pair and the
+prompts, not to the speed, so it is the one input read from a run.
+
+    draft_s         the device's time per drafted token (one drafter step)
+    step_s          the gateway's time per token when it decodes alone (cloud mode)
+    verify_s(j)     the gateway's time to verify a block of j tokens (the last committed token
+                    and j - 1 drafts): measured for j = 1..J, linear beyond. Flat in j when the
+                    target is memory-bound (a GPU, bf16 on a CPU with AVX512-BF16), ~j steps when
+                    it is compute-bound (a quantised model on one CPU core)
+    rtt_s           the network round trip; prefill_s the gateway's prefill of a prompt
+
+Per mode, over a generation of n tokens (E(a, k) = (1 - a^(k+1)) / (1 - a) tokens per round):
+
+    local        draft_s                                                  passes/token 0
+    cloud        step_s + (rtt + prefill) / n                             1
+    speculative  R(k) / E(a, k) + (rtt + prefill) / n                     1 / E(a, k)
+                   R(k) = k draft_s + verify_s(k + 1) + rtt               (no pipelining)
+                   R(k) = verify_s(k + 1) + rtt + (k - s m) draft_s       (pipelining: while the
+                          verify is in flight the device drafts on as if all k were accepted;
+                          that block survives with s = a^(k+1), when all k drafts and its guess
+                          at the bonus token are right, and saves drafting m = min(k, W/draft_s - 1)
+                          tokens of the next round, W = verify_s(k + 1) + rtt)
+    assist       draft_s + p (rtt + step_s) + (rtt + prefill) / n         p (escalated share)
+
+k is the draft length the run uses, or (None) the best one for these times:
+argmin_k R(k) / E(a, k), 1 <= k <= k_max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..local_runtime.speculative import expected_tokens_per_round
+
+MODES = ("local", "cloud", "speculative", "assist")
+
+
+@dataclass(frozen=True)
+class Timings:
+    draft_s: float
+    step_s: float
+    verify_s: tuple[float, ...]  # verify_s[j - 1]: a block of j tokens
+    rtt_s: float = 0.0
+    prefill_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.verify_s:
+            raise ValueError("verify_s needs the time of at least a block of one token")
+
+    def verify(self, tokens: int) -> float:
+        """The time to verify a block of `tokens`: measured, or extended linearly from the last
+        two measured lengths (flat if only one was measured)."""
+        v = self.verify_s
+        if tokens <= len(v):
+            return v[max(tokens, 1) - 1]
+        slope = v[-1] - v[-2] if len(v) >= 2 else 0.0
+        return v[-1] + max(slope, 0.0) * (tokens - len(v))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    s_per_token: float
+    cloud_passes_per_token: float
+    k: int | None = None
+    tokens_per_round: float | None = None
+    round_s: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+def round_seconds(t: Timings, alpha: float, k: int, pipeline: bool) -> float:
+    """R(k): the expected time of one speculative round of k drafts (see the module docstring)."""
+    wait = t.verify(k + 1) + t.rtt_s
+    if not pipeline:
+        return k * t.draft_s + wait
+    ahead = min(k, max(0, int(wait / t.draft_s) - 1)) if t.draft_s > 0 else k
+    return wait + (k - alpha ** (k + 1) * ahead) * t.draft_s
+
+
+def best_draft_len(t: Timings, alpha: float, pipeline: bool, k_max: int = 16) -> int:
+    """argmin_k R(k) / E(alpha, k) over 1..k_max (ties to the shorter draft)."""
+    return min(range(1, k_max + 1), key=lambda k: (round_seconds(t, alpha, k, pipeline) / expected_tokens_per_round(alpha, k), k))
+
+
+def predict(
+    mode: str,
+    t: Timings,
+    alpha: float,
+    *,
+    k: int | None = None,
+    pipeline: bool = False,
+    n_tokens: int = 128,
+    escalate_rate: float = 0.2,
+    k_max: int = 16,
+) -> Prediction:
+    """Seconds per token and cloud forward passes per token of `mode`."""
+    once = (t.rtt_s + t.prefill_s) / max(1, n_tokens)
+    if mode == "local":
+        return Prediction(t.draft_s, 0.0)
+    if mode == "cloud":
+        return Prediction(t.step_s + once, 1.0)
+    if mode == "assist":
+        return Prediction(t.draft_s + escalate_rate * (t.rtt_s + t.step_s) + once, escalate_rate)
+    if mode == "speculative":
+        k = best_draft_len(t, alpha, pipeline, k_max) if k is None else k
+        e = expected_tokens_per_round(alpha, k)
+        r = round_seconds(t, alpha, k, pipeline)
+        return Prediction(r / e + once, 1.0 / e, k=k, tokens_per_round=e, round_s=r)
+    raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+
+
+def predict_rounds(t: Timings, alphas: list[float], ks: list[int], pipeline: bool) -> tuple[float, float]:
+    """(seconds, tokens) a list of rounds is predicted to take and yield, round r having k = ks[r]
+    drafts at acceptance alphas[r] (its prompt's): how a benchmark predicts what it measured."""
+    seconds = sum(round_seconds(t, a, k, pipeline) for a, k in zip(alphas, ks))
+    tokens = sum(expected_tokens_per_round(a, k) for a, k in zip(alphas, ks))
+    return seconds, tokens
+
+
+def speedup_vs_cloud(t: Timings, alpha: float, **kwargs) -> float:
+    """Predicted cloud seconds per token over speculative seconds per token."""
+    return predict("cloud", t, alpha, **kwargs).s_per_token / predict("speculative", t, alpha, **kwargs).s_per_token
+
+
+__all__ = ["Timings", "Prediction", "MODES", "predict", "predict_rounds", "round_seconds", "best_draft_len", "speedup_vs_cloud"]
