@@ -25,19 +25,34 @@ def test_bench_speculative_through_the_link(tmp_path):
                                 max_new_tokens=16, draft_len="auto", rtt_ms=20))
     assert out["mismatches"] == 0 and out["rtt_ms"] == 20
     assert out["tokens_per_round"] > 1.0 and out["theory_tokens_per_round"] > 1.0
+    # the cost model's prediction from calibration passes, beside the measurement
+    assert out["predicted_speedup_vs_cloud"] > 0 and out["efficiency"] > 0
+    assert len(out["calibration"]["verify_s"]) >= 4 and "cpu_flags" in out
+
+
+def test_bench_verify_cost_predicts_from_a_random_target():
+    from tandem.sdk.bench.verify_cost import bench_verify_cost
+
+    out = bench_verify_cost(arch="tiny", device="cpu", dtype="float32", sessions=[1, 2], blocks=[1, 2, 3], context=16)
+    assert set(out["verify_ms"]) == {1, 2} and set(out["verify_ms"][1]) == {1, 2, 3}
+    for row in out["predicted"].values():
+        assert row["sequential"]["speedup_vs_cloud"] > 0 and row["pipelined"]["k"] >= 1
 
 
 def test_bench_modes_and_rtt_plot(tmp_path):
     results = [
-        run(bench_modes(drafter="tiny-llama:int8", target="tiny-llama", prompts=PROMPTS, max_new_tokens=12, rtt_ms=rtt))
+        run(bench_modes(drafter="tiny-llama:int8", target="tiny-llama", prompts=PROMPTS, max_new_tokens=12, rtt_ms=rtt,
+                        out_png=str(tmp_path / f"modes-{rtt}.png")))
         for rtt in (0, 40)
     ]
+    assert (tmp_path / "modes-40.png").stat().st_size > 10_000
     for r in results:
         assert set(r["modes"]) == {"local", "cloud", "speculative", "assist@0.3", "assist", "assist@0.8", "auto"}
         assert r["modes"]["speculative"]["agreement_with_target"] == 1.0  # lossless
         assert r["modes"]["cloud"]["cloud_passes_per_token"] == 1.0
         assert r["modes"]["local"]["cloud_passes_per_token"] == 0.0
         assert r["auto_vs_best"] > 0 and sum(r["auto_chose"].values()) == len(PROMPTS)
+        assert all(r["modes"][m]["predicted_s_per_token"] > 0 for m in r["modes"] if m != "auto")
         passes = [r["modes"][m]["cloud_passes_per_token"] for m in ("assist@0.3", "assist", "assist@0.8")]
         assert passes == sorted(passes)  # a higher threshold asks the cloud more often
     summary = plot_rtt(results, tmp_path / "rtt.png")
@@ -45,10 +60,10 @@ def test_bench_modes_and_rtt_plot(tmp_path):
     assert summary["rtt_ms"] == [0, 40]
 
 
-def test_cli_bench_modes_json():
+def test_cli_bench_modes_json(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "tandem.sdk.cli", "bench", "modes", "--drafter", "tiny-llama:int8", "--target", "tiny-llama",
-         "--limit", "1", "--max-new-tokens", "8", "--json"],
+         "--limit", "1", "--max-new-tokens", "8", "--json", "--shared-cores", "--png", str(tmp_path / "m.png")],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr

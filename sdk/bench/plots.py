@@ -26,6 +26,30 @@ def crossover_rtt_s(e: LinkEstimate, n_tokens: int, limit_s: float = 2.0) -> flo
     return None
 
 
+def plot_modes(table: dict[str, dict], out: str | Path) -> str:
+    """Bars of measured seconds per token per mode, each beside the cost model's prediction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in table if "predicted_s_per_token" in table[m]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = range(len(modes))
+    ax.bar([x - 0.2 for x in xs], [table[m]["s_per_token"] * 1000 for m in modes], 0.4, label="measured")
+    ax.bar([x + 0.2 for x in xs], [table[m]["predicted_s_per_token"] * 1000 for m in modes], 0.4, label="predicted", alpha=0.7)
+    if "auto" in table:
+        ax.axhline(table["auto"]["s_per_token"] * 1000, color="k", linestyle=":", label="auto (measured)")
+    ax.set_xticks(list(xs), modes)
+    ax.set_ylabel("ms per token")
+    ax.set_title("each mode, measured and predicted by the cost model")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return str(out)
+
+
 def plot_rtt(results: list[dict], out: str | Path) -> dict:
     """One line per mode: measured seconds per token at each RTT (markers) and the prediction
     from the speeds measured in the first (lowest-RTT) run (dashed)."""
@@ -82,4 +106,4 @@ def plot_rtt(results: list[dict], out: str | Path) -> dict:
     }
 
 
-__all__ = ["plot_rtt", "crossover_rtt_s"]
+__all__ = ["plot_modes", "plot_rtt", "crossover_rtt_s"]

@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from ...local_runtime.speculative import expected_tokens_per_round
 from ..auto import break_even_rtt_s
 from ..client import Client
-from ..costmodel import predict_rounds
+from ..costmodel import predict, predict_rounds
 from .calibrate import Calibration, calibrate
 from .machine import cpu_flags, pin, split_cores
+from .plots import plot_modes
 from .prompts import BUILTIN_PROMPTS
 
 
@@ -229,9 +230,12 @@ async def bench_modes(
     auto_modes: tuple[str, ...] = ("cloud", "speculative"),
     token_router: str = "confidence",
     pipeline: bool | None = None,
+    split: bool = False,
+    out_png: str | None = "bench-modes.png",
     progress=None,
 ) -> dict:
-    """Every mode on the same prompts, through the same link, in one run; then `auto`, which
+    """Every mode on the same prompts, through the same link, in one run, each beside what the
+    cost model predicts from calibration passes (`predicted_s_per_token`, drawn in `out_png`); then `auto`, which
     decides per prompt from what the client measured during the fixed modes' runs. `assist@T`
     is the assist mode with `token_router` at threshold T.
 
@@ -241,13 +245,15 @@ async def bench_modes(
     break_even_rtt_ms is the RTT below which speculative is predicted to beat cloud, from the
     client's estimates after the run (`auto.break_even_rtt_s`: 0 = never, null = past 2 s).
     """
-    with gateway_link(target, gateway, rtt_ms) as url:
+    with placed(split) as (device_cores, gateway_cores), gateway_link(target, gateway, rtt_ms, gateway_cores) as url:
         client = Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, auto_modes=auto_modes,
                         token_router=token_router, pipeline=pipeline)
         try:
             _ = client.drafter, client.transport
             for mode in modes:  # warm up: load, connect, first measurements for auto
                 await client.generate(BUILTIN_PROMPTS[2], max_new_tokens=8, **_mode_args(mode))
+            cal = await calibrate(client)
+            tested = accepted = 0
             stats = {m: {"s": 0.0, "tokens": 0, "passes": 0.0, "agree": 0.0} for m in (*modes, "auto")}
             chosen: dict[str, int] = {}
             for i, prompt in enumerate(prompts):
@@ -261,6 +267,8 @@ async def bench_modes(
                     u = rec.usage
                     st["passes"] += u.rounds if rec.mode in ("speculative", "assist") else (len(rec.tokens) if rec.mode == "cloud" else 0)
                     records[mode] = rec
+                    if mode == "speculative":
+                        tested, accepted = tested + u.tested_tokens, accepted + u.accepted_tokens
                     if mode == "auto":
                         chosen[rec.mode] = chosen.get(rec.mode, 0) + 1
                 reference = records["cloud"].text if "cloud" in records else None
@@ -284,7 +292,20 @@ async def bench_modes(
     fastest = min(table[m]["s_per_token"] for m in modes)
     spec, cloud = table.get("speculative"), table.get("cloud")
     be = break_even_rtt_s(client.estimate, max_new_tokens)
+    alpha = accepted / tested if tested else client.estimate.alpha
+    predicted = {
+        m: round(predict(m.partition("@")[0], cal.timings(), alpha, pipeline=client.pipelining, n_tokens=max_new_tokens,
+                         escalate_rate=table[m]["cloud_passes_per_token"]).s_per_token, 5)
+        for m in modes
+    }
+    for m, v in predicted.items():
+        table[m]["predicted_s_per_token"] = v
+    png = plot_modes(table, out_png) if out_png else None
     return {
+        "png": png,
+        **machine(device_cores, gateway_cores),
+        "calibration": cal.to_dict(),
+        "acceptance_rate": round(alpha, 4),
         "modes": table,
         "auto_vs_best": round(table["auto"]["s_per_token"] / best, 3),
         "auto_vs_fastest": round(table["auto"]["s_per_token"] / fastest, 3),

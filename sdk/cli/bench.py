@@ -83,10 +83,13 @@ def modes(
     token_router: str = typer.Option("confidence", help="The token router assist uses."),
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
     pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline", help=PIPELINE_HELP),
+    split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
+    png: Path = typer.Option(Path("bench-modes.png"), help="Where to draw measured against predicted seconds per token."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Every mode and `auto` on the same prompts through the same link: seconds per token, cloud
-    passes per token, agreement with the cloud model's text."""
+    """Every mode and `auto` on the same prompts through the same link: seconds per token (and
+    what the cost model predicts from calibration passes), cloud passes per token, agreement with
+    the cloud model's text."""
     from ..bench.speculative import bench_modes
 
     allowed = tuple(m.strip() for m in auto_modes.split(",") if m.strip())
@@ -98,7 +101,7 @@ def modes(
     result = run(bench_modes(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
         rtt_ms=rtt_ms, gateway=gateway, auto_modes=allowed, progress=progress, token_router=token_router, pipeline=pipeline,
-        modes=tuple(m.strip() for m in modes_.split(",") if m.strip()),
+        modes=tuple(m.strip() for m in modes_.split(",") if m.strip()), split=_split(split_cores, gateway), out_png=str(png),
     ))
     print_result(result, f"bench modes (rtt {rtt_ms} ms)", as_json)
 
@@ -138,7 +141,38 @@ def rtt_plot(
     print_result(summary, "seconds per token vs RTT", as_json)
 
 
+def verify_cost(
+    arch: str = typer.Option("qwen2.5-1.5b", help="Target architecture (random weights): tiny, qwen2.5-0.5b|1.5b|7b|32b."),
+    device: str = typer.Option("cuda", help="cuda, cuda:N or cpu."),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 (what a GPU runs) or float32."),
+    sessions: str = typer.Option("1,2,4,8,16,32,64", help="Concurrent sessions to time, comma-separated."),
+    max_block: int = typer.Option(16, min=1, max=64, help="Verify blocks of 1..N tokens."),
+    context: int = typer.Option(512, min=1, help="Tokens each session already holds."),
+    alpha: float = typer.Option(0.79, min=0.0, max=1.0, help="Acceptance rate of the pair (an input, not measured here)."),
+    draft_ms: float = typer.Option(43.0, min=0.0, help="The device's time per drafted token (an input)."),
+    rate: float = typer.Option(20.0, min=0.1, help="Per-user tokens/s the capacity figures are for."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time a random-initialised target's verify blocks (1..N tokens) at 1..64 concurrent sessions,
+    through the gateway's packed forward pass, and predict from them the speed-up of speculation
+    over cloud-only decoding and the gateway's capacity at a per-user rate (costmodel.py)."""
+    from ..bench.verify_cost import bench_verify_cost
+
+    try:
+        counts = sorted({int(s) for s in sessions.split(",") if s.strip()})
+    except ValueError:
+        fail(f"--sessions: comma-separated numbers, not '{sessions}'", 2)
+    try:
+        result = bench_verify_cost(arch=arch, device=device, dtype=dtype, sessions=counts, blocks=list(range(1, max_block + 1)),
+                                   context=context, alpha=alpha, draft_s=draft_ms / 1000, rate=rate,
+                                   progress=lambda m: err.print(f"[dim]{m}[/]"))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    print_result(result, f"bench verify-cost: {arch} on {device}", as_json)
+
+
 def register(bench_app: typer.Typer) -> None:
+    bench_app.command("verify-cost")(verify_cost)
     bench_app.command("speculative")(speculative)
     bench_app.command("modes")(modes)
     bench_app.command("rtt-plot")(rtt_plot)
