@@ -18,17 +18,12 @@ the device goes on alone (`usage.fallbacks`), and speculation rejoins once the l
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...protocols.errors import TandemError
@@ -37,8 +32,10 @@ from ..client import MODES, Client, Mode
 from ..usage import ORIGIN_NAMES
 from .events import Event, generation_events
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
 STATIC = Path(__file__).with_name("static")
-log = logging.getLogger("tandem.playground")
 
 
 class GenerateForm(BaseModel):
@@ -52,7 +49,7 @@ class GenerateForm(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     seed: int | None = Field(None, ge=0)
     chat: bool = True
-    draft_len: int | Literal["auto"] = Field("auto", description="tokens drafted per round, or 'auto'")
+    draft_len: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field("auto", description="tokens drafted per round, or 'auto'")
     policy: str = Field("", description="a routing policy file for mode auto ('' for none: the cost model decides)")
     tags: list[str] = Field(default_factory=list, max_length=16, description="what the request is, to the policy")
 
@@ -173,8 +170,6 @@ class Playground:
         requests racing past the check run one after the other: the lock is taken by the stream.)"""
         if self._busy.locked():
             raise PlaygroundError("a generation is already running: stop it first", 409)
-        if form.draft_len != "auto" and not 0 <= form.draft_len <= 64:
-            raise PlaygroundError(f"draft_len must be 'auto' or within 0..64, got {form.draft_len}")
         policy = self._load_policy(form.policy) if form.mode == "auto" else None
         return self._events(form, policy)
 
@@ -194,7 +189,13 @@ class Playground:
         await self.client.aclose()
 
 
-def create_app(playground: Playground) -> FastAPI:
+def create_app(playground: Playground) -> "FastAPI":
+    """The web app for `playground` (FastAPI, from the `gateway` extra)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
@@ -213,7 +214,8 @@ def create_app(playground: Playground) -> FastAPI:
         where = lambda e: ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"  # noqa: E731
         return JSONResponse({"error": "; ".join(f"{where(e)}: {e.get('msg')}" for e in exc.errors()[:5])}, status_code=400)
 
-    @app.get("/", include_in_schema=False)
+    # the Response classes are imported here, so the routes that return them name no response model
+    @app.get("/", include_in_schema=False, response_model=None)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"cache-control": "no-cache"})
 
@@ -221,7 +223,7 @@ def create_app(playground: Playground) -> FastAPI:
     async def state() -> dict:
         return await playground.state()
 
-    @app.post("/api/generate")
+    @app.post("/api/generate", response_model=None)
     async def generate(form: GenerateForm) -> StreamingResponse:
         events = playground.generate(form)
 

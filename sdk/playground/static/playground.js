@@ -218,15 +218,27 @@ function showError(message) {
 
 // -- rounds: the table ---------------------------------------------------------------------------
 
+// Of a round's k drafts the target keeps `accepted`, rejects the next one (if any) and never
+// looks at the rest: they are discarded with it. Acceptance counts the first two (as Usage does).
+function judged(r) {
+  const rejected = r.accepted < r.k ? 1 : 0;
+  return { rejected, discarded: Math.max(0, r.k - r.accepted - rejected) };
+}
+
+function ms(value) {
+  return value >= 1000 ? `${(value / 1000).toFixed(1)} s` : `${Math.round(value)} ms`;
+}
+
 function addTimelineRow(r) {
   const body = $("timeline").tBodies[0];
   const row = body.insertRow();
   const cloud = Math.max(0, r.emitted - Math.min(r.accepted, r.emitted));
-  for (const value of [r.index, r.k, r.accepted, r.rejected, cloud, Math.round(r.round_ms)]) row.insertCell().textContent = value;
+  const { rejected, discarded } = judged(r);
+  for (const value of [r.index, r.k, r.accepted, r.rejected, cloud, ms(r.round_ms)]) row.insertCell().textContent = value;
   const blocks = row.insertCell();
   blocks.className = "blocks";
-  blocks.innerHTML = "<i class=a></i>".repeat(Math.min(r.accepted, 32)) + "<i class=r></i>".repeat(Math.min(r.rejected, 32))
-    + "<i class=c></i>".repeat(Math.min(cloud, 32));
+  blocks.innerHTML = "<i class=a></i>".repeat(Math.min(r.accepted, 32)) + "<i class=r></i>".repeat(rejected)
+    + "<i class=d></i>".repeat(Math.min(discarded, 32)) + "<i class=c></i>".repeat(Math.min(cloud, 32));
   trimAndScroll(body);
 }
 
@@ -324,7 +336,12 @@ function drawCharts() {
   roundChart($("chart-acceptance"), {
     max: 1,
     yLabels: [[0, "0"], [0.5, "50%"], [1, "100%"]],
-    bars: (r) => (r.k ? [{ value: r.accepted / r.k, cls: "bar-accept" }, { value: r.rejected / r.k, cls: "bar-reject" }] : []),
+    bars: (r) => {
+      if (!r.k) return [];
+      const { rejected, discarded } = judged(r);
+      return [{ value: r.accepted / r.k, cls: "bar-accept" }, { value: rejected / r.k, cls: "bar-reject" },
+              { value: discarded / r.k, cls: "bar-discard" }];
+    },
     line: { value: (r, i) => running[i], cls: "line-rate", max: 1,
             label: running.length ? `${Math.round(running.at(-1) * 100)}%` : "" },
   });
@@ -334,7 +351,7 @@ function drawCharts() {
     max: kMax,
     yLabels: [[0, "0"], [Math.round(kMax / 2), String(Math.round(kMax / 2))], [kMax, String(kMax)]],
     bars: (r) => [{ value: r.k, cls: "bar-k" }],
-    line: { value: (r) => r.round_ms, cls: "line-time", max: msMax * 1.1, label: `${Math.round(msMax)} ms` },
+    line: { value: (r) => r.round_ms, cls: "line-time", max: msMax * 1.1, label: ms(msMax) },
   });
 }
 
