@@ -76,21 +76,21 @@ class ConformanceReport:
                 "skip": self.count(SKIP), "checks": [asdict(c) for c in self.checks]}
 
 
-class Mismatch(Exception):
+class _Mismatch(Exception):
     """The gateway answered, but not as the protocol says."""
 
 
-class Skipped(Exception):
+class _Skipped(Exception):
     pass
 
 
 def _parse(model: type[BaseModel], response: httpx.Response) -> Any:
     if response.status_code != 200:
-        raise Mismatch(f"HTTP {response.status_code} instead of 200: {response.text[:300]}")
+        raise _Mismatch(f"HTTP {response.status_code} instead of 200: {response.text[:300]}")
     try:
         return model.model_validate_json(response.content)
     except ValidationError as exc:
-        raise Mismatch(f"the reply is not a valid {model.__name__}: {exc.errors()[0]['msg']} ({response.text[:200]})") from exc
+        raise _Mismatch(f"the reply is not a valid {model.__name__}: {exc.errors()[0]['msg']} ({response.text[:200]})") from exc
 
 
 def _expect_error(response: httpx.Response, code: str) -> ErrorReply:
@@ -99,9 +99,9 @@ def _expect_error(response: httpx.Response, code: str) -> ErrorReply:
     try:
         reply = ErrorReply.model_validate_json(response.content)
     except ValidationError as exc:
-        raise Mismatch(f"HTTP {response.status_code}, and the body is not an ErrorReply: {response.text[:200]}") from exc
+        raise _Mismatch(f"HTTP {response.status_code}, and the body is not an ErrorReply: {response.text[:200]}") from exc
     if reply.code != code or response.status_code != status:
-        raise Mismatch(f"expected {status} {code}, got {response.status_code} {reply.code}: {reply.message}")
+        raise _Mismatch(f"expected {status} {code}, got {response.status_code} {reply.code}: {reply.message}")
     return reply
 
 
@@ -131,9 +131,9 @@ class Conformance:
             return
         try:
             detail = fn() or ""
-        except Skipped as exc:
+        except _Skipped as exc:
             self.report.checks.append(Check(name, operation, SKIP, str(exc)))
-        except Mismatch as exc:
+        except _Mismatch as exc:
             self.report.checks.append(Check(name, operation, FAIL, str(exc)))
         except httpx.HTTPError as exc:
             self.report.checks.append(Check(name, operation, FAIL, f"no answer: {type(exc).__name__}: {exc}"))
@@ -179,13 +179,13 @@ class Conformance:
     def _info(self) -> str:
         info = _parse(GatewayInfo, self.http.get(BY_NAME["get_info"].path))
         if info.version != PROTOCOL_VERSION:
-            raise Mismatch(f"protocol version {info.version}, not {PROTOCOL_VERSION}")
+            raise _Mismatch(f"protocol version {info.version}, not {PROTOCOL_VERSION}")
         self.state["info"] = info
         return f"{info.model}, tokenizer {info.tokenizer_fingerprint}, max draft {info.max_draft_tokens}"
 
     def _auth(self) -> str:
         if not self.state["info"].auth:
-            raise Skipped("the gateway does not require keys")
+            raise _Skipped("the gateway does not require keys")
         bare = httpx.get(self.http.base_url.join(BY_NAME["get_info"].path), timeout=self.http.timeout)
         _expect_error(bare, "unauthorized")
         return "401 without a key"
@@ -197,23 +197,23 @@ class Conformance:
         with self.http.stream(op.method, op.path, content=json.dumps(body), headers={"content-type": "application/json"}) as r:
             if r.status_code != 200:
                 r.read()
-                raise Mismatch(f"HTTP {r.status_code}: {r.text[:200]}")
+                raise _Mismatch(f"HTTP {r.status_code}: {r.text[:200]}")
             if not r.headers.get("content-type", "").startswith("application/x-ndjson"):
-                raise Mismatch(f"content-type {r.headers.get('content-type')!r}, not application/x-ndjson")
+                raise _Mismatch(f"content-type {r.headers.get('content-type')!r}, not application/x-ndjson")
             chunks = []
             for line in r.iter_lines():
                 if line.strip():
                     try:
                         chunks.append(GenerateChunk.model_validate_json(line))
                     except ValidationError as exc:
-                        raise Mismatch(f"a line that is not a GenerateChunk: {line[:200]}") from exc
+                        raise _Mismatch(f"a line that is not a GenerateChunk: {line[:200]}") from exc
         if not chunks or not chunks[-1].finished or any(c.finished for c in chunks[:-1]):
-            raise Mismatch("the stream's last chunk (and only it) must be finished")
+            raise _Mismatch("the stream's last chunk (and only it) must be finished")
         tokens = [t for c in chunks for t in c.tokens]
         if not 1 <= len(tokens) <= 8 or chunks[-1].finish_reason not in ("eos", "length"):
-            raise Mismatch(f"{len(tokens)} tokens for max_new_tokens 8, finish_reason {chunks[-1].finish_reason}")
+            raise _Mismatch(f"{len(tokens)} tokens for max_new_tokens 8, finish_reason {chunks[-1].finish_reason}")
         if any(not 0 <= t < info.vocab_size for t in tokens):
-            raise Mismatch(f"token ids outside the vocabulary of {info.vocab_size}")
+            raise _Mismatch(f"token ids outside the vocabulary of {info.vocab_size}")
         # a token prompt the target tokenizer surely has: the text it just wrote, without end markers
         prompt = [t for t in tokens if t not in info.eos_token_ids] or [0, 1, 2]
         self.state["prompt"] = prompt
@@ -222,7 +222,7 @@ class Conformance:
     def _open(self) -> str:
         opened = self.open_tokens()
         if opened.position != len(self.state["prompt"]) or opened.text_space:
-            raise Mismatch(f"position {opened.position} for a prompt of {len(self.state['prompt'])} tokens, text_space {opened.text_space}")
+            raise _Mismatch(f"position {opened.position} for a prompt of {len(self.state['prompt'])} tokens, text_space {opened.text_space}")
         self.state["s1"] = opened
         return f"{opened.session_id} at position {opened.position}"
 
@@ -231,9 +231,9 @@ class Conformance:
         r = self.verify(s1.session_id, s1.position, [])
         res = _parse(VerifyResult, r)
         if res.accepted != 0 or res.next_token is None or res.tokens != [res.next_token] or res.position != s1.position + 1:
-            raise Mismatch(f"k=0 answered accepted {res.accepted}, tokens {res.tokens}, position {res.position}")
+            raise _Mismatch(f"k=0 answered accepted {res.accepted}, tokens {res.tokens}, position {res.position}")
         if res.next_token in self.state["info"].eos_token_ids:
-            raise Skipped("the target ended its answer at once; the verify checks need a longer one")
+            raise _Skipped("the target ended its answer at once; the verify checks need a longer one")
         self.state["step"] = (res, r.content)
         return f"next token {res.next_token}"
 
@@ -241,7 +241,7 @@ class Conformance:
         s1, (first, body) = self.state["s1"], self.state["step"]
         again = _parse(VerifyResult, self.verify(s1.session_id, s1.position, []))
         if again != first:
-            raise Mismatch(f"the same verify again answered {again.model_dump()} after {first.model_dump()}")
+            raise _Mismatch(f"the same verify again answered {again.model_dump()} after {first.model_dump()}")
         return "same reply, the session advanced once"
 
     def _reject(self) -> str:
@@ -250,10 +250,10 @@ class Conformance:
         s2 = self.open_tokens()
         res = _parse(VerifyResult, self.verify(s2.session_id, s2.position, [wrong]))
         if res.accepted != 0 or res.tokens != [g]:
-            raise Mismatch(f"draft {wrong} where the target writes {g}: accepted {res.accepted}, tokens {res.tokens}")
+            raise _Mismatch(f"draft {wrong} where the target writes {g}: accepted {res.accepted}, tokens {res.tokens}")
         nxt = _parse(VerifyResult, self.verify(s2.session_id, res.position, []))
         if nxt.next_token in self.state["info"].eos_token_ids:
-            raise Skipped("the target ended its answer after one token")
+            raise _Skipped("the target ended its answer after one token")
         self.state["next2"] = nxt.next_token
         return f"draft {wrong} rejected, corrected to {g}"
 
@@ -262,7 +262,7 @@ class Conformance:
         s3 = self.open_tokens()
         res = _parse(VerifyResult, self.verify(s3.session_id, s3.position, [g, h]))
         if res.accepted != 2 or res.tokens[:2] != [g, h] or len(res.tokens) != 3 or res.position != s3.position + 3:
-            raise Mismatch(f"the target's own next tokens {[g, h]} as drafts: accepted {res.accepted}, tokens {res.tokens}")
+            raise _Mismatch(f"the target's own next tokens {[g, h]} as drafts: accepted {res.accepted}, tokens {res.tokens}")
         return f"accepted 2, bonus token {res.next_token}"
 
     def _append(self) -> str:
@@ -271,7 +271,7 @@ class Conformance:
         body = {"type": "append", "version": PROTOCOL_VERSION, "session_id": s1.session_id, "position": step.position, "tokens": [h]}
         res = _parse(AppendResult, self.post("append", body))
         if res.appended != 1 or res.tokens[:1] != [h] or res.position != step.position + len(res.tokens):
-            raise Mismatch(f"appended {res.appended}, tokens {res.tokens}, position {res.position}")
+            raise _Mismatch(f"appended {res.appended}, tokens {res.tokens}, position {res.position}")
         self.state["s1_position"] = res.position
         return f"appended 1, next token {res.next_token}"
 
@@ -280,14 +280,14 @@ class Conformance:
         opened = _parse(SessionOpened, self.post("open", body))
         self.state.setdefault("sessions", []).append(opened.session_id)
         if not opened.text_space or opened.position != 0:
-            raise Mismatch(f"a text session opened with text_space {opened.text_space}, position {opened.position}")
+            raise _Mismatch(f"a text session opened with text_space {opened.text_space}, position {opened.position}")
         position, offset = 0, 0
         for _ in range(2):
             req = {"type": "verify_text", "version": PROTOCOL_VERSION, "session_id": opened.session_id,
                    "position": position, "text_offset": offset, "draft_text": ""}
             res = _parse(VerifyTextResult, self.post("verify_text", req))
             if res.position != position + len(res.tokens) or res.text_offset != offset + len(res.text):
-                raise Mismatch(f"position {res.position} / text_offset {res.text_offset} after {len(res.tokens)} tokens "
+                raise _Mismatch(f"position {res.position} / text_offset {res.text_offset} after {len(res.tokens)} tokens "
                                f"and {len(res.text)} characters from {position} / {offset}")
             position, offset = res.position, res.text_offset
             if res.finished:
@@ -303,7 +303,7 @@ class Conformance:
         closed = _parse(SessionClosed, self.post("close_session", {"type": "close", "version": PROTOCOL_VERSION,
                                                                    "session_id": s1.session_id}))
         if closed.session_id != s1.session_id:
-            raise Mismatch(f"closed {closed.session_id}, not {s1.session_id}")
+            raise _Mismatch(f"closed {closed.session_id}, not {s1.session_id}")
         _expect_error(self.verify(s1.session_id, self.state.get("s1_position", s1.position), []), "unknown_session")
         self.state["sessions"].remove(s1.session_id)
         return "then 404 unknown_session"
@@ -315,7 +315,7 @@ class Conformance:
             def run() -> str:
                 reply = _expect_error(self.post(operation, body), code)
                 if says and says not in reply.message:
-                    raise Mismatch(f"the message does not name '{says}': {reply.message}")
+                    raise _Mismatch(f"the message does not name '{says}': {reply.message}")
                 return f"{gateway_error(code, '').status} {code}"
             return run
 
@@ -350,7 +350,7 @@ class Conformance:
     def _draft_limit(self) -> str:
         info = self.state["info"]
         if info.max_draft_tokens >= MAX_DRAFT_TOKENS:
-            raise Skipped(f"the gateway's draft limit is the protocol's own ({MAX_DRAFT_TOKENS}): the schema refuses longer drafts")
+            raise _Skipped(f"the gateway's draft limit is the protocol's own ({MAX_DRAFT_TOKENS}): the schema refuses longer drafts")
         opened = self.open_tokens()
         n = info.max_draft_tokens + 1
         _expect_error(self.verify(opened.session_id, opened.position, [self.state["prompt"][0]] * n), "too_large")
@@ -359,7 +359,7 @@ class Conformance:
     def _budget_limit(self) -> str:
         info = self.state["info"]
         if info.max_new_tokens >= 32_768:
-            raise Skipped("the gateway's max_new_tokens is the protocol's own ceiling")
+            raise _Skipped("the gateway's max_new_tokens is the protocol's own ceiling")
         body = {"type": "open", "prompt_text": "The", "max_new_tokens": info.max_new_tokens + 1}
         _expect_error(self.post("open", body), "too_large")
         return f"max_new_tokens {info.max_new_tokens + 1}: 413 too_large"

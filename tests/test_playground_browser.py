@@ -74,7 +74,7 @@ def start(driver, prompt: str, mode: str = "speculative", max_tokens: int = 120)
     """Fill the form and click Generate; returns the number of this generation on the page."""
     from selenium.webdriver.support.ui import Select
 
-    wait_for(driver, lambda d: state(d) in ("idle", "done"), message="the page never became ready")
+    wait_for(driver, lambda d: state(d) not in ("loading", "running"), message="the page never became ready")
     box = driver.find_element("id", "prompt")
     box.clear()
     box.send_keys(prompt)
@@ -109,10 +109,10 @@ def set_slider(driver, element_id: str, value: int) -> None:
 def test_a_speculative_answer_is_coloured_by_origin(page):
     driver, _ = page
     assert "tiny-words-drafter" in driver.find_element("id", "drafter").text
-    finished(driver, start(driver, "tell me about the sea", max_tokens=120))
+    finished(driver, start(driver, "tell me about the sea", max_tokens=60))
     assert spans(driver, "accepted") and spans(driver, "cloud") and not spans(driver, "local")
     assert spans(driver, "accepted")[0].get_attribute("title") == "drafted on the device, accepted by the cloud"
-    assert usage(driver, "tokens") == "120" and usage(driver, "fallbacks") == "0"
+    assert usage(driver, "tokens") == "60" and usage(driver, "fallbacks") == "0"
     assert int(usage(driver, "rounds")) >= 1 and usage(driver, "acceptance").endswith("%")
     # the text on the page is the text generated, every piece in order
     text = "".join(s.get_attribute("textContent") for s in driver.find_elements("css selector", "#output .tok"))
@@ -131,7 +131,7 @@ def test_cutting_the_link_mid_generation_finishes_locally(page):
     set_slider(driver, "rtt", 60)  # slower rounds, so the cut lands mid-generation
     wait_for(driver, lambda d: link.config.delay_ms == 30, message="the RTT slider did not reach the link")
     assert "+60 ms" in driver.find_element("id", "link-status").text
-    run = start(driver, "tell me about the hills", max_tokens=240)
+    run = start(driver, "tell me about the hills", max_tokens=160)
     wait_for(driver, lambda d: len(d.find_elements("css selector", "#timeline tbody tr")) >= 3,
              message="no verify rounds arrived")
     driver.find_element("id", "cut-link").click()
@@ -139,7 +139,7 @@ def test_cutting_the_link_mid_generation_finishes_locally(page):
     finished(driver, run)
     assert spans(driver, "local"), "no token produced by the device alone after the cut"
     assert spans(driver, "accepted")  # from before the cut
-    assert int(usage(driver, "fallbacks")) >= 1 and usage(driver, "tokens") == "240"
+    assert int(usage(driver, "fallbacks")) >= 1 and usage(driver, "tokens") == "160"
     assert driver.find_elements("css selector", "#timeline tr.mark.offline")
     assert driver.find_elements("css selector", "#chart-acceptance line.mark-offline")
     text = "".join(s.get_attribute("textContent") for s in driver.find_elements("css selector", "#output .tok"))
@@ -153,3 +153,41 @@ def test_cutting_the_link_mid_generation_finishes_locally(page):
     set_slider(driver, "rtt", 0)
     finished(driver, start(driver, "and the sea", max_tokens=40))
     assert spans(driver, "accepted") and not spans(driver, "local") and usage(driver, "fallbacks") == "0"
+
+
+def test_auto_shows_its_decision_and_bad_input_shows_an_error(page):
+    driver, _ = page
+    policy = driver.find_element("id", "policy")
+    policy.clear()
+    finished(driver, start(driver, "which mode?", mode="auto", max_tokens=16))
+    chosen = driver.execute_script("return window.playground.last.decision.mode")
+    row = driver.find_element("css selector", "#decision tr.chosen")
+    assert row.find_elements("css selector", "td")[0].text == chosen
+    assert "lowest predicted seconds per token" in driver.find_element("id", "decision").text
+
+    policy.send_keys(str(ROOT / "samples" / "policies" / "offline-first.yaml"))
+    driver.find_element("id", "tags").send_keys("cloud-ok")
+    finished(driver, start(driver, "which mode now?", mode="auto", max_tokens=16))
+    assert 'assist: rule "allowed-to-ask"' in driver.find_element("id", "decision").text
+
+    policy.clear()
+    policy.send_keys("no/such/policy.yaml")
+    run = start(driver, "and now?", mode="auto", max_tokens=16)
+    wait_for(driver, lambda d: d.execute_script("return window.playground.runs") == run and state(d) == "error",
+             message="a bad policy file did not end in an error")
+    error = driver.find_element("id", "error")
+    assert error.is_displayed() and "policy file not found: no/such/policy.yaml" in error.text
+    policy.clear()
+    driver.find_element("id", "tags").clear()
+
+
+def test_stop_ends_the_generation_and_the_next_one_runs(page):
+    driver, _ = page
+    run = start(driver, "a long one", max_tokens=1000)
+    wait_for(driver, lambda d: spans(d, "accepted"), message="no text arrived")
+    driver.find_element("id", "stop").click()
+    wait_for(driver, lambda d: state(d) == "stopped", message="Stop did not end the generation")
+    assert "stopped after" in driver.find_element("id", "run-status").text
+    assert driver.execute_script("return window.playground.runs") == run
+    finished(driver, start(driver, "a short one", max_tokens=10))  # the playground is free again
+    assert usage(driver, "tokens") == "10"

@@ -11,7 +11,7 @@ The page's DOM hooks are stable, for tests and for people who script it: `#promp
 """
 
 from .events import Event, generation_events, summarize
-from .server import Defaults, GenerateForm, LinkForm, Playground, PlaygroundError, create_app
+from .server import Defaults, GenerateForm, LinkForm, Playground, create_app
 
 __all__ = [
     "Event",
@@ -21,6 +21,5 @@ __all__ = [
     "GenerateForm",
     "LinkForm",
     "Defaults",
-    "PlaygroundError",
     "create_app",
 ]

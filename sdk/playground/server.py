@@ -62,7 +62,9 @@ class LinkForm(BaseModel):
     loss: float | None = Field(None, ge=0, le=0.5, description="probability that a chunk resets its connection")
 
 
-class PlaygroundError(Exception):
+class _PageError(Exception):
+    """What the page asked for cannot be done; answered as {"error": message} with `status`."""
+
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
@@ -129,7 +131,7 @@ class Playground:
 
     def _need_link(self) -> LinkProxy:
         if self.link is None:
-            raise PlaygroundError(f"the gateway ({self.gateway}) is not behind the link simulator (only http:// gateways can be)", 409)
+            raise _PageError(f"the gateway ({self.gateway}) is not behind the link simulator (only http:// gateways can be)", 409)
         return self.link
 
     def set_link(self, form: LinkForm) -> dict[str, Any]:
@@ -156,20 +158,20 @@ class Playground:
 
         file = Path(path).expanduser()
         if not file.is_file():
-            raise PlaygroundError(f"policy file not found: {path}")
+            raise _PageError(f"policy file not found: {path}")
         key = (str(file.resolve()), file.stat().st_mtime)
         if key not in self._policies:
             try:
                 self._policies[key] = load_policy(file)
             except (TandemError, ValueError) as exc:
-                raise PlaygroundError(f"policy {path}: {exc}") from exc
+                raise _PageError(f"policy {path}: {exc}") from exc
         return self._policies[key]
 
     def generate(self, form: GenerateForm) -> AsyncIterator[Event]:
-        """One generation's events; raises PlaygroundError (409) while another one runs. (Two
+        """One generation's events; refused (409) while another one runs. (Two
         requests racing past the check run one after the other: the lock is taken by the stream.)"""
         if self._busy.locked():
-            raise PlaygroundError("a generation is already running: stop it first", 409)
+            raise _PageError("a generation is already running: stop it first", 409)
         policy = self._load_policy(form.policy) if form.mode == "auto" else None
         return self._events(form, policy)
 
@@ -205,8 +207,8 @@ def create_app(playground: Playground) -> "FastAPI":
     app.state.playground = playground
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.exception_handler(PlaygroundError)
-    async def on_error(request: Request, exc: PlaygroundError) -> JSONResponse:
+    @app.exception_handler(_PageError)
+    async def on_error(request: Request, exc: _PageError) -> JSONResponse:
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -249,4 +251,4 @@ def create_app(playground: Playground) -> "FastAPI":
     return app
 
 
-__all__ = ["Playground", "GenerateForm", "LinkForm", "Defaults", "PlaygroundError", "create_app", "STATIC"]
+__all__ = ["Playground", "GenerateForm", "LinkForm", "Defaults", "create_app", "STATIC"]

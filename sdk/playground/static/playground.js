@@ -118,6 +118,7 @@ function readForm() {
   };
 }
 
+// body[data-state]: loading, idle, running, done, stopped, error (what tests wait for)
 function setRunning(running) {
   $("generate").disabled = running;
   $("stop").disabled = !running;
@@ -155,9 +156,10 @@ async function generate() {
     if (error.name === "AbortError") $("run-status").textContent = `stopped after ${((performance.now() - started) / 1000).toFixed(1)} s`;
     else showError(error.message);
   } finally {
+    const stopped = controller.signal.aborted;
     controller = null;
     setRunning(false);
-    if (!playground.last) document.body.dataset.state = "error";
+    if (!playground.last) document.body.dataset.state = stopped ? "stopped" : "error";
   }
 }
 
