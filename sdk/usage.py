@@ -6,6 +6,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 ACCEPTED, CLOUD, LOCAL = "accepted", "cloud", "local"
 
+# How every front shows who produced a piece of text: the terminal (`tandem generate`, rich
+# styles), the playground's page (its CSS mirrors these colours) and the Textual sample.
+ORIGIN_NAMES = {ACCEPTED: "drafted on the device, accepted by the cloud", CLOUD: "the cloud's own token",
+                LOCAL: "the device alone"}
+ORIGIN_STYLES = {ACCEPTED: "green", CLOUD: "bold cyan", LOCAL: "yellow"}
+
 
 class Piece(str):
     """A piece of generated text and who produced it:
@@ -69,4 +75,4 @@ class GenerationRecord:
     decision: dict | None = None  # auto mode: what was chosen, and the predictions it was chosen on
 
 
-__all__ = ["Usage", "Round", "GenerationRecord", "Piece", "ACCEPTED", "CLOUD", "LOCAL"]
+__all__ = ["Usage", "Round", "GenerationRecord", "Piece", "ACCEPTED", "CLOUD", "LOCAL", "ORIGIN_NAMES", "ORIGIN_STYLES"]

@@ -81,3 +81,47 @@ def text_gateway():
     gw = Gateway(LoadedModel("tiny-printable", model, lm.tokenizer, "random init"))
     yield gw
     gw.close()
+
+
+# A tiny pair that writes readable text: lowercase letters, spaces and a little punctuation,
+# never an end of sequence (so a generation runs to its budget). The drafter is the target with
+# a little noise in its weights: it agrees with the target on most tokens, not all, so one
+# speculative answer has accepted drafts, the cloud's corrections and bonus tokens.
+WORDS_ALPHABET = "abcdefghijklmnopqrstuvwxyz .,"
+
+
+def words_model(name: str, noise: float = 0.0, noise_seed: int = 5):
+    from tandem.local_runtime.models import LoadedModel, byte_tokenizer, tiny_llama
+
+    model = tiny_llama(0, 64, 2, 4, 320)
+    head = torch.nn.Linear(64, 320, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.fill_(-1e4)
+        for c in WORDS_ALPHABET:
+            head.bias[ord(c)] = 0.0
+        head.bias[ord(" ")] = 1.5  # words of a few letters
+        model.lm_head = head
+        if noise:
+            g = torch.Generator().manual_seed(noise_seed)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * noise)
+    return LoadedModel(name, model, byte_tokenizer(320), "random init (lowercase words)")
+
+
+@pytest.fixture(scope="session")
+def words_pair():
+    """(target, drafter): the tiny readable-text pair above (same tokenizer: token speculation)."""
+    return words_model("tiny-words"), words_model("tiny-words-drafter", noise=0.01)
+
+
+@pytest.fixture(scope="session")
+def words_server(words_pair):
+    """A gateway serving the readable-text target over HTTP on loopback."""
+    from tandem.remote_gateway.app import create_app
+    from tandem.remote_gateway.service import Gateway
+
+    gw = Gateway(words_pair[0])
+    with serve_in_thread(create_app(gw)) as url:
+        yield url
+    gw.close()

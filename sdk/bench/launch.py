@@ -4,6 +4,8 @@
         client = Client(gateway=gw.url)
     with serving(create_app(gateway)) as url:        # uvicorn in a thread of this process
         ...
+    with serve_gateway("gemma3-270m") as url:         # the same, for a model name (or a LoadedModel)
+        ...
 
 Both take a free 127.0.0.1 port; entering waits until the server answers (a model load takes
 tens of seconds), leaving stops it.
@@ -19,8 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -111,4 +115,19 @@ def serving(app, lifespan: str = "off"):
         sock.close()
 
 
-__all__ = ["GatewayProcess", "free_port", "serving"]
+@contextmanager
+def serve_gateway(model: Any, **gateway_options: Any) -> Iterator[str]:
+    """A gateway for `model` (a name or a LoadedModel) served over HTTP by uvicorn in a thread of
+    this process, on a free loopback port; yields its URL and closes the gateway afterwards."""
+    from ...remote_gateway.app import create_app
+    from ...remote_gateway.service import Gateway
+
+    gateway = Gateway(model, **gateway_options)
+    try:
+        with serving(create_app(gateway)) as url:
+            yield url
+    finally:
+        gateway.close()
+
+
+__all__ = ["GatewayProcess", "free_port", "serving", "serve_gateway"]

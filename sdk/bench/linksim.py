@@ -18,6 +18,9 @@ async SDK can both use it:
 
     with LinkProxy(target_port=8000, delay_ms=25) as link:   # 50 ms RTT
         client = Client(gateway=link.url)
+
+    with LinkProxy.in_front_of("http://10.0.0.5:8000/tandem") as link:   # link.url keeps the path
+        ...
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 _CHUNK = 64 * 1024
 
@@ -65,12 +69,25 @@ class LinkProxy:
         self._conns: set[asyncio.StreamWriter] = set()
         self._ready = threading.Event()
         self.port = 0
+        self.path = ""  # appended to `url` (a gateway served under a path prefix)
+
+    @classmethod
+    def in_front_of(cls, url: str, config: LinkConfig | None = None, **kwargs) -> "LinkProxy":
+        """A proxy (not started yet) to the HTTP server at `url`; its `url` has the same path.
+        Plain TCP is forwarded, so an https:// server cannot sit behind it (its certificate
+        names the server, not 127.0.0.1)."""
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"the link simulator sits in front of an http:// server, not '{url}'")
+        proxy = cls(parts.port or 80, parts.hostname, config, **kwargs)
+        proxy.path = parts.path.rstrip("/")
+        return proxy
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def start(self) -> "LinkProxy":
         sock = socket.socket()
@@ -135,6 +152,11 @@ class LinkProxy:
     def restore(self) -> None:
         """End an outage now (scripted outage windows still apply)."""
         self._down_until = 0.0
+
+    @property
+    def down(self) -> bool:
+        """Whether the link is down now (an outage, or a scripted outage window)."""
+        return self._is_down()
 
     def _reset_all(self) -> None:
         for w in list(self._conns):

@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ...protocols.errors import TandemError
+from ..usage import ORIGIN_NAMES, ORIGIN_STYLES
 
 err = Console(stderr=True)
 
@@ -35,10 +36,6 @@ def run(coro: Coroutine) -> Any:
         fail(str(exc), code=2)
 
 
-# how a terminal shows who produced each piece of text (tandem.sdk.usage.Piece.origin)
-ORIGIN_STYLES = {"accepted": "green", "cloud": "bold cyan", "local": "yellow"}
-ORIGIN_NAMES = {"accepted": "drafted on the device, accepted by the cloud", "cloud": "the cloud's own token",
-                "local": "the device alone"}
 
 
 def origin_writer(color: bool = True) -> Callable[[str], None]:

@@ -1,4 +1,4 @@
-"""Gateway-side commands: `tandem gateway serve|new-key|route` and `tandem bench gateway`."""
+"""Gateway-side commands: `tandem gateway serve|new-key|route|protocol|conformance` and `tandem bench gateway`."""
 
 from __future__ import annotations
 
@@ -102,10 +102,62 @@ def bench_gateway_cmd(
         Console().print(table)
 
 
+def gateway_protocol(
+    out: Optional[Path] = typer.Option(None, help="Write it to this file (PROTOCOL.md) instead of stdout."),
+    check: bool = typer.Option(False, "--check", help="Exit 1 if --out differs from what would be written."),
+) -> None:
+    """The wire protocol as Markdown (PROTOCOL.md): operations, JSON Schema of every message, the
+    version rule, the error codes; generated from the protocol's own models."""
+    from ...protocols.document import render
+
+    text = render()
+    if out is None:
+        if check:
+            fail("--check needs --out FILE", code=2)
+        print(text, end="")
+    elif check:
+        if not out.is_file() or out.read_text(encoding="utf-8") != text:
+            fail(f"{out} is out of date: run `tandem gateway protocol --out {out}`")
+        err.print(f"{out} is up to date")
+    else:
+        out.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out} ({len(text):,} characters)")
+
+
+def gateway_conformance(
+    url: str = typer.Argument(..., help="The gateway's base URL, e.g. http://127.0.0.1:8000."),
+    api_key: Optional[str] = typer.Option(None, envvar="TANDEM_API_KEY", help="A key, when the gateway requires one."),
+    timeout_s: float = typer.Option(60.0, min=0.1, help="Seconds to wait for each reply."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
+) -> None:
+    """Check a gateway against the documented protocol (PROTOCOL.md) over raw HTTP: every
+    operation, the replies' schemas, the error codes for bad input. Exit 0 if nothing failed."""
+    from ...protocols.conformance import FAIL, PASS, run_conformance
+
+    if not url.startswith(("http://", "https://")):
+        fail(f"URL must start with http:// or https://, not '{url}'", code=2)
+    report = run_conformance(url, api_key=api_key, timeout_s=timeout_s)
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        table = Table(title=f"conformance of {url}")
+        for column in ("check", "operation", "result", "detail"):
+            table.add_column(column, overflow="fold")
+        style = {PASS: "green", FAIL: "bold red"}
+        for c in report.checks:
+            table.add_row(c.name, c.operation, f"[{style.get(c.result, 'yellow')}]{c.result}[/]", c.detail)
+        Console().print(table)
+        err.print(f"{report.count(PASS)} passed, {report.count(FAIL)} failed, {report.count('skip')} skipped")
+    if not report.passed:
+        raise typer.Exit(1)
+
+
 def register(gateway_app: typer.Typer, bench_app: typer.Typer) -> None:
     gateway_app.command("serve")(gateway_serve)
     gateway_app.command("new-key")(gateway_new_key)
     gateway_app.command("route")(gateway_route)
+    gateway_app.command("protocol")(gateway_protocol)
+    gateway_app.command("conformance")(gateway_conformance)
     bench_app.command("gateway")(bench_gateway_cmd)
 
 

@@ -1,5 +1,5 @@
 """`tandem generate` and `tandem models`, and the command tree: each group's commands live in
-their own module (bench, gateway, route/policy, dag/device) and register here."""
+their own module (bench, gateway, route/policy, dag/device, playground) and register here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from ...protocols.errors import TandemError
 from ..client import DEFAULT_DRAFTER, DEFAULT_TARGET, Client
-from . import bench, dag, device, gateway, route
+from . import bench, dag, device, gateway, playground, route
 from .common import err, fail, origin_legend, origin_writer
 
 app = typer.Typer(help="tandem: a device model drafts, a cloud model verifies.", no_args_is_help=True, add_completion=False)
@@ -31,6 +31,7 @@ dag.register(app, bench_app)
 bench.register(bench_app)
 device.register(bench_app)
 gateway.register(gateway_app, bench_app)
+playground.register(app)
 
 
 class ModeChoice(str, Enum):
