@@ -238,7 +238,7 @@ class Conformance:
         return f"next token {res.next_token}"
 
     def _replay(self) -> str:
-        s1, (first, body) = self.state["s1"], self.state["step"]
+        s1, (first, _body) = self.state["s1"], self.state["step"]
         again = _parse(VerifyResult, self.verify(s1.session_id, s1.position, []))
         if again != first:
             raise _Mismatch(f"the same verify again answered {again.model_dump()} after {first.model_dump()}")
