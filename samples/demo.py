@@ -18,6 +18,7 @@ from rich.console import Console
 
 from tandem.sdk import Client
 from tandem.sdk.bench.launch import GatewayProcess
+from tandem.sdk.cli.common import origin_legend, origin_writer
 from tandem.sdk.client import DEFAULT_DRAFTER, DEFAULT_TARGET
 
 console = Console(stderr=True)
@@ -28,10 +29,12 @@ async def stream(url: str, drafter: str, prompt: str, max_new_tokens: int, draft
     async with Client(drafter=drafter, gateway=url, draft_len=k) as client:
         gen = client.stream(prompt, max_new_tokens=max_new_tokens)
         console.print(f"[bold]prompt:[/] {prompt}\n[bold]speculative ({drafter} drafts, gateway verifies):[/]")
+        write = origin_writer()  # coloured by who produced each piece, on a terminal
         async for piece in gen:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+            write(piece)
         sys.stdout.write("\n")
+        if write.colored:
+            console.print(origin_legend())
         u = gen.usage
         console.print(
             f"\n{len(gen.tokens)} tokens in {u.wall_s:.2f} s ({len(gen.tokens) / u.wall_s:.1f} tok/s) | "
@@ -52,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
 
     gateway = GatewayProcess(args.target, quiet=not args.gateway_logs)
-    with console.status(f"starting the gateway ({args.target}) on {gateway.url}; loading its model takes about a minute ..."):
+    with console.status(f"starting the gateway ({args.target}) on {gateway.url}; loading its model ..."):
         gateway.start()
     with gateway:
         asyncio.run(stream(gateway.url, args.drafter, args.prompt, args.max_new_tokens, args.draft_len))

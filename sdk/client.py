@@ -296,7 +296,7 @@ class Client:
         if mode == "local":
             run = run_local(options, self.device, rec)
         elif mode == "cloud":
-            run = run_cloud(options, self.link, rec)
+            run = run_cloud(options, self.link, rec, self.device if self.drafter_name or self._drafter else None)
         elif mode == "assist":
             text_space = not await self.link.shares_tokenizer(self.drafter.tokenizer.fingerprint)
             run = AssistRun(options, self.link, self.device, rec, text_space=text_space).run()

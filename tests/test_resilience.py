@@ -131,3 +131,12 @@ def test_unreachable_gateway_from_the_start_runs_locally(tiny_target):
 
     rec = run(go())
     assert rec.tokens == _reference(tiny_target, 12) and rec.usage.fallbacks == 1 and rec.usage.rounds == 0
+
+
+def test_cloud_mode_falls_back_to_the_device_when_the_gateway_is_away(tiny_target):
+    async def go():
+        async with Client(drafter="tiny-llama", gateway="http://127.0.0.1:9", timeout_s=2, retries=0) as c:
+            return await c.generate(PROMPT, mode="cloud", max_new_tokens=12, chat=False)
+
+    rec = run(go())
+    assert rec.tokens == _reference(tiny_target, 12) and rec.usage.fallbacks == 1 and rec.usage.cloud_tokens == 0
