@@ -388,7 +388,7 @@ def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -
         where = str(path.parent)
     else:
         where = str(path)
-    with _status(progress, f"loading {name} from {path.name} ..."), _gguf_conversion_bar(progress):
+    with _status(progress, f"loading {name} from {path.name} ..."), _gguf_conversion_bar(progress or not path.is_file()):
         try:
             hf_tok = _hf_tokenizer(path)
             model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
@@ -404,13 +404,16 @@ def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -
 
 
 @contextmanager
-def _gguf_conversion_bar(progress: bool) -> Iterator[None]:
-    """transformers' GGUF loader draws its own tqdm bar, deaf to `disable_progress_bar()`; with
-    progress off, it is switched off here for the duration of the load."""
+def _gguf_conversion_bar(show: bool) -> Iterator[None]:
+    """transformers' GGUF loader draws its own tqdm bar, deaf to `disable_progress_bar()`; unless
+    `show`, it is switched off here for the duration of the load."""
+    if show:
+        yield
+        return
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     bar = getattr(gguf_utils, "tqdm", None)
-    if progress or bar is None:
+    if bar is None:  # a transformers without that bar
         yield
         return
     gguf_utils.tqdm = functools.partial(bar, disable=True)
@@ -495,8 +498,9 @@ def tiny_qwen2(
     seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
 ) -> Any:
     """A random-initialised Qwen2: Llama plus q/k/v projection biases, with tied input/output
-    embeddings (as Qwen2.5-0.5B has). transformers initialises biases to zero, which would hide a
-    backend that drops them, so they are drawn at the scale of the projection W x itself."""
+    embeddings (as Qwen2.5-0.5B's own checkpoint has; the bundled GGUF stores its output layer
+    apart). transformers initialises biases to zero, which would hide a backend that drops them,
+    so they are drawn at the scale of the projection W x itself."""
     return _tiny_model("qwen2", seed, hidden, layers, heads, vocab, init_range, kv_heads)
 
 

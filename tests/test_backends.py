@@ -244,3 +244,12 @@ def test_import_stays_light():
     code = "import sys, tandem.sdk, tandem.local_runtime.backends; print(sorted(m for m in ('torch', 'onnxruntime', 'llama_cpp') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_onnx_graph_too_large_for_one_file_is_refused_clearly(monkeypatch, drafter_lm, act_stats):
+    pytest.importorskip("onnxruntime")
+    from tandem.local_runtime.backends import onnx_rt
+
+    monkeypatch.setattr(onnx_rt, "MAX_INLINE_WEIGHTS", 1 << 16)  # what 2 GiB is to a real model
+    with pytest.raises(BackendUnavailable, match=r"more than one ONNX file can hold"):
+        onnx_rt.OnnxPrefill(drafter_lm, chunk=16, act_absmax=act_stats, n_outliers=4)

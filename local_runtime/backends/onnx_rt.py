@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 NPU_PROVIDERS = ("QNNExecutionProvider", "CoreMLExecutionProvider", "OpenVINOExecutionProvider")
 OPSET = 17
+# a protobuf message, so a whole .onnx file, stops at 2 GiB; room is left for the graph itself
+MAX_INLINE_WEIGHTS = 2**31 - (64 << 20)
 
 
 def _onnx():
@@ -77,6 +79,7 @@ class _Graph:
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.n = 0
+        self.weight_bytes = 0
 
     def name(self, hint: str) -> str:
         self.n += 1
@@ -85,7 +88,9 @@ class _Graph:
     def const(self, array: np.ndarray, hint: str = "c") -> str:
         name = self.name(hint)
         # (np.ascontiguousarray would turn a 0-d scalar into shape (1,))
-        self.inits.append(self.onnx.numpy_helper.from_array(np.array(array, order="C"), name))
+        array = np.array(array, order="C")
+        self.weight_bytes += array.nbytes
+        self.inits.append(self.onnx.numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, domain: str = "", **attrs) -> Any:
@@ -208,6 +213,12 @@ def build_chunk_graph(lay: "LlamaLayout", quantized: list[dict[str, "W8A8Weights
         h.make_tensor_value_info("new_keys", TensorProto.FLOAT, [lay.n_layers, KV, chunk, d]),
         h.make_tensor_value_info("new_values", TensorProto.FLOAT, [lay.n_layers, KV, chunk, d]),
     ]
+    if g.weight_bytes > MAX_INLINE_WEIGHTS:
+        # (the 1.5B Qwen2.5 with its untied float embedding and output layer is ~3 GiB)
+        raise BackendUnavailable(
+            f"the ONNX chunk graph holds {g.weight_bytes / 2**30:.1f} GiB of weights, more than one ONNX file "
+            f"can hold (2 GiB); external weight files are not implemented"
+        )
     graph = h.make_graph(g.nodes, "tandem_prefill_chunk", inputs, outputs, initializer=g.inits)
     # IR version 8 (onnx 1.10+) is read by every onnxruntime this project supports
     return h.make_model(graph, opset_imports=[h.make_opsetid("", OPSET)], producer_name="tandem", ir_version=8)
@@ -239,7 +250,6 @@ class OnnxPrefill:
             act_absmax = calibrate(lm.model, calibration_samples(lm.tokenizer))
         quantized = quantize_layers(lay, act_absmax, n_outliers, per_channel, dynamic, smooth)
         model = build_chunk_graph(lay, quantized, chunk)
-        # initializers over 2 GiB need external data; these models are far below that
         data = model.SerializeToString()
         self.model_bytes = len(data)
         cache = Path(cache_dir or os.environ.get("TANDEM_CACHE", Path(tempfile.gettempdir()) / "tandem-onnx"))
