@@ -129,13 +129,18 @@ PARTED: dict[str, PartedModel] = {
 }
 
 
-def cache_dir() -> Path:
-    """Where assembled models live: $TANDEM_CACHE_DIR/models, else the XDG cache."""
+def cache_root() -> Path:
+    """tandem's cache: $TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem."""
     env = os.environ.get("TANDEM_CACHE_DIR")
     if env:
-        return Path(env).expanduser() / "models"
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tandem" / "models"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "tandem"
+
+
+def cache_dir() -> Path:
+    """Where assembled models live: the cache's `models` folder."""
+    return cache_root() / "models"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,4 +316,4 @@ def _bar(progress: bool, what: str, total: int) -> Iterator[Callable[[int], None
         yield lambda n: bar.advance(task, n)
 
 
-__all__ = ["PARTED", "Part", "PartedModel", "assemble", "cache_dir", "make_parts", "part_path"]
+__all__ = ["PARTED", "Part", "PartedModel", "assemble", "cache_dir", "cache_root", "make_parts", "part_path"]

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,7 +250,9 @@ class OnnxPrefill:
         model = build_chunk_graph(lay, quantized, chunk)
         data = model.SerializeToString()
         self.model_bytes = len(data)
-        cache = Path(cache_dir or os.environ.get("TANDEM_CACHE", Path(tempfile.gettempdir()) / "tandem-onnx"))
+        from ..packaged import cache_root
+
+        cache = Path(cache_dir) if cache_dir else cache_root() / "onnx"
         cache.mkdir(parents=True, exist_ok=True)
         self.path = cache / f"prefill-{hashlib.sha256(data).hexdigest()[:16]}.onnx"
         if not self.path.exists():
