@@ -281,11 +281,13 @@ def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, o
     )
     x = torch.randn(rows, in_features, generator=gen)
     best, best_t = "onednn", float("inf")
+    KERNEL_TIMES.clear()
     for name in KERNELS:
         try:
             p = pack(w, name, rows=rows)
             w8a8_linear(x, p, name)
         except (RuntimeError, NotImplementedError, AttributeError):
+            KERNEL_TIMES[name] = None
             continue  # a torch build without this kernel
         t0 = time.perf_counter()
         n = 0
@@ -293,9 +295,24 @@ def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, o
             w8a8_linear(x, p, name)
             n += 1
         t = (time.perf_counter() - t0) / n
+        KERNEL_TIMES[name] = t
         if t < best_t:
             best, best_t = name, t
     return best
+
+
+# seconds per call of each int8 kernel on the shape `pick_kernel("auto")` timed (None: unavailable)
+KERNEL_TIMES: dict[str, float | None] = {}
+
+
+def kernel_report() -> dict:
+    """Which int8 GEMM "auto" chose and why: the times it measured at load, by name."""
+    chosen = pick_kernel("auto")
+    times = {k: None if v is None else round(v * 1000, 3) for k, v in KERNEL_TIMES.items()}
+    others = {k: v for k, v in times.items() if k != chosen and v is not None}
+    why = f"{chosen} took {times.get(chosen)} ms on a 128x576x1536 int8 GEMM" + (
+        "; " + ", ".join(f"{k} {v} ms" for k, v in others.items()) if others else "; no other kernel runs here")
+    return {"chosen": chosen, "ms": times, "why": why}
 
 
 __all__ = [
@@ -306,6 +323,7 @@ __all__ = [
     "w8a8_linear",
     "w8a8_apply",
     "pick_kernel",
+    "kernel_report",
     "outlier_channels",
     "symmetric_scale",
     "quantize_symmetric",

@@ -326,7 +326,7 @@ class Conformance:
         self.check("a missing field is 400", "verify", bad({"type": "verify", "position": 1, "draft_tokens": [], "draft_probs": []},
                                                           "verify", says="session_id"))
         self.check("an unknown session is 404", "verify",
-                   bad({"type": "verify", "session_id": "s_nosuch.session", "position": 1, "draft_tokens": [], "draft_probs": []},
+                   bad({"type": "verify", "session_id": "nosuch-session", "position": 1, "draft_tokens": [], "draft_probs": []},
                        "verify", "unknown_session"))
         self.check("a stale position is 409", "verify", self._stale, needs=("step",))
         self.check("a tokenizer mismatch is 409", "open", self._mismatch, needs=("prompt",))

@@ -50,6 +50,8 @@ ERROR_MEANINGS: dict[str, str] = {
                    "a version this gateway does not speak, or a request that does not fit the session "
                    "(e.g. text appended to a token session). Fix the request; do not retry it as it is.",
     "unauthorized": "no `authorization: Bearer <key>` header, or a key the gateway does not know.",
+    "forbidden": "the request's Host header is not one this gateway answers for (its `allowed_hosts`).",
+    "timeout": "the request's body did not arrive within the gateway's `body_timeout_s`. Send it again, whole.",
     "unknown_session": "no such session for this key (never opened, closed, or opened with another key). "
                        "Open a new one.",
     "unknown_model": "`model` names a model this gateway does not serve (`GET /v1/info` says which it does).",
@@ -60,9 +62,10 @@ ERROR_MEANINGS: dict[str, str] = {
     "tokenizer_mismatch": "`prompt_tokens` came with a `tokenizer_fingerprint` that is not the target's: "
                           "token ids would mean different text. Open a text session instead.",
     "session_finished": "the session has already reached end-of-sequence or its `max_new_tokens`.",
-    "session_evicted": "the gateway dropped the session (idle too long, or its KV-cache memory was needed). "
-                       "Re-open it with `resume_tokens` (token sessions) or `resume_text` (text sessions): "
-                       "it continues exactly where it was.",
+    "session_evicted": "the gateway dropped the session (idle too long, or its KV-cache memory was needed), "
+                       "or the id names another replica (`detail.reason` `replica`: its replica is gone, and "
+                       "the request reached a survivor). Re-open it with `resume_tokens` (token sessions) or "
+                       "`resume_text` (text sessions): it continues exactly where it was.",
     "too_large": "over a limit: the body, the prompt, `max_new_tokens`, a draft or an append "
                  "(`GET /v1/info` has this gateway's limits).",
     "rate_limited": "the key's target tokens per minute are used up; retry after `Retry-After` seconds "
@@ -223,6 +226,8 @@ device side from it. `tandem gateway conformance URL` checks a gateway against i
   `authorization: Bearer <key>`. A session answers only to the key that opened it.
 - Requests that name a session repeat its id in the header `x-tandem-session`, so a load
   balancer can route them to the replica that holds the session without reading the body.
+  A `502`, `503` or `504` without an `ErrorReply` body is the balancer's own: no replica
+  answered; treat it as a dropped connection.
 - A reply is the operation's reply message with status 200, or an `ErrorReply` with the status
   of its code (below). `429` and some `capacity` errors carry `Retry-After` (seconds).
 - `generate` streams `application/x-ndjson`: one `GenerateChunk` per line, the last with
@@ -291,8 +296,10 @@ request is refused (`409 wrong_position`) instead of corrupting the session.
 after the first (its reply was lost in transit) gets the first reply again, and the session
 advances once: retrying on a timeout or a dropped connection is always safe. If the gateway
 stays unreachable, the device may go on alone and later open a new session with everything it
-has committed (`resume_tokens` / `resume_text`); an evicted session (`410`) is re-opened the
-same way and continues exactly where it was.
+has committed (`resume_tokens` / `resume_text`); an evicted session (`410`, also a survivor's
+answer for a replica that died) is re-opened the same way and continues exactly where it was.
+A `generate` stream cut part-way is asked for again by a new `generate` whose prompt ends with
+what arrived (`prompt_tokens` with the tokens received, or `resume_text`).
 
 **Tokenizer fingerprint.** 24 lowercase hex digits: the SHA-256 of two UTF-8 strings one after
 the other: the JSON array of `[token, id]` pairs of the whole vocabulary ordered by id, then the

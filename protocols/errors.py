@@ -163,6 +163,8 @@ class RateLimitError(GatewayError):
 # error code -> (class, HTTP status); every ErrorCode of messages.py has a row
 _BY_CODE: dict[str, tuple[type[GatewayError], int]] = {
     "bad_request": (GatewayError, 400),
+    "forbidden": (GatewayError, 403),
+    "timeout": (GatewayError, 408),
     "unknown_session": (UnknownSessionError, 404),
     "unknown_model": (GatewayError, 404),
     "not_found": (GatewayError, 404),

@@ -27,6 +27,9 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
+# A status without an ErrorReply body: a proxy in front of the gateway had no replica to ask.
+_UNAVAILABLE = frozenset({502, 503, 504})
+
 # The API key when the caller gives none (like OPENAI_API_KEY): `Bearer $TANDEM_API_KEY`.
 API_KEY_ENV = "TANDEM_API_KEY"
 
@@ -76,6 +79,10 @@ class HttpTransport(Transport):
             reply = None
         if reply is not None:
             raise from_reply(reply, _retry_after(response))
+        if response.status_code in _UNAVAILABLE:
+            # not the gateway's own answer: a load balancer (or proxy) in front of it found no
+            # replica to answer; as retryable as a connection that failed
+            raise TransportError(f"{self.base_url} answered HTTP {response.status_code} (no gateway replica answered)")
         raise gateway_error("internal", f"gateway answered HTTP {response.status_code}: {response.text[:200]}")
 
     async def request(self, msg: BaseModel) -> Any:
@@ -112,10 +119,15 @@ class HttpTransport(Transport):
                     await response.aread()
                     self.bytes_down += len(response.content)
                     self._raise_for(response)
+                finished = False
                 async for line in response.aiter_lines():
                     if line.strip():
                         self.bytes_down += len(line) + 1
-                        yield parse_chunk(line)
+                        chunk = parse_chunk(line)
+                        finished = chunk.finished
+                        yield chunk
+                if not finished:  # a proxy may end a reply cleanly when its replica died mid-stream
+                    raise TransportError(f"the stream from {self.base_url} ended before its last chunk")
         except httpx.TimeoutException as exc:
             raise TransportError(f"gateway at {self.base_url} stopped answering mid-stream") from exc
         except httpx.TransportError as exc:

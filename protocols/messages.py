@@ -27,6 +27,7 @@ MAX_DRAFT_TOKENS = 64
 MAX_PROMPT_TOKENS = 32_768
 MAX_SPARSE_SUPPORT = 256
 MAX_APPEND_TOKENS = 1024
+MAX_TOP_LOGPROBS = 20
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -250,6 +251,10 @@ class AppendRequest(_Message):
     tokens: list[TokenId] | None = Field(None, max_length=MAX_APPEND_TOKENS)
     text: str | None = Field(None, max_length=16_384)
     text_offset: int | None = Field(None, ge=0, description="text sessions: characters generated so far")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="also answer the target's log-probability of next_token and of its N likeliest tokens",
+    )
 
     @model_validator(mode="after")
     def _one_payload(self) -> "AppendRequest":
@@ -258,6 +263,18 @@ class AppendRequest(_Message):
         if self.text is not None and self.text_offset is None:
             raise ValueError("a text append needs the text_offset it continues from")
         return self
+
+
+class TokenLogprob(BaseModel):
+    """The target's own log-probability (log-softmax of its logits, before temperature or top-p)
+    of a token it produced, and its `top` likeliest alternatives at that position."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: int
+    logprob: float
+    top_ids: list[int] = Field(default_factory=list)
+    top_logprobs: list[float] = Field(default_factory=list)
 
 
 class AppendResult(_Message):
@@ -276,6 +293,7 @@ class AppendResult(_Message):
     text_offset: int | None = Field(None, description="text sessions: characters generated after this reply")
     finished: bool
     finish_reason: Literal["eos", "length"] | None = None
+    logprobs: TokenLogprob | None = Field(None, description="of next_token, when the request asked for top_logprobs")
 
 
 class CloseSession(_Message):
@@ -294,6 +312,10 @@ class GenerateRequest(_Prompt):
     so a device needs no copy of the target's tokenizer."""
 
     type: Literal["generate"] = "generate"
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="stream the target's log-probability of each token and of its N likeliest alternatives",
+    )
 
 
 class GenerateChunk(_Message):
@@ -301,7 +323,10 @@ class GenerateChunk(_Message):
     tokens: list[int]
     text: str = ""
     finished: bool = False
-    finish_reason: Literal["eos", "length"] | None = None
+    finish_reason: Literal["eos", "length"] | None = Field(
+        None, description="length: max_new_tokens reached, or the key's token budget for this generation spent"
+    )
+    logprobs: list[TokenLogprob] | None = Field(None, description="one per token, when the request asked for top_logprobs")
 
 
 class GetInfo(_Message):
@@ -326,6 +351,8 @@ class GatewayInfo(_Message):
 
 ErrorCode = Literal[
     "bad_request",
+    "timeout",
+    "forbidden",
     "unknown_session",
     "wrong_position",
     "tokenizer_mismatch",
@@ -357,6 +384,8 @@ __all__ = [
     "MAX_DRAFT_TOKENS",
     "MAX_PROMPT_TOKENS",
     "MAX_APPEND_TOKENS",
+    "MAX_TOP_LOGPROBS",
+    "TokenLogprob",
     "SamplingParams",
     "ChatMessage",
     "SparseDist",

@@ -13,15 +13,16 @@ and a session answers only to the key that opened it (any other key: 404, as for
 does not exist). Every error is an `ErrorReply` JSON body (OpenAI's error shape on the OpenAI
 routes): 400 malformed (naming the field), 401 no or unknown key, 404 unknown session, 409 wrong
 position, 410 session evicted (re-open with resume_tokens), 413 over a size limit, 429 over a
-rate or count limit (with Retry-After). Nothing a client sends takes the server down.
+rate or count limit (with Retry-After), 408 a body too slow to arrive, 403 a Host not allowed.
+Nothing a client sends takes the server down. What happens before a handler runs (the API key,
+checked before the body is read; size and time limits; slow clients) is in edge.py.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-import math
-import time
+import traceback
 from collections.abc import Callable
 
 from fastapi import Depends, FastAPI, Request
@@ -33,30 +34,10 @@ from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import ErrorReply
 from ..protocols.operations import OPERATIONS, Operation, dispatch
 from .auth import KeyRing, Principal
+from .edge import Edge, EdgeLimits, error_response, uvicorn_config
 from .service import Gateway
 
 log = logging.getLogger("tandem.gateway")
-access_log = logging.getLogger("tandem.gateway.access")
-
-_OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
-
-
-def _headers(err: GatewayError) -> dict[str, str]:
-    headers = {}
-    if err.status == 401:
-        headers["WWW-Authenticate"] = 'Bearer realm="tandem"'
-    if err.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after_s)))
-    return headers
-
-
-def _error(err: GatewayError, path: str = "") -> JSONResponse:
-    if path.startswith(_OPENAI_PATHS):
-        body = {"error": {"message": err.message, "type": err.code, "code": err.code, "param": None}}
-    else:
-        body = err.to_reply().model_dump(mode="json")
-    return JSONResponse(body, status_code=err.status, headers=_headers(err))
-
 
 def _describe_validation(errors: list[dict]) -> str:
     parts = []
@@ -66,77 +47,20 @@ def _describe_validation(errors: list[dict]) -> str:
     return "; ".join(parts)
 
 
-class _Edge:
-    """Pure ASGI middleware in front of everything: the body-size limit (by Content-Length, and
-    by counting for bodies sent without one), per-route request metrics and the access log."""
-
-    def __init__(self, app, gateway: Gateway) -> None:
-        self.app = app
-        self.gateway = gateway
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.gateway.limits.max_body_bytes
-        t0 = time.perf_counter()
-        status = {"code": 500}
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            if length.isdigit():
-                err = gateway_error("too_large", f"request body of {length.decode()} bytes exceeds the limit of {limit}")
-            else:
-                err = gateway_error("bad_request", "the content-length header is not a number")
-            await _error(err, scope.get("path", ""))(scope, receive, send)
-            self._record(scope, err.status, t0)
-            return
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise StarletteHTTPException(413, f"request body exceeds the limit of {limit} bytes")
-            return message
-
-        async def recorded_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, counted_receive, recorded_send)
-        finally:
-            self._record(scope, status["code"], t0)
-
-    def _record(self, scope, status: int, t0: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
-        seconds = time.perf_counter() - t0
-        m = self.gateway.metrics
-        m.requests.labels(route, str(status)).inc()
-        m.request_seconds.labels(route).observe(seconds)
-        state = scope.get("state") or {}
-        access_log.info(
-            "%s %s %d", scope.get("method"), scope.get("path"), status,
-            extra={"method": scope.get("method"), "path": scope.get("path"), "status": status,
-                   "ms": round(seconds * 1000, 2), "key": state.get("key"), "session": state.get("session")},
-        )
-
-
-def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
+def create_app(gateway: Gateway, keys: KeyRing | None = None, edge: EdgeLimits | None = None) -> FastAPI:
     keys = keys or KeyRing(required=False)
+    edge = edge or EdgeLimits()
     gateway.auth_required = keys.required
-    app = FastAPI(title="tandem gateway", version="0.2.0", summary="Verifies drafted tokens with the target model.")
+    docs = {} if edge.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="tandem gateway", version="0.2.0", summary="Verifies drafted tokens with the target model.", **docs)
     app.state.gateway = gateway
-    app.add_middleware(_Edge, gateway=gateway)
+    app.state.edge = edge  # the server's limits too (uvicorn_config), wherever the app is served
+    app.add_middleware(Edge, gateway=gateway, keys=keys, limits=edge)
 
     async def principal(request: Request) -> Principal:
-        who = keys.authenticate(request.headers.get("authorization"))
-        request.state.key = who.id
-        request.state.session = request.headers.get("x-tandem-session")
-        return who
+        """The caller, authenticated by the edge before the body was read."""
+        who = request.scope.get("state", {}).get("principal")
+        return who if who is not None else keys.authenticate(request.headers.get("authorization"))
 
     def count_error(err: GatewayError) -> None:
         gateway.stats["errors"] += 1
@@ -145,28 +69,32 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
     @app.exception_handler(GatewayError)
     async def on_gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
         count_error(exc)
-        return _error(exc, request.url.path)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        err = gateway_error("bad_request", _describe_validation(errors), detail=errors)
+        param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
+        err = gateway_error("bad_request", _describe_validation(errors), detail={"errors": errors, "param": param or None})
         count_error(err)
-        return _error(err, request.url.path)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {413: "too_large", 401: "unauthorized", 404: "not_found"}.get(exc.status_code, "bad_request")
+        code = {413: "too_large", 401: "unauthorized", 404: "not_found", 408: "timeout"}.get(exc.status_code, "bad_request")
         err = GatewayError(str(exc.detail), code=code, status=exc.status_code)
         count_error(err)
-        return _error(err, request.url.path)
+        return error_response(err, request.url.path)
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
+        # where it failed, never what it failed on: an exception's message and locals can hold
+        # the caller's prompt or token ids
+        where = "; ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in traceback.extract_tb(exc.__traceback__)[-6:])
+        log.error("unhandled %s on %s at %s", type(exc).__name__, request.url.path, where)
         err = gateway_error("internal", f"internal error: {type(exc).__name__}")
         count_error(err)
-        return _error(err, request.url.path)
+        return error_response(err, request.url.path)
 
     errors = {s: {"model": ErrorReply} for s in (400, 401, 404, 409, 410, 413, 429)}
     @app.get("/healthz")
@@ -177,7 +105,7 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None) -> FastAPI:
     async def readyz() -> JSONResponse:
         if gateway.ready:
             return JSONResponse({"status": "ready", "model": gateway.model_name, "replica": gateway.replica_id})
-        return _error(gateway_error("not_ready", "the gateway is starting or draining"))
+        return error_response(gateway_error("not_ready", "the gateway is starting or draining"))
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -230,13 +158,16 @@ def serve(
     *,
     keys: KeyRing | None = None,
     log_format: str = "json",
+    edge: EdgeLimits | None = None,
 ) -> None:
     import uvicorn
 
     from .logs import configure_logging
 
     configure_logging(log_level, log_format)
-    uvicorn.run(create_app(gateway, keys), host=host, port=port, log_level=log_level, log_config=None)
+    app = create_app(gateway, keys, edge)
+    config = uvicorn_config(app, app.state.edge, host=host, port=port, log_level=log_level, log_config=None)
+    uvicorn.Server(config).run()
 
 
 __all__ = ["create_app", "serve"]

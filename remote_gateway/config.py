@@ -6,6 +6,7 @@ empty file (or none) serves the embedded default model on 127.0.0.1:8000 without
     auth, keys                      API keys (SHA-256 hashes, or read from the environment)
     max_* , *_per_key, kv_*         limits (see GatewayLimits)
     batching                        batched verification (see batching.BatchingConfig)
+    edge                            connections and requests at the door (see edge.EdgeLimits)
     log_level, log_format           logs (json: one object per line)
 
 `auth` is explicit: `keys` needs every request to carry a listed key; `none` lets anyone in (a
@@ -23,8 +24,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..local_runtime.models import DEFAULT_TARGET
+from ..protocols.messages import MAX_PROMPT_TOKENS
 from .auth import KeyRing
 from .batching import BatchingConfig
+from .edge import EdgeLimits
 from .service import GatewayLimits
 
 
@@ -58,6 +61,26 @@ class BatchingSettings(BaseModel):
         return BatchingConfig(self.enabled, self.window_ms, self.max_batch, self.max_batch_tokens)
 
 
+class EdgeSettings(BaseModel):
+    """Connections and requests before any handler runs (edge.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_connections: int = Field(256, ge=1, description="concurrent connections; beyond them: 503")
+    keepalive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this, else the connection is dropped")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this of its headers, else 408")
+    send_timeout_s: float = Field(30.0, gt=0, description="a client that reads none of its response for this is dropped")
+    max_header_bytes: int = Field(16_384, ge=1024, description="all of a request's headers together")
+    allowed_hosts: list[str] | None = Field(None, description="Host header allow-list ('*.example.com' allowed); unset: any")
+    metrics_need_key: bool = Field(False, description="/metrics answers only with a valid API key")
+    docs_need_key: bool = Field(False, description="/docs, /redoc, /openapi.json answer only with a valid API key")
+    docs: bool = Field(True, description="serve /docs, /redoc and /openapi.json at all")
+
+    def limits(self) -> EdgeLimits:
+        return EdgeLimits(**self.model_dump())
+
+
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,16 +98,21 @@ class GatewayConfig(BaseModel):
     auth: Literal["keys", "none"] | None = Field(None, description="keys | none; see the module docstring")
     keys: list[KeyConfig] = Field(default_factory=list)
     max_sessions: int = Field(64, ge=1, description="live sessions (each holds a KV cache)")
-    max_sessions_per_key: int | None = Field(None, ge=1)
+    max_sessions_per_key: int | None = Field(
+        None, ge=1, description="open sessions per API key (default: a quarter of max_sessions; callers without a key "
+        "share max_sessions)")
     tokens_per_minute_per_key: int | None = Field(None, ge=1, description="target tokens a key may use per minute")
-    kv_cache_budget_mb: float | None = Field(None, gt=0, description="all KV caches together; idle sessions are evicted LRU")
+    kv_cache_budget_mb: float | Literal["auto"] | None = Field(
+        "auto", description="all KV caches together (auto: a quarter of this machine's memory; null: no budget). At it, "
+        "and at max_sessions, idle sessions are evicted: the key holding the most first, least recently used first")
     session_ttl_s: float = Field(300.0, gt=0, description="idle seconds before a session is dropped")
     max_draft_tokens: int = Field(32, ge=0, le=64, description="draft tokens per verify")
     max_append_tokens: int = Field(256, ge=0, le=1024, description="device tokens per append")
-    max_prompt_tokens: int = Field(8192, ge=1)
+    max_prompt_tokens: int = Field(8192, ge=1, le=MAX_PROMPT_TOKENS)
     max_new_tokens: int = Field(4096, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="largest request body")
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    edge: EdgeSettings = Field(default_factory=EdgeSettings)
 
     @model_validator(mode="after")
     def _keys_unique(self) -> "GatewayConfig":
@@ -157,4 +185,4 @@ def load_config(path: str | Path | None) -> GatewayConfig:
         raise ValueError(f"{p}: invalid gateway config:\n  " + "\n  ".join(lines)) from exc
 
 
-__all__ = ["GatewayConfig", "KeyConfig", "BatchingSettings", "load_config"]
+__all__ = ["GatewayConfig", "KeyConfig", "BatchingSettings", "EdgeSettings", "load_config"]

@@ -8,9 +8,14 @@ minute's worth and refills continuously:
     level(t) = min(capacity, level(t0) + rate * (t - t0)),   rate = capacity / 60 s
 
 A request that needs n tokens passes when level >= n and takes them; otherwise it is refused with
-the time until the bucket holds n: (n - level) / rate, sent as Retry-After. Streams already
-running are charged as they go and may drive the level below zero (a debt the key's next request
-waits out), so a stream is never cut off half-way.
+the time until the bucket holds n: (n - level) / rate, sent as Retry-After.
+
+Work whose cost is only known as it runs reserves up front instead: a generation (cloud mode,
+chat completions) takes its prompt plus `max_new_tokens` from the bucket when it starts (or as
+many as the bucket holds, and generates no more than that), and gives back what it did not use
+when it ends. So concurrent generations of one key together never spend more than its budget.
+The only debt is a re-prefill forced by the gateway itself (an evicted generation re-opened),
+which the key's next request waits out.
 """
 
 from __future__ import annotations
@@ -82,6 +87,25 @@ class RateLimiter:
         else:
             b.refill(now)
         b.level -= n
+
+    def reserve(self, principal: Principal, now_tokens: int, want: int) -> int:
+        """Take `now_tokens` (refusing as `charge` does) plus up to `want` more for work still to
+        come; returns how many of those were reserved (`want` when the key is unlimited, at
+        least 1). Give back the unused part with `refund`."""
+        b = self._bucket(principal)
+        if b is None:
+            return want
+        self.charge(principal, now_tokens + 1)  # refuses unless the prompt and one token fit
+        b.level += 1
+        granted = max(1, min(want, math.floor(b.level)))
+        b.level -= granted
+        return granted
+
+    def refund(self, principal: Principal, n: int) -> None:
+        b = self._bucket(principal)
+        if b is not None and n > 0:
+            b.refill(self.clock())
+            b.level = min(b.capacity, b.level + n)
 
 
 __all__ = ["TokenBucket", "RateLimiter"]

@@ -1,48 +1,57 @@
-"""Scaling past one machine: replicas behind a load balancer, with sticky routing by session id.
+"""Scaling past one machine: gateway replicas behind a load balancer that routes by session id.
 
 A session's KV cache lives in one replica's memory, so every request of a session must reach
-that replica. Each replica has an id (config `replica_id`, shown at /readyz and in /v1/info), and
-its session ids name it: `s_<replica>.<random>`. Session-bound requests also carry the id in the
-`x-tandem-session` header (the SDK's HTTP transport sends it), so any load balancer that can hash
-or match on a header routes them without reading bodies, e.g. nginx:
+that replica. Each replica has an id (config `replica_id`, shown at /readyz and in /v1/info),
+and its session ids name it: `s_<replica>.<random>`. Session-bound requests repeat the id in the
+`x-tandem-session` header (the SDK's HTTP transport sends it), so a balancer routes them by a
+header match, without reading bodies. Opens and stateless requests (/v1/info, /v1/generate,
+/v1/chat/completions, /v1/models) may go to any replica.
 
-    map $http_x_tandem_session $replica {            # s_r1.xxxx -> r1
-        "~^s_(?<r>[A-Za-z0-9-]+)\\."  $r;
-        default                       "";
-    }
-    # upstream per replica; requests with $replica go to it, the others (opens, chat
-    # completions, info) to any healthy replica (least connections)
+`nginx_config` writes that balancer as an nginx configuration (`tandem gateway nginx` prints
+it, or runs nginx with it); a production deployment runs nginx with it, or puts the same
+pattern in the balancer it already has (Envoy's header-based routing, or the vLLM router's
+`consistent_hash` on a session header): a header match to the session's replica, any healthy
+replica for the rest.
 
-Opens and stateless requests (OpenAI chat completions, /v1/generate, /v1/info) go to any replica.
-A replica that dies takes its sessions with it: clients get an error on their next verify and
-open a new session elsewhere (the SDK re-opens evicted sessions the same way). Replicas share
-nothing, so capacity grows linearly with them; per-key limits are per replica (a key may use
-N x its limit across N replicas; put a shared limiter in the load balancer if that matters).
+    map $http_x_tandem_session $tandem_replica   s_ra.xxxx -> ra ("" without a session)
+    map $tandem_replica $tandem_upstream          ra -> tandem_replica_ra, else tandem_pool
+    upstream tandem_replica_ra                    ra, the other replicas as `backup`
+    upstream tandem_pool                          every replica, least connections
 
-`StickyRouter` is a small reference implementation of that load balancer (an ASGI app over
-httpx; serve it with lifespan on, so that its connections close at shutdown), used by the tests
-and by `tandem gateway route`. For production, use the balancer you
-run anyway with the rule above.
+When a replica dies, its sessions die with it. Their requests then reach a backup, a survivor,
+which answers 410 `session_evicted` (detail reason `replica`: the id names another replica), and
+the SDK re-opens the session on a survivor with everything it has accepted (the prompt plus its
+tokens, or `resume_text`), so the output goes on unchanged. nginx retries a request on the next server when a replica refuses the
+connection, times out, fails mid-request or answers 502/503 (`proxy_next_upstream ... non_idempotent`),
+but never once it has passed part of the reply on. Retrying POSTs is safe here:
+
+- a verify or an append that reached the dead replica is retried on a survivor, which does not
+  hold the session and answers 410; nothing is applied twice (the same happens to one that timed
+  out on a slow replica: the client re-opens elsewhere, and the old session idles out);
+- a verify retried on the same replica (the SDK repeats a request whose reply was lost) is
+  answered again, not applied twice: the gateway keeps each session's last request key and reply
+  (`replay_key`, checked under the session's lock in `Gateway._locked`);
+- an open or a generation retried elsewhere starts afresh; if the first replica did open a
+  session before it stopped answering, that session idles out by its TTL.
+
+Replicas share nothing, so capacity grows with their number; per-key limits (sessions, tokens
+per minute) are per replica, so a key may use N times its limit across N replicas (put a shared
+limiter in the balancer if that matters).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-from contextlib import asynccontextmanager
+import re
+from urllib.parse import urlsplit
 
 import httpx
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route
 
-from ..protocols.errors import gateway_error
 from ..protocols.http import SESSION_HEADER
-from .sessions import replica_of
 
-_HOP = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"}
+# what a replica id may be (config `replica_id`); the map below extracts it from a session id
+_REPLICA_ID = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+_SESSION_REPLICA = r"~^s_(?<r>[A-Za-z0-9-]+)\."
+_POOL = "tandem_pool"
 
 
 def discover(urls: list[str], timeout_s: float = 10.0) -> dict[str, str]:
@@ -56,72 +65,100 @@ def discover(urls: list[str], timeout_s: float = 10.0) -> dict[str, str]:
     return out
 
 
-class StickyRouter:
-    def __init__(self, replicas: dict[str, str], *, timeout_s: float = 120.0) -> None:
-        if not replicas:
-            raise ValueError("a router needs at least one replica")
-        self.replicas = {rid: url.rstrip("/") for rid, url in replicas.items()}
-        self._next = itertools.cycle(sorted(self.replicas))
-        self._timeout_s = timeout_s
-        self._client: httpx.AsyncClient | None = None  # made in the serving loop, closed at its shutdown
-        self.routed: dict[str, int] = {rid: 0 for rid in self.replicas}
-        self.app = Starlette(routes=[Route("/{path:path}", self._proxy, methods=["GET", "POST"])], lifespan=self._lifespan)
-
-    @asynccontextmanager
-    async def _lifespan(self, app):
-        try:
-            yield
-        finally:
-            await self.aclose()
-
-    @property
-    def client(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout_s, connect=10.0), limits=httpx.Limits(max_connections=512)
-            )
-        return self._client
-
-    def pick(self, session_id: str | None) -> str | None:
-        """The replica for a request: the one its session names, else the next in turn."""
-        if session_id is None:
-            return next(self._next)
-        rid = replica_of(session_id)
-        return rid if rid in self.replicas else None
-
-    async def _proxy(self, request: Request):
-        body = await request.body()
-        session_id = request.headers.get(SESSION_HEADER)
-        if session_id is None and body and request.url.path.startswith("/v1/sessions/"):
-            try:
-                found = json.loads(body).get("session_id")
-                session_id = found if isinstance(found, str) else None
-            except (ValueError, AttributeError):
-                pass
-        rid = self.pick(session_id)
-        if rid is None:
-            err = gateway_error("unknown_session", f"no session '{session_id}' on any replica behind this router")
-            return JSONResponse(err.to_reply().model_dump(mode="json"), status_code=err.status)
-        self.routed[rid] += 1
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
-        upstream = self.client.build_request(
-            request.method, self.replicas[rid] + request.url.path, params=request.query_params, headers=headers, content=body
-        )
-        try:
-            response = await self.client.send(upstream, stream=True)
-        except httpx.TransportError as exc:
-            err = gateway_error("not_ready", f"replica '{rid}' did not answer: {type(exc).__name__}")
-            return JSONResponse(err.to_reply().model_dump(mode="json"), status_code=502)
-        out_headers = {k: v for k, v in response.headers.items() if k.lower() not in _HOP | {"content-encoding"}}
-        out_headers["x-tandem-replica"] = rid
-        return StreamingResponse(
-            response.aiter_raw(), status_code=response.status_code, headers=out_headers, background=BackgroundTask(response.aclose)
-        )
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+def _server(url: str) -> str:
+    """`host:port` of a replica's plain-HTTP base URL (nginx's `server` address)."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname or parts.path.strip("/") or parts.query:
+        raise ValueError(f"a replica's URL must be http://HOST:PORT, not '{url}'")
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{host}:{parts.port or 80}"
 
 
-__all__ = ["StickyRouter", "discover", "replica_of"]
+def nginx_config(
+    replicas: dict[str, str],
+    listen: str = "127.0.0.1:8080",
+    *,
+    max_fails: int = 1,
+    fail_timeout_s: int = 10,
+    connect_timeout_s: int = 2,
+    read_timeout_s: int = 300,
+    keepalive: int = 32,
+    max_body_bytes: int = 1_000_000,
+    worker_processes: int | str = "auto",
+    temp_dir: str | None = None,
+) -> str:
+    """A whole nginx.conf that balances `replicas` (id -> http://host:port) on `listen`.
+
+    Session-bound requests follow their `x-tandem-session` header to their replica's upstream
+    (that replica, the others as backups); everything else goes to the pool of all replicas
+    (least connections). A server that fails `max_fails` times (refused, timed out, 502/503) is
+    left out for `fail_timeout_s`. `connect_timeout_s` is short so that a dead replica is passed
+    over quickly; `read_timeout_s` is the longest silence between two reads of a reply (a long
+    prefill before an open answers, a verify queued behind a batch, a stream between tokens).
+    Replies are not buffered, so NDJSON and SSE streams flow token by token. `max_body_bytes`
+    should match the gateways' own limit (config `max_body_bytes`), which then answers 413 itself.
+
+    `temp_dir`: a private instance's folder for nginx's temporary files, with no access log; None
+    leaves both to the system's nginx (the production case)."""
+    if not replicas:
+        raise ValueError("nginx needs at least one replica")
+    for rid in replicas:
+        if not _REPLICA_ID.match(rid):
+            raise ValueError(f"replica id '{rid}' is not 1-32 letters, digits or '-' (config replica_id)")
+    servers = {rid: _server(url) for rid, url in sorted(replicas.items())}
+    health = f"max_fails={max_fails} fail_timeout={fail_timeout_s}s"
+    # uvicorn closes an idle keep-alive connection after 5 s: nginx lets go of it first, so that it
+    # never sends a request down a connection the replica is closing
+    pooled = [f"keepalive {keepalive};", "keepalive_timeout 4s;"]
+
+    def block(head: str, lines: list[str]) -> list[str]:
+        return [f"{head} {{", *(f"    {line}" if line else "" for line in lines), "}"]
+
+    http = [
+        f"# the replica a session id names: s_<replica>.<random> (header {SESSION_HEADER})",
+        f"map $http_{SESSION_HEADER.replace('-', '_')} $tandem_replica {{",
+        f'    "{_SESSION_REPLICA}"  $r;',
+        '    default  "";',
+        "}",
+        "# its upstream; no session, or a replica not listed here: any replica (which answers 410",
+        "# for a session of another replica, and the client re-opens it)",
+        "map $tandem_replica $tandem_upstream {",
+        f"    default  {_POOL};",
+        *(f"    {rid}  tandem_replica_{rid};" for rid in servers),
+        "}",
+        "",
+        *block(f"upstream {_POOL}", ["least_conn;", *(f"server {addr} {health};" for addr in servers.values()), *pooled]),
+    ]
+    for rid, addr in servers.items():
+        backups = [f"server {other} backup;" for o, other in servers.items() if o != rid]
+        http += ["", f"# sessions of {rid}; when it is down, a survivor answers 410 and the client re-opens",
+                 *block(f"upstream tandem_replica_{rid}", [f"server {addr} {health};", *backups, *pooled])]
+    if temp_dir is not None:
+        http += ["", "access_log off;"]
+        http += [f"{kind}_temp_path {temp_dir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")]
+    location = [
+        "proxy_pass http://$tandem_upstream;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";  # keep-alive to the replicas',
+        "proxy_set_header Host $host;",
+        "proxy_set_header Authorization $http_authorization;  # API keys are checked by each replica",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_buffering off;  # streams (NDJSON, SSE) token by token",
+        f"proxy_connect_timeout {connect_timeout_s}s;",
+        f"proxy_send_timeout {read_timeout_s}s;",
+        f"proxy_read_timeout {read_timeout_s}s;",
+        "# safe for POSTs: verifies and appends are replay-safe, see remote_gateway/replicas.py",
+        "proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
+    ]
+    server = [f"listen {listen};", f"client_max_body_size {max_body_bytes};", "", *block("location /", location)]
+    http += ["", *block("server", server)]
+    lines = [
+        f"# tandem gateway replicas behind nginx: {', '.join(f'{r}={u}' for r, u in sorted(replicas.items()))}",
+        f"worker_processes {worker_processes};",
+        *block("events", ["worker_connections 4096;"]),
+        *block("http", http),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["discover", "nginx_config"]

@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from ..local_runtime.models import DEFAULT_TARGET, LoadedModel
 from ..local_runtime.text import IncrementalDecoder
-from ..protocols.errors import GatewayError, SessionEvictedError, gateway_error
+from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import (
     AppendRequest,
     AppendResult,
@@ -45,6 +47,7 @@ from ..protocols.messages import (
     VerifyTextRequest,
     VerifyTextResult,
 )
+from . import cloud
 from .auth import ANONYMOUS, Principal
 from .backends import make_backend
 from .batching import Batcher, BatchingConfig, Block
@@ -66,10 +69,24 @@ class GatewayLimits:
     max_new_tokens: int = 4096
     max_body_bytes: int = 1_000_000
     max_append_tokens: int = 256
-    max_sessions_per_key: int | None = None  # None: only max_sessions
+    max_sessions_per_key: int | None = None  # None: a quarter of max_sessions (keyed callers only)
     tokens_per_minute_per_key: int | None = None  # None: unlimited
-    kv_cache_budget_mb: float | None = None  # None: bounded by max_sessions only
+    kv_cache_budget_mb: float | Literal["auto"] | None = "auto"  # auto: a quarter of RAM; None: no budget
     prefill_chunk_tokens: int = 512  # long prompts are prefilled in chunks, so verifies interleave
+
+    def per_key_sessions(self) -> int:
+        return self.max_sessions_per_key or max(1, self.max_sessions // 4)
+
+    def kv_budget_bytes(self) -> int | None:
+        if self.kv_cache_budget_mb == "auto":
+            return default_kv_budget_bytes()
+        return None if self.kv_cache_budget_mb is None else int(self.kv_cache_budget_mb * 2**20)
+
+
+def default_kv_budget_bytes(share: float = 0.25) -> int:
+    """The default budget for all KV caches together: a quarter of this machine's memory (the
+    model's weights, the activations and everything else keep the rest)."""
+    return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 class Gateway:
@@ -96,8 +113,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         lim = self.limits
         self.sessions = SessionStore(
-            lim.max_sessions, lim.session_ttl_s, replica=self.replica_id, max_per_key=lim.max_sessions_per_key,
-            kv_budget_bytes=None if lim.kv_cache_budget_mb is None else int(lim.kv_cache_budget_mb * 2**20),
+            lim.max_sessions, lim.session_ttl_s, replica=self.replica_id, kv_budget_bytes=lim.kv_budget_bytes(),
             on_evict=lambda reason: self.metrics.evictions.labels(reason).inc(), clock=clock,
             bytes_per_token=self.backend.kv_bytes_per_token(),
         )
@@ -209,8 +225,12 @@ class Gateway:
         return prompt
 
     async def open(self, req: OpenSession, principal: Principal | None = None) -> SessionOpened:
-        principal = principal or ANONYMOUS
-        prompt = self._prompt(req)
+        return await self._open(req, principal or ANONYMOUS, self._prompt(req))
+
+    async def _open(self, req: OpenSession, principal: Principal, prompt: list[int], *, charge: str = "strict") -> SessionOpened:
+        """Open a session on `prompt` (already checked). `charge`: strict (refuse over the key's
+        budget), debt (charge without refusing: a re-prefill the gateway forced) or none (the
+        caller reserved the tokens)."""
         self._check_sampling(req)
         if req.text_space and not req.sampling.greedy:
             raise gateway_error(
@@ -226,7 +246,8 @@ class Gateway:
                 raise gateway_error("bad_request", f"resume_tokens ({len(resume)}) already use up max_new_tokens ({req.max_new_tokens})")
             if set(resume) & set(self.lm.tokenizer.eos_token_ids):
                 raise gateway_error("bad_request", "resume_tokens hold an end-of-sequence token: that generation has finished")
-        self.limiter.charge(principal, len(prompt) + len(resume))
+        if charge != "none":
+            self.limiter.charge(principal, len(prompt) + len(resume), strict=charge == "strict")
         engine = self.backend.new_engine(self.tie_margin)
         engine.append(prompt + resume)
         tok = self.lm.tokenizer
@@ -248,7 +269,7 @@ class Gateway:
             session.text_pending = len(session.decoder.pending_text()) > 0
         engine_len = len(prompt) + len(resume)
         try:
-            self.sessions.add(session, max_per_key=principal.max_sessions, need_bytes=self.sessions.bytes_for(engine_len))
+            self.sessions.add(session, max_per_key=self._session_cap(principal), need_bytes=self.sessions.bytes_for(engine_len))
         except BaseException:
             engine.release()
             raise
@@ -262,7 +283,7 @@ class Gateway:
                         await self._run(self.backend.fill, engine, upto)
         except BaseException:
             self.sessions.discard(session.id)
-            engine.release()
+            self.sessions.end(session)
             raise
         self.sessions.make_room(keep=session.id)
         self.stats["opened"] += 1
@@ -296,15 +317,21 @@ class Gateway:
         self._check_text_offset(session, req.position, req.text_offset)
         return await self._locked(session, req, principal, lambda: session.generated, self.verifier.text_block)
 
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
+        """Chat messages as the target's prompt token ids, after every size check (so an
+        over-long chat answers 413 before any request object is built)."""
+        prompt = self.render(messages)
+        self._check_prompt(prompt, self.lm.tokenizer.fingerprint, max_new_tokens)
+        return prompt
+
     def render(self, messages: list[dict]) -> list[int]:
         """Chat messages as the target's prompt token ids (its chat template, when it has one)."""
         tok = self.lm.tokenizer
         return tok.chat(messages) if tok.chat else tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
 
-    async def append(self, req: AppendRequest, principal: Principal | None = None, *, strict_limits: bool = True) -> AppendResult:
+    async def append(self, req: AppendRequest, principal: Principal | None = None, *, charge: bool = True) -> AppendResult:
         """`assist` mode: take the device's tokens as they are, answer the target's next one.
-        `strict_limits=False` charges the key's token budget without refusing (a stream that is
-        already running: its cost is a debt its key's next request waits out)."""
+        `charge=False`: the tokens were reserved up front (a generation's own decode steps)."""
         principal = principal or ANONYMOUS
         session = self.sessions.get(req.session_id, principal.id)
         if session.text_space and req.tokens is not None:
@@ -319,7 +346,7 @@ class Gateway:
         else:
             self._check_text_offset(session, req.position, req.text_offset)
             actual = lambda: session.generated  # noqa: E731
-        return await self._locked(session, req, principal, actual, self.verifier.append_block, strict=strict_limits)
+        return await self._locked(session, req, principal, actual, self.verifier.append_block, charge=charge)
 
     def _check_text_offset(self, session: Session, position: int, text_offset: int) -> None:
         if position == session.generated and text_offset != len(session.text):
@@ -329,45 +356,57 @@ class Gateway:
                 detail={"expected": len(session.text), "got": text_offset},
             )
 
+    def _session_cap(self, principal: Principal) -> int | None:
+        """The open sessions a key may hold: its own limit, else the gateway's per-key default.
+        Callers without a key (a gateway with `auth: none`) share the overall cap, where the
+        eviction order keeps any one of them from holding everyone else out."""
+        if principal.max_sessions is not None:
+            return principal.max_sessions
+        return None if principal.id == ANONYMOUS.id else self.limits.per_key_sessions()
+
     def _check_draft_len(self, n: int, what: str) -> None:
         if n > self.limits.max_draft_tokens:
             raise gateway_error("too_large", f"{n} {what} exceed this gateway's limit of {self.limits.max_draft_tokens}")
 
-    async def _locked(self, session: Session, req, principal: Principal, actual, prepare, *, strict: bool = True):
+    async def _locked(self, session: Session, req, principal: Principal, actual, prepare, *, charge: bool = True):
         key = replay_key(req)
-        async with session.lock:
-            if session.last_verify is not None and session.last_verify[0] == key:
-                # the same request again (its reply was lost): answer it again, advance nothing
-                self.stats["replays"] += 1
-                return session.last_verify[1]
-            if session.finished:
-                raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
-            if req.position != actual():
-                raise gateway_error(
-                    "wrong_position",
-                    f"{req.type} for position {req.position}, but session '{session.id}' is at position {actual()}",
-                    detail={"expected": actual(), "got": req.position},
-                )
-            block = prepare(session, req)
-            if isinstance(block, Block):
-                try:
-                    self.limiter.charge(principal, block.tokens, strict=strict)
-                except GatewayError:
-                    session.engine.truncate(block.start)
-                    raise
-                # shielded: a caller that goes away does not release the lock before the block lands
-                task = asyncio.ensure_future(self.batcher.run(block))
-                try:
-                    result = await asyncio.shield(task)
-                except asyncio.CancelledError:
+        session.waiting += 1  # from now on the session is busy: never evicted or expired under us
+        try:
+            async with session.lock:
+                if session.last_verify is not None and session.last_verify[0] == key:
+                    # the same request again (its reply was lost): answer it again, advance nothing
+                    self.stats["replays"] += 1
+                    return session.last_verify[1]
+                self._check_live(session)
+                if req.position != actual():
+                    raise gateway_error(
+                        "wrong_position",
+                        f"{req.type} for position {req.position}, but session '{session.id}' is at position {actual()}",
+                        detail={"expected": actual(), "got": req.position},
+                    )
+                block = prepare(session, req)
+                if isinstance(block, Block):
+                    if charge:
+                        try:
+                            self.limiter.charge(principal, block.tokens)
+                        except GatewayError:
+                            session.engine.truncate(block.start)
+                            raise
+                    # shielded: a caller that goes away does not release the lock before the block lands
+                    task = asyncio.ensure_future(self.batcher.run(block))
                     try:
-                        session.last_verify = (key, await task)
-                    except Exception:
-                        pass
-                    raise
-            else:
-                result = block  # decided without a forward pass
-            session.last_verify = (key, result)
+                        result = await asyncio.shield(task)
+                    except asyncio.CancelledError:
+                        try:
+                            session.last_verify = (key, await task)
+                        except Exception:
+                            pass
+                        raise
+                else:
+                    result = block  # decided without a forward pass
+                session.last_verify = (key, result)
+        finally:
+            session.waiting -= 1
         if result.finished:
             # a finished session's cache is of no further use: free it now, keeping only the
             # last reply in case it was lost and the request is retried
@@ -377,51 +416,31 @@ class Gateway:
         self.metrics.tokens.labels("generated").inc(len(result.tokens) - getattr(result, "appended", 0))
         return result
 
+    def _check_live(self, session: Session) -> None:
+        """After waiting for a session's lock: it may have ended meanwhile (closed by its owner,
+        or finished by the request before)."""
+        if session.finished or session.gone == "finished":
+            raise gateway_error("session_finished", f"session '{session.id}' has already finished generating")
+        if session.gone is not None:
+            raise gateway_error("unknown_session", f"no session '{session.id}' on this gateway (closed while this request waited)")
+
     async def close_session(self, req: CloseSession, principal: Principal | None = None) -> SessionClosed:
+        """Take the session out of the store now (no new request finds it), and free its cache
+        once the request using it, if any, has finished: never under a running forward pass."""
         session = self.sessions.pop(req.session_id, (principal or ANONYMOUS).id)
-        session.engine.release()
+        session.waiting += 1
+        try:
+            async with session.lock:
+                self.sessions.end(session)
+        finally:
+            session.waiting -= 1
         return SessionClosed(session_id=session.id, generated_tokens=session.generated)
 
     # -- cloud mode ------------------------------------------------------------------------------
 
     async def generate(self, req: GenerateRequest, principal: Principal | None = None) -> AsyncIterator[GenerateChunk]:
-        """Cloud mode: the target decodes alone. It is a session like any other: opened now (so
-        limits and bad requests answer before streaming starts), then decoded one step at a time
-        through the batcher, where the steps of every streaming session share one forward pass
-        with each other and with devices' verifies (iteration-level batching), and counted
-        against the same caps and budgets. An evicted session is re-opened where it was."""
-        principal = principal or ANONYMOUS
-        prompt = self._prompt(req)  # whatever form the prompt came in, a token session decodes it
-        open_req = OpenSession(
-            prompt_tokens=prompt, tokenizer_fingerprint=self.lm.tokenizer.fingerprint, sampling=req.sampling,
-            max_new_tokens=req.max_new_tokens, model=req.model,
-        )
-        opened = await self.open(open_req, principal)
-        return self._decode(open_req, opened, principal)
-
-    async def _decode(self, open_req: OpenSession, opened: SessionOpened, principal: Principal) -> AsyncIterator[GenerateChunk]:
-        tok = self.lm.tokenizer
-        decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
-        sid, pos, generated, finished = opened.session_id, opened.position, [], False
-        try:
-            while not finished:
-                step = AppendRequest(session_id=sid, position=pos, tokens=[])
-                try:
-                    r = await self.append(step, principal, strict_limits=False)
-                except SessionEvictedError:
-                    opened = await self.open(open_req.model_copy(update={"resume_tokens": list(generated)}), principal)
-                    sid, pos = opened.session_id, opened.position
-                    continue
-                generated += r.tokens
-                pos, finished = r.position, r.finished
-                text = decoder.push(r.tokens) + (decoder.flush() if finished else "")
-                yield GenerateChunk(tokens=r.tokens, text=text, finished=finished, finish_reason=r.finish_reason)
-        finally:
-            if not finished:  # the caller went away (or failed): free the cache now
-                try:
-                    await self.close_session(CloseSession(session_id=sid), principal)
-                except GatewayError:
-                    pass
+        """Cloud mode: the target decodes alone, as a session of the gateway's own (cloud.py)."""
+        return await cloud.generate(self, req, principal or ANONYMOUS)
 
 
 __all__ = ["Gateway", "GatewayLimits", "GatewayError", "BatchingConfig"]

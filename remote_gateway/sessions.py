@@ -5,11 +5,21 @@ KV cache, so each verify runs one forward pass over [last token, draft_1 .. draf
 k + 1 distributions the accept rule needs.
 
 Memory is the gateway's scarce resource, so the store bounds it three ways: a session count
-(overall and per key), an idle TTL, and a budget for all KV caches together. Over the budget, idle
-sessions are evicted least recently used first. An expired or evicted session leaves a tombstone
-for a while, so its owner gets `session_evicted` (410: re-open it with `resume_tokens`) instead
-of a bare "unknown session". Another key never learns that a session exists: to it every session
-id it does not own is unknown (404).
+(overall and per key), an idle TTL, and a budget for all KV caches together. When a new session
+needs room (the count is at its cap, or the caches are over the budget), idle sessions are
+evicted: first from the key that holds the most sessions, least recently used first within it
+(`victims`), so one client that opens sessions and never closes them loses its own, not everyone
+else's. A session with a request in flight or waiting is never evicted. An expired or evicted
+session leaves a tombstone for a while, so its owner gets `session_evicted` (410: re-open it with
+`resume_tokens`) instead of a bare "unknown session". Another key never learns that a session
+exists: to it every session id it does not own is unknown (404). A session id that names another
+replica is answered 410 too (reason `replica`): its replica is gone or the request was sent to the
+wrong one, and the client re-opens here with what it has.
+
+Every way a session ends (close, finish, eviction, expiry) goes through `_end`, which marks the
+session `gone` and frees its cache exactly once. Eviction and expiry only take idle sessions; a
+close waits for the session's lock (service.py), so no cache is freed under a running forward
+pass, and a request that was queued behind it finds the session `gone` and gets a clean error.
 
 Session ids are unguessable (a session id is a capability) and start with the replica id
 (`s_<replica>.<random>`), so a load balancer can send every request of a session to the replica
@@ -51,6 +61,8 @@ class Session:
     last_verify: tuple | None = None  # (request key, reply) of the last verify applied
     last_used: float = 0.0  # the store's clock, set when added and on every use
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    waiting: int = 0  # requests holding or waiting for the lock
+    gone: str | None = None  # why it ended: closed | finished | ttl | memory | capacity
 
     @property
     def position(self) -> int:
@@ -58,7 +70,8 @@ class Session:
 
     @property
     def busy(self) -> bool:
-        return self.lock.locked()
+        """A request holds or waits for it: it must not be evicted or expired."""
+        return self.waiting > 0 or self.lock.locked()
 
 
 def replica_of(session_id: str) -> str | None:
@@ -125,26 +138,45 @@ class SessionStore:
     def bytes_for(self, tokens: int) -> int:
         return tokens * self.bytes_per_token
 
+    def victims(self, keep: str | None = None) -> list[Session]:
+        """Idle sessions in the order they are evicted: the key holding the most sessions first,
+        least recently used first within a key."""
+        idle = [s for s in self._sessions.values() if not s.busy and s.id != keep]
+        return sorted(idle, key=lambda s: (-self.count(s.owner), s.last_used))
+
     def make_room(self, need_bytes: int = 0, *, keep: str | None = None) -> bool:
-        """Evict idle sessions, least recently used first, until every cache plus `need_bytes`
-        fits the budget. Returns whether it fits."""
+        """Evict idle sessions (in `victims` order) until every cache plus `need_bytes` fits the
+        budget. Returns whether it fits."""
         if self.kv_budget_bytes is None:
             return True
         total = self.kv_bytes_total() + need_bytes
-        if total <= self.kv_budget_bytes:
-            return True
-        for s in sorted(self._sessions.values(), key=lambda s: s.last_used):
-            if s.busy or s.id == keep:
-                continue
-            total -= self.kv_bytes(s)
-            self._evict(s, "memory")
-            if total <= self.kv_budget_bytes:
-                return True
-        return False
+        while total > self.kv_budget_bytes:
+            victims = self.victims(keep)
+            if not victims:
+                return False
+            total -= self.kv_bytes(victims[0])
+            self._evict(victims[0], "memory")
+        return True
+
+    def retry_after_s(self, owner: str | None = None) -> float:
+        """When capacity frees, as far as the store can tell: the soonest idle expiry among the
+        sessions that block (the owner's, for its per-key cap), else one second (every session
+        is busy, and a request takes about that long to finish)."""
+        now = self.clock()
+        idle = [s for s in self._sessions.values() if not s.busy and (owner is None or s.owner == owner)]
+        if not idle:
+            return 1.0
+        return max(1.0, min(s.last_used + self.ttl_s - now for s in idle))
+
+    def _end(self, session: Session, why: str) -> None:
+        """The one way a session ends: marked gone, its cache freed (once)."""
+        if session.gone is None:
+            session.gone = why
+            session.engine.release()
 
     def _evict(self, session: Session, reason: str) -> None:
         self._drop(session.id)
-        session.engine.release()
+        self._end(session, reason)
         self._evicted[session.id] = _Tombstone(session.owner, reason, self.clock())
         if reason == "ttl":
             self.expired += 1
@@ -152,6 +184,14 @@ class SessionStore:
             self.evicted += 1
         if self._on_evict is not None:
             self._on_evict(reason)
+
+    def evict_idle(self, session_id: str, reason: str = "memory") -> bool:
+        """Evict one session if it is live and idle (as `make_room` would); whether it was."""
+        session = self._sessions.get(session_id)
+        if session is None or session.busy:
+            return False
+        self._evict(session, reason)
+        return True
 
     def discard(self, session_id: str) -> Session | None:
         """Forget a session (whoever owns it); None if it was not live."""
@@ -180,16 +220,20 @@ class SessionStore:
                 "session_limit",
                 f"key '{session.owner}' holds its maximum of {limit} open sessions; close one (or let it finish) first",
                 detail={"max_sessions": limit},
-                retry_after_s=1.0,
+                retry_after_s=self.retry_after_s(session.owner),
             )
         if len(self._sessions) >= self.max_sessions:
-            raise gateway_error(
-                "capacity", f"the gateway holds its maximum of {self.max_sessions} sessions; close one or retry later",
-                retry_after_s=1.0,
-            )
+            victims = self.victims()
+            if not victims:
+                raise gateway_error(
+                    "capacity", f"the gateway's {self.max_sessions} sessions are all in use; retry later",
+                    retry_after_s=self.retry_after_s(),
+                )
+            self._evict(victims[0], "capacity")
         if not self.make_room(need_bytes):
             raise gateway_error(
-                "capacity", "the gateway's KV-cache memory is taken by sessions in use; retry later", retry_after_s=1.0
+                "capacity", "the gateway's KV-cache memory is taken by sessions in use; retry later",
+                retry_after_s=self.retry_after_s(),
             )
         session.last_used = self.clock()
         self._sessions[session.id] = session
@@ -200,11 +244,19 @@ class SessionStore:
         session = self._sessions.get(session_id) or self._finished.get(session_id)
         if session is None or session.owner != owner:
             tomb = self._evicted.get(session_id)
-            if session is None and tomb is not None and tomb.owner == owner:
-                why = (
-                    f"expired after {self.ttl_s:g} s idle" if tomb.reason == "ttl"
-                    else "evicted to free KV-cache memory for other sessions"
+            if session is None and tomb is None and replica_of(session_id) not in (None, self.replica):
+                raise gateway_error(
+                    "session_evicted",
+                    f"session '{session_id}' belongs to replica '{replica_of(session_id)}', not this one "
+                    f"('{self.replica}'): open it again here with resume_tokens (the tokens generated so far)",
+                    detail={"reason": "replica"},
                 )
+            if session is None and tomb is not None and tomb.owner == owner:
+                why = {
+                    "ttl": f"expired after {self.ttl_s:g} s idle",
+                    "memory": "evicted to free KV-cache memory for other sessions",
+                    "capacity": "evicted to make room for a new session (the gateway was at its session cap)",
+                }.get(tomb.reason, f"evicted ({tomb.reason})")
                 raise gateway_error(
                     "session_evicted",
                     f"session '{session_id}' was {why}; open it again with resume_tokens (the tokens generated so far)",
@@ -217,17 +269,22 @@ class SessionStore:
         return session
 
     def pop(self, session_id: str, owner: str = "anonymous") -> Session:
+        """Take a session out of the store (its owner closes it). The caller frees its cache
+        with `end` once no request is using it."""
         session = self.get(session_id, owner)
         self._drop(session_id)
         self._finished.pop(session_id, None)
         return session
+
+    def end(self, session: Session, why: str = "closed") -> None:
+        self._end(session, why)
 
     def finish(self, session_id: str) -> None:
         """Drop a finished session's KV cache now; remember its last reply a while for retries."""
         session = self._drop(session_id)
         if session is None:
             return
-        session.engine.release()
+        self._end(session, "finished")
         self._finished[session_id] = session
 
     def sweep(self) -> None:

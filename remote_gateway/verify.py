@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..local_runtime.sampling import logits_to_probs
 from ..local_runtime.speculative import cut_at_stop, verify_greedy_lazy, verify_sampled
@@ -24,6 +25,7 @@ from ..protocols.errors import gateway_error
 from ..protocols.messages import (
     AppendRequest,
     AppendResult,
+    TokenLogprob,
     VerifyRequest,
     VerifyResult,
     VerifyTextRequest,
@@ -121,7 +123,10 @@ class Verifier:
             session.engine.append([nxt])
             why = "eos" if nxt in self.eos else ("length" if session.generated >= session.max_new_tokens else None)
             session.finished = why is not None
-            return self._appended(session, req, taken, nxt, why)
+            result = self._appended(session, req, taken, nxt, why)
+            if req.top_logprobs is not None:
+                result = result.model_copy(update={"logprobs": token_logprob(rows[-1], nxt, req.top_logprobs)})
+            return result
 
         return Block(session.engine, start, finish)
 
@@ -216,6 +221,17 @@ def token_text(tok, context: list[int], token: int) -> str:
     return after[len(before):] if after.startswith(before) else tok.text([token]).rstrip("\ufffd")
 
 
+def token_logprob(row, token: int, top: int) -> TokenLogprob:
+    """The target's log-probability of `token` from its logits `row` (log-softmax, before any
+    temperature or top-p: the model's own), and its `top` likeliest tokens."""
+    logp = torch.as_tensor(row).float().log_softmax(-1)
+    best = torch.topk(logp, top) if top else None
+    return TokenLogprob(
+        token=token, logprob=float(logp[token]),
+        top_ids=[] if best is None else best.indices.tolist(), top_logprobs=[] if best is None else best.values.tolist(),
+    )
+
+
 def replay_key(req: VerifyRequest | VerifyTextRequest | AppendRequest) -> tuple:
     """What identifies a request: its position and its drafts (a position is never verified twice
     with the same drafts unless a reply was lost and the request retried)."""
@@ -226,4 +242,4 @@ def replay_key(req: VerifyRequest | VerifyTextRequest | AppendRequest) -> tuple:
     return ("tokens", req.position, tuple(req.draft_tokens))
 
 
-__all__ = ["Verifier", "token_text", "replay_key"]
+__all__ = ["Verifier", "token_text", "token_logprob", "replay_key"]

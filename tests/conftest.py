@@ -9,7 +9,8 @@ torch.set_num_threads(2)
 
 
 def serve_in_thread(app):
-    """A real uvicorn server on 127.0.0.1 (a free port), in a background thread; yields its URL."""
+    """A real uvicorn server on 127.0.0.1 (a free port), in a background thread; yields its URL
+    (a gateway app with its edge limits, as `tandem gateway serve` runs it)."""
     from tandem.sdk.bench.launch import serving
 
     return serving(app)

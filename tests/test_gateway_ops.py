@@ -5,6 +5,7 @@ backend's adapter against a stand-in of vLLM's API."""
 import json
 import logging
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_health_readiness_and_metrics(tiny_target):
                 return await c.generate("Hello", max_new_tokens=12, chat=False)
 
         run(go())
-        httpx.post(url + "/v1/sessions/verify", json={"session_id": "s_x.y", "position": 1, "draft_tokens": [], "draft_probs": []})
+        httpx.post(url + "/v1/sessions/verify", json={"session_id": f"s_{gw.replica_id}.y", "position": 1, "draft_tokens": [], "draft_probs": []})
         text = httpx.get(url + "/metrics").text
         for line in (
             'tandem_requests_total{route="/v1/sessions",status="200"}',
@@ -67,7 +68,11 @@ def test_health_readiness_and_metrics(tiny_target):
 def test_access_log_is_structured(tiny_server, caplog):
     with caplog.at_level(logging.INFO, logger="tandem.gateway.access"):
         httpx.get(tiny_server + "/v1/info", headers={"x-tandem-session": "s_a.b"})
-    records = [r for r in caplog.records if r.name == "tandem.gateway.access" and r.path == "/v1/info"]
+        deadline = time.monotonic() + 5  # the line is written once the response has gone out
+        while not (records := [r for r in caplog.records if r.name == "tandem.gateway.access" and r.path == "/v1/info"]):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
     assert records, caplog.records
     line = json.loads(JsonFormatter().format(records[-1]))
     assert line["method"] == "GET" and line["status"] == 200 and line["ms"] >= 0

@@ -4,9 +4,17 @@ import httpx
 import pytest
 
 from tandem.local_runtime.sequence import generate_alone
-from tandem.protocols.errors import TransportError, UnknownSessionError, WrongPositionError
+from tandem.protocols.errors import GatewayError, TransportError, UnknownSessionError, WrongPositionError
 from tandem.protocols.http import HttpTransport
-from tandem.protocols.messages import CloseSession, OpenSession, VerifyRequest
+from tandem.protocols.messages import (
+    CloseSession,
+    ErrorReply,
+    GenerateChunk,
+    GenerateRequest,
+    GetInfo,
+    OpenSession,
+    VerifyRequest,
+)
 from tandem.sdk import Client, SyncClient
 
 from .conftest import run
@@ -164,6 +172,36 @@ def test_unreachable_gateway_is_a_transport_error():
 
     with pytest.raises(TransportError, match="127.0.0.1:9"):
         run(go())
+
+
+def test_a_balancers_own_errors_and_a_cut_stream_are_transport_errors(tiny_target):
+    """A 502/503/504 without an ErrorReply (nginx with no replica to ask) is retryable like a
+    dropped connection; the gateway's own 503 stays its error; a stream that ends before its
+    last chunk was cut."""
+    not_ready = ErrorReply(code="not_ready", message="draining").model_dump_json()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/generate":
+            return httpx.Response(200, content=GenerateChunk(tokens=[72], text="H").model_dump_json() + "\n")
+        if request.url.path == "/v1/sessions":
+            return httpx.Response(503, content=not_ready, headers={"content-type": "application/json"})
+        return httpx.Response(502, text="<html><center><h1>502 Bad Gateway</h1></center></html>")
+
+    async def go():
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://lb")
+        async with HttpTransport("http://lb", client=client) as t:
+            with pytest.raises(TransportError, match="HTTP 502"):
+                await t.request(GetInfo())
+            with pytest.raises(GatewayError) as gateway_own:
+                await t.request(OpenSession(**_open(tiny_target)))
+            assert gateway_own.value.code == "not_ready" and gateway_own.value.status == 503
+            chunks = []
+            with pytest.raises(TransportError, match="before its last chunk"):
+                async for chunk in t.stream(GenerateRequest(prompt_text="Hi")):
+                    chunks.append(chunk)
+            assert [c.text for c in chunks] == ["H"]
+
+    run(go())
 
 
 def test_lost_final_reply_can_be_retried(tiny_server, tiny_target):

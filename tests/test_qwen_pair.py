@@ -8,9 +8,9 @@ import hashlib
 
 import pytest
 
-from tandem.local_runtime.engine import generate_alone
 from tandem.local_runtime.models import load_model, load_tokenizer, resolve_gguf
 from tandem.local_runtime.packaged import PARTED
+from tandem.local_runtime.sequence import generate_alone
 
 pytestmark = pytest.mark.slow
 

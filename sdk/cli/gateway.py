@@ -1,4 +1,4 @@
-"""Gateway-side commands: `tandem gateway serve|new-key|route|protocol|conformance` and `tandem bench gateway`."""
+"""Gateway-side commands: `tandem gateway serve|new-key|nginx|protocol|conformance` and `tandem bench gateway`."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def gateway_serve(
         fail(str(exc))
     auth = f"{len(keys)} API key(s)" if keys.required else "no API keys (auth: none)"
     err.print(f"gateway: serving [bold]{gw.model_name}[/] on http://{cfg.host}:{cfg.port} (replica {gw.replica_id}, {auth})")
-    serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level, keys=keys, log_format=cfg.log_format)
+    serve(gw, host=cfg.host, port=cfg.port, log_level=cfg.log_level, keys=keys, log_format=cfg.log_format, edge=cfg.edge.limits())
 
 
 def gateway_new_key(key_id: str = typer.Argument("my-key", help="The id the key will have in the config.")) -> None:
@@ -57,23 +57,55 @@ def gateway_new_key(key_id: str = typer.Argument("my-key", help="The id the key 
     print(f"  - id: {key_id}\n    sha256: {hash_key(key)}")
 
 
-def gateway_route(
-    replica: list[str] = typer.Option(..., "--replica", help="A replica's base URL (repeat for each)."),
-    host: str = typer.Option("127.0.0.1"),
-    port: int = typer.Option(8080),
+def gateway_nginx(
+    replica: list[str] = typer.Option(..., "--replica", help="A replica's base URL, http://HOST:PORT (repeat for each)."),
+    listen: str = typer.Option("127.0.0.1:8080", help="Where nginx listens: HOST:PORT."),
+    out: Optional[Path] = typer.Option(None, help="Write the config to this file instead of stdout."),
+    run: bool = typer.Option(False, "--run", help="Also run nginx with it, in the foreground (Ctrl-C stops it)."),
 ) -> None:
-    """A reference sticky router: sends each session's requests to the replica that holds it."""
-    import uvicorn
+    """An nginx config that balances gateway replicas, routing each session to the replica that
+    holds it (replica ids asked of each replica's /readyz); printed, written, or run."""
+    from ...remote_gateway.replicas import discover, nginx_config
 
-    from ...remote_gateway.replicas import StickyRouter, discover
-
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit():
+        fail(f"--listen must be HOST:PORT, not '{listen}'", code=2)
     try:
         replicas = discover(replica)
     except Exception as exc:  # noqa: BLE001 - any failure to reach a replica ends here
-        fail(f"could not reach every replica: {exc}")
-    router = StickyRouter(replicas)
-    err.print(f"router: {', '.join(f'{r}={u}' for r, u in replicas.items())} on http://{host}:{port}")
-    uvicorn.run(router.app, host=host, port=port, log_level="warning")
+        fail(f"could not ask every replica for its id: {exc}")
+    try:
+        text = nginx_config(replicas, listen)
+    except ValueError as exc:
+        fail(str(exc), code=2)
+    if out is not None:
+        out.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out} for {', '.join(f'{r}={u}' for r, u in replicas.items())}")
+    elif not run:
+        print(text, end="")
+    if run:
+        _run_nginx(replicas, host, int(port))
+
+
+def _run_nginx(replicas: dict[str, str], host: str, port: int) -> None:
+    """nginx in the foreground with the config above (its temporary files in a folder of its own)."""
+    from ..bench.launch import NginxProcess
+
+    try:
+        lb = NginxProcess(replicas, port, host=host, quiet=False).start()
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    except RuntimeError as exc:
+        fail(f"nginx did not start: {exc}")
+    err.print(f"nginx: {lb.url} -> {', '.join(f'{r}={u}' for r, u in replicas.items())} (Ctrl-C stops it)")
+    try:
+        code = lb.proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        lb.stop()
+    if code:
+        fail(f"nginx exited with code {code}")
 
 
 def bench_gateway_cmd(
@@ -155,7 +187,7 @@ def gateway_conformance(
 def register(gateway_app: typer.Typer, bench_app: typer.Typer) -> None:
     gateway_app.command("serve")(gateway_serve)
     gateway_app.command("new-key")(gateway_new_key)
-    gateway_app.command("route")(gateway_route)
+    gateway_app.command("nginx")(gateway_nginx)
     gateway_app.command("protocol")(gateway_protocol)
     gateway_app.command("conformance")(gateway_conformance)
     bench_app.command("gateway")(bench_gateway_cmd)

@@ -19,10 +19,11 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from ...local_runtime.models import LoadedModel
-from ...protocols.errors import TandemError, TransportError, UnknownSessionError
+from ...protocols.errors import TandemError
 from ...protocols.messages import AppendRequest, OpenSession
 from ..usage import CLOUD, LOCAL, Piece, Round
 from .base import SessionRun
+from .link import session_lost
 
 # Device tokens that may wait for the next cloud call; past this the device asks anyway, which
 # keeps every append small.
@@ -106,14 +107,12 @@ class AssistRun(SessionRun):
                                 tokens=self.pending)
         try:
             res = await self.link.request(req)
-        except UnknownSessionError:  # expired or evicted: a new session re-prefilled with everything so far
+        except TandemError as exc:
+            if not session_lost(exc):
+                raise
+            # a new session re-prefilled with everything so far (None: the device writes on alone)
             self.session_id = await self.link.open(self.open_msg())
             self.after_rejoin()
-            return
-        except TransportError:
-            if self.options.fallback != "local":
-                raise
-            self.session_id = None  # the cloud is away: the device writes on alone
             return
         rec.usage.rounds += 1
         rec.rounds.append(Round(len(self.pending), len(self.pending), len(self.pending) + (res.next_token is not None)))

@@ -5,6 +5,8 @@
                          so a session never advances twice)
     open(msg, probe)     open a session; None when the gateway cannot be reached and the device
                          may go on alone (`fallback="local"`), else TransportError
+    session_lost(exc)    the rule for a failed session-bound request: re-open the session (from
+                         what the run has accepted) and go on, or give up (see below)
     close(session_id)    best effort: a close that fails changes nothing for the caller
     shares_tokenizer(f)  whether the target tokenises like the drafter (fingerprint f): verify
                          token ids, or text
@@ -19,11 +21,28 @@ import time
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from ...protocols.errors import TandemError, TransportError
+from ...protocols.errors import GatewayError, TandemError, TransportError, UnknownSessionError
 from ...protocols.messages import CloseSession, OpenSession
 from ...protocols.transport import Transport
 from ..estimates import LinkEstimate
 from ..usage import Usage
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a request failed because no gateway could answer it: nothing reached one or came
+    back in time (TransportError, also what a load balancer's own 502/503/504 becomes), or the
+    one that answered is not ready (503 `not_ready`: starting or draining)."""
+    return isinstance(exc, TransportError) or (isinstance(exc, GatewayError) and exc.status in (502, 503, 504))
+
+
+def session_lost(exc: BaseException) -> bool:
+    """Whether a failed session-bound request means its session is gone, so that a run re-opens
+    one with everything it has accepted (`resume_tokens`, `resume_text`, or its prompt plus its
+    tokens) and goes on: the gateway forgot or dropped the session (404, 410; also a survivor
+    behind a load balancer answering for a replica that died, 410 reason `replica`), or the
+    replica holding it could not answer (`unreachable`). Only when that re-open cannot reach a
+    gateway either does the device go on alone (`GatewayLink.open`). Other errors are the run's."""
+    return isinstance(exc, UnknownSessionError) or unreachable(exc)
 
 
 class GatewayLink:
@@ -55,14 +74,16 @@ class GatewayLink:
                 await asyncio.sleep(0.05 * 2**attempt)
 
     async def open(self, msg: OpenSession, *, probe: bool = False) -> str | None:
-        """The new session's id; None when the gateway is away and the device may go on alone.
-        A probe (trying to rejoin) waits at most `probe_timeout_s` and is not retried."""
+        """The new session's id; None when the gateway is away (`unreachable`) and the device may
+        go on alone. A probe (trying to rejoin) waits at most `probe_timeout_s` and is not retried."""
         try:
             if probe:
                 opened = await asyncio.wait_for(self.transport.request(msg), self.probe_timeout_s)
             else:
                 opened = await self.request(msg)
-        except (TransportError, asyncio.TimeoutError) as exc:
+        except (TandemError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, TandemError) and not unreachable(exc):
+                raise
             if self.fallback != "local":
                 raise TransportError(f"gateway unreachable and fallback is '{self.fallback}': {exc}") from exc
             return None
@@ -112,4 +133,4 @@ class GatewayLink:
             usage.bytes_down += self.transport.bytes_down - down
 
 
-__all__ = ["GatewayLink"]
+__all__ = ["GatewayLink", "session_lost", "unreachable"]

@@ -7,10 +7,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from ...local_runtime.text import IncrementalDecoder
-from ...protocols.errors import TransportError
+from ...protocols.errors import TandemError
 from ...protocols.messages import ChatMessage, GenerateRequest
 from ..usage import CLOUD, LOCAL, GenerationRecord, Piece
-from .link import GatewayLink
+from .link import GatewayLink, unreachable
 from .options import DeviceModel, RunOptions
 
 
@@ -43,31 +43,70 @@ async def _alone(device: DeviceModel, ids: list[int], n: int, options: RunOption
 
 async def run_cloud(options: RunOptions, link: GatewayLink, rec: GenerationRecord,
                     device: DeviceModel | None = None) -> AsyncIterator[str]:
-    """The gateway streams; if it goes away mid-answer (or cannot be reached) and the options
-    allow it, the device model finishes the answer from the text received so far."""
-    prompt = dict(messages=[ChatMessage(role="user", content=options.prompt)]) if options.chat else dict(prompt_text=options.prompt)
-    req = GenerateRequest(**prompt, sampling=options.sampling, max_new_tokens=options.max_new_tokens, model=options.target)
+    """The gateway streams. A stream cut part-way (the replica behind a load balancer died, the
+    link dropped) is asked for again, continuing after what has arrived: as token ids when the
+    device shares the target's tokenizer (the text then goes on exactly; the device decodes it),
+    else as `resume_text`. If the gateway cannot be reached, or a request asked again streams
+    nothing, and the options allow it, the device model finishes the answer from the text so far."""
+    req = GenerateRequest(**_prompt(options), sampling=options.sampling, max_new_tokens=options.max_new_tokens,
+                          model=options.target)
     text = ""
+    decoder: IncrementalDecoder | None = None  # the device's, once a stream resumes by token ids
     with link.counting(rec.usage):
-        rec.usage.rounds += 1
-        try:
-            async for chunk in link.transport.stream(req):
-                rec.tokens.extend(chunk.tokens)
-                rec.usage.cloud_tokens += len(chunk.tokens)
-                if chunk.finished:
-                    rec.finish_reason = chunk.finish_reason
-                if chunk.text:
-                    text += chunk.text
-                    yield Piece(chunk.text, CLOUD)
-            return
-        except TransportError:
-            if options.fallback != "local" or device is None:
-                raise
+        while True:
+            rec.usage.rounds += 1
+            streamed = False
+            try:
+                async for chunk in link.transport.stream(req):
+                    streamed = True
+                    rec.tokens.extend(chunk.tokens)
+                    rec.usage.cloud_tokens += len(chunk.tokens)
+                    if chunk.finished:
+                        rec.finish_reason = chunk.finish_reason
+                    if decoder is None:
+                        piece = chunk.text
+                    else:
+                        piece = decoder.push(chunk.tokens) + (decoder.flush() if chunk.finished else "")
+                    if piece:
+                        text += piece
+                        yield Piece(piece, CLOUD)
+                return
+            except TandemError as exc:
+                if not unreachable(exc):
+                    raise
+                if not streamed:  # nothing came: the gateway is away
+                    if options.fallback != "local" or device is None:
+                        raise
+                    break
+            remaining = options.max_new_tokens - len(rec.tokens)
+            if remaining <= 0:
+                rec.finish_reason = "length"
+                return
+            req, decoder = await _resume(options, link, rec, text, device, remaining)
     rec.usage.fallbacks += 1
     tok = device.tokenizer
     resume = tok.prompt_tokens(options.prompt, options.chat) + (tok.encode(text) if text else [])
     async for piece in _alone(device, resume, options.max_new_tokens - len(rec.tokens), options, rec):
         yield piece
+
+
+async def _resume(options: RunOptions, link: GatewayLink, rec: GenerationRecord, text: str,
+                  device: DeviceModel | None, remaining: int) -> tuple[GenerateRequest, IncrementalDecoder | None]:
+    """The request that continues a cut stream after what it sent (`rec.tokens`, whose text is
+    `text`), and the decoder its text then comes from (None: the gateway's chunks carry it)."""
+    common = dict(sampling=options.sampling, max_new_tokens=remaining, model=options.target)
+    tok = device.tokenizer if device is not None else None
+    if tok is not None and await link.shares_tokenizer(tok.fingerprint):
+        decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
+        decoder.push(rec.tokens)  # the gateway decoded these by the same rule, into `text`
+        ids = tok.prompt_tokens(options.prompt, options.chat) + rec.tokens
+        return GenerateRequest(prompt_tokens=ids, tokenizer_fingerprint=tok.fingerprint, **common), decoder
+    return GenerateRequest(**_prompt(options), resume_text=text or None, **common), None
+
+
+def _prompt(options: RunOptions) -> dict:
+    """The prompt as the gateway renders it: chat messages (its own template) or raw text."""
+    return dict(messages=[ChatMessage(role="user", content=options.prompt)]) if options.chat else dict(prompt_text=options.prompt)
 
 
 __all__ = ["run_local", "run_cloud"]

@@ -15,10 +15,11 @@ import time
 from collections.abc import AsyncIterator
 
 from ...local_runtime.text import IncrementalDecoder
-from ...protocols.errors import TokenizerMismatchError, TransportError, UnknownSessionError
+from ...protocols.errors import TandemError, TokenizerMismatchError
 from ...protocols.messages import OpenSession, VerifyTextRequest
 from ..usage import ACCEPTED, CLOUD, Piece
 from .base import SessionRun
+from .link import session_lost
 
 
 class TextSpeculation(SessionRun):
@@ -82,11 +83,11 @@ class TextSpeculation(SessionRun):
         t1 = time.perf_counter()
         try:
             result = await self.link.request(req)
-        except (TransportError, UnknownSessionError) as exc:
-            if isinstance(exc, TransportError) and self.options.fallback != "local":
+        except TandemError as exc:
+            if not session_lost(exc):
                 raise
-            engine.truncate(len(self.base) + len(self.gen))
-            self.session_id = None if isinstance(exc, TransportError) else await self.link.open(self.open_msg())
+            engine.truncate(len(self.base) + len(self.gen))  # re-open after the committed text
+            self.session_id = await self.link.open(self.open_msg())
             self._new_session()
             return
         verify_s = time.perf_counter() - t1

@@ -7,8 +7,8 @@
 - pipelining: while a verify is in flight the device keeps drafting as if every draft will be
   accepted; when the target's next token equals the first extra draft, the rest of the extra
   block survives into the next round;
-- a session the gateway expired or evicted is re-opened where it was; a gateway that cannot be
-  reached hands over to the device alone (the skeleton in base.py).
+- a session that is lost (expired, evicted, or its replica gone: `session_lost`) is re-opened
+  where it was; a gateway that cannot be reached hands over to the device alone (base.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import time
 from collections.abc import AsyncIterator
 
 from ...local_runtime.draft import Draft
-from ...protocols.errors import TransportError, UnknownSessionError
+from ...protocols.errors import TandemError
 from ...protocols.messages import OpenSession, SparseDist, VerifyRequest
 from ..usage import ACCEPTED, CLOUD, Piece
 from .base import SessionRun
+from .link import session_lost
 
 
 class TokenSpeculation(SessionRun):
@@ -78,15 +79,12 @@ class TokenSpeculation(SessionRun):
         extra = await self._draft_while(pending, k + 1) if self.options.pipeline and k < self.remaining - 1 else None
         try:
             result = await pending
-        except UnknownSessionError:  # expired or evicted: re-open where it was
-            engine.truncate(pos)
+        except TandemError as exc:
+            if not session_lost(exc):
+                raise
+            engine.truncate(pos)  # re-open where it was (None: the device goes on alone)
             self.pre = self._no_draft()
             self.session_id = await self.link.open(self.open_msg())
-            return
-        except TransportError:
-            if self.options.fallback != "local":
-                raise
-            self.session_id = None
             return
         verify_s = time.perf_counter() - t1
         kept = min(result.accepted, len(result.tokens))
