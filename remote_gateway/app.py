@@ -112,15 +112,26 @@ def create_app(gateway: Gateway, keys: KeyRing | None = None, edge: EdgeLimits |
         return Response(gateway.metrics.render(), media_type=gateway.metrics.content_type)
 
     for op in OPERATIONS:
+        responses = {**errors, 200: {"links": SESSION_LINKS}} if op.name == "open" else errors
         app.add_api_route(
-            op.path, _endpoint(op, gateway, principal), methods=[op.method], responses=errors, summary=op.summary,
-            response_model=None if op.streaming else op.reply, name=op.name,
+            op.path, _endpoint(op, gateway, principal), methods=[op.method], responses=responses, summary=op.summary,
+            response_model=None if op.streaming else op.reply, name=op.name, operation_id=op.name,
         )
 
     from .openai_api import openai_router
 
     app.include_router(openai_router(gateway, principal))
     return app
+
+
+# OpenAPI links from an opened session to what can follow it, so that a stateful client (a
+# schemathesis state machine in the tests) chains open -> verify / append -> close on real ids
+_SESSION = {"session_id": "$response.body#/session_id", "position": "$response.body#/position"}
+SESSION_LINKS = {
+    "verify": {"operationId": "verify", "requestBody": {**_SESSION, "draft_tokens": [], "draft_probs": []}},
+    "append": {"operationId": "append", "requestBody": {**_SESSION, "tokens": []}},
+    "close": {"operationId": "close_session", "requestBody": {"session_id": "$response.body#/session_id"}},
+}
 
 
 def _endpoint(op: Operation, gateway: Gateway, principal: Callable) -> Callable:

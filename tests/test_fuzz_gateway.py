@@ -141,3 +141,33 @@ def test_gateway_info_round_trips(replica, auth, batching):
         max_prompt_tokens=10, max_new_tokens=10, replica=replica, auth=auth, batching=batching,
     )
     assert GatewayInfo.model_validate_json(info.model_dump_json()) == info
+
+
+def test_stateful_open_verify_append_close(fuzz_server):
+    """schemathesis's state machine over the schema's links (open -> verify / append -> close):
+    sequences of calls on real session ids, bodies fuzzed around the linked fields; never a 5xx."""
+    schema = schemathesis.openapi.from_url(fuzz_server + "/openapi.json")
+
+    @schema.hook
+    def map_body(ctx, body):
+        # an open is the door to every link: keep its generated prompt text when it has one,
+        # and the rest valid, so that sessions really open and their links are followed
+        if ctx.operation.path == "/v1/sessions" and isinstance(body, dict):
+            text = body.get("prompt_text")
+            return {"type": "open", "prompt_text": text if isinstance(text, str) and text.strip() else "The", "max_new_tokens": 8}
+        return body
+
+    Machine = schema.as_state_machine()
+    seen: set[tuple[str, int]] = set()
+
+    class Checked(Machine):
+        def validate_response(self, response, case, **kwargs):
+            seen.add((case.path, response.status_code))
+            assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: {response.text[:300]}"
+
+    Checked.run(settings=settings(max_examples=20, stateful_step_count=6, deadline=None,
+                                  suppress_health_check=list(HealthCheck), derandomize=True, database=None))
+    # the links were followed: sessions opened, then verified or appended to on their real ids
+    assert ("/v1/sessions", 200) in seen
+    assert {("/v1/sessions/verify", 200), ("/v1/sessions/append", 200), ("/v1/sessions/close", 200)} & seen, seen
+    assert httpx.get(fuzz_server + "/healthz").status_code == 200
