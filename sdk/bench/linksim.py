@@ -190,6 +190,10 @@ class LinkProxy:
                 self._pump(reader, up_writer, "bytes_up", writer),
                 self._pump(up_reader, writer, "bytes_down", up_writer),
             )
+        except asyncio.CancelledError:
+            # the proxy is shutting down: the connection just ends (asyncio's stream server
+            # would otherwise report the cancelled handler as an error at exit)
+            pass
         finally:
             for w in (writer, up_writer):
                 self._conns.discard(w)
