@@ -275,7 +275,9 @@ class ChunkedPrefill:
             raise ValueError(f"float_layers {bad} out of range for a model of {lay.n_layers} layers")
         float_at = {i % lay.n_layers for i in float_layers}
         self.mode, self.chunk, self.n_outliers = mode, chunk, n_outliers
-        self.kernel = pick_kernel(kernel, chunk, lay.hidden, lay.layers[0]["gate"].out_features) if mode == "w8a8" else "float"
+        # the int8 GEMM, timed on this model's own shape (a chunk of rows x hidden x MLP width)
+        self.kernel_shape = (chunk, lay.hidden, lay.layers[0]["gate"].out_features)
+        self.kernel = pick_kernel(kernel, *self.kernel_shape) if mode == "w8a8" else "float"
         self.scale = 1.0 / math.sqrt(lay.head_dim)
         self._pre, self._post = _graphs(mode, self.kernel, compile)
         self._cos = self._sin = torch.zeros(0)

@@ -281,13 +281,13 @@ def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, o
     )
     x = torch.randn(rows, in_features, generator=gen)
     best, best_t = "onednn", float("inf")
-    KERNEL_TIMES.clear()
+    times = KERNEL_TIMES.setdefault((rows, in_features, out_features), {})
     for name in KERNELS:
         try:
             p = pack(w, name, rows=rows)
             w8a8_linear(x, p, name)
         except (RuntimeError, NotImplementedError, AttributeError):
-            KERNEL_TIMES[name] = None
+            times[name] = None
             continue  # a torch build without this kernel
         t0 = time.perf_counter()
         n = 0
@@ -295,24 +295,26 @@ def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, o
             w8a8_linear(x, p, name)
             n += 1
         t = (time.perf_counter() - t0) / n
-        KERNEL_TIMES[name] = t
+        times[name] = t
         if t < best_t:
             best, best_t = name, t
     return best
 
 
-# seconds per call of each int8 kernel on the shape `pick_kernel("auto")` timed (None: unavailable)
-KERNEL_TIMES: dict[str, float | None] = {}
+# (rows, in_features, out_features) -> seconds per call of each int8 kernel `pick_kernel("auto")`
+# timed on that shape (None: unavailable in this torch build)
+KERNEL_TIMES: dict[tuple[int, int, int], dict[str, float | None]] = {}
 
 
-def kernel_report() -> dict:
-    """Which int8 GEMM "auto" chose and why: the times it measured at load, by name."""
-    chosen = pick_kernel("auto")
-    times = {k: None if v is None else round(v * 1000, 3) for k, v in KERNEL_TIMES.items()}
+def kernel_report(rows: int = 128, in_features: int = 576, out_features: int = 1536) -> dict:
+    """Which int8 GEMM "auto" chose on this shape and why: the times it measured, by name. A
+    backend passes the shape it was built for (its chunk, the model's hidden and MLP widths)."""
+    chosen = pick_kernel("auto", rows, in_features, out_features)
+    times = {k: None if v is None else round(v * 1000, 3) for k, v in KERNEL_TIMES[(rows, in_features, out_features)].items()}
     others = {k: v for k, v in times.items() if k != chosen and v is not None}
-    why = f"{chosen} took {times.get(chosen)} ms on a 128x576x1536 int8 GEMM" + (
+    why = f"{chosen} took {times.get(chosen)} ms on a {rows}x{in_features}x{out_features} int8 GEMM" + (
         "; " + ", ".join(f"{k} {v} ms" for k, v in others.items()) if others else "; no other kernel runs here")
-    return {"chosen": chosen, "ms": times, "why": why}
+    return {"chosen": chosen, "shape": [rows, in_features, out_features], "ms": times, "why": why}
 
 
 __all__ = [

@@ -243,3 +243,12 @@ def test_tiny_qwen2_has_what_sets_qwen2_apart():
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.zero_()
     assert (ChunkedPrefill(unbiased, chunk=16).run(ids).logits - ref).abs().max() > 0.1
+
+
+def test_kernel_report_names_the_kernel_auto_chose_on_that_shape():
+    from tandem.local_runtime.quant_w8a8 import KERNELS, kernel_report, pick_kernel
+
+    r = kernel_report(16, 64, 128)
+    assert r["chosen"] == pick_kernel("auto", 16, 64, 128) and r["chosen"] in KERNELS
+    assert r["shape"] == [16, 64, 128] and "16x64x128" in r["why"] and r["chosen"] in r["why"]
+    assert r["ms"][r["chosen"]] is not None and set(r["ms"]) == set(KERNELS)

@@ -133,6 +133,7 @@ def bench_device(
     prefill_fns[ref.name] = lambda ids: ref.prefill(ids).logits
     decode_fns[ref.name] = torch_decode(lambda: Engine(lm))
 
+    kernel_shape = None  # the shape the cpu-int8 backend timed its int8 GEMM on
     chunked = (
         ("cpu-int8", "cpu-int8", {"chunk": chunk, "compile": compile}),
         ("cpu-int8-mixed", "cpu-int8", {"chunk": chunk, "compile": compile, "float_groups": MIXED_FLOAT_GROUPS}),
@@ -151,6 +152,8 @@ def bench_device(
             continue
         entry(name, b.device, b.resident_bytes(), time.perf_counter() - t0, "prefill")
         prefill_fns[name] = lambda ids, b=b: b.prefill(ids).logits
+        if kind == "cpu-int8":
+            kernel_shape = b.runner.kernel_shape
 
     if "torch-int8" in wanted:
         from ...local_runtime.backends.lean import StaticInt8Model
@@ -289,7 +292,7 @@ def bench_device(
         "reps": reps,
         "threads": threads,
         "cpu_flags": cpu_flags(),
-        "int8_kernel": kernel_report() if {"cpu-int8", "cpu-int8-mixed"} & set(out) else None,
+        "int8_kernel": kernel_report(*kernel_shape) if kernel_shape else None,
         "backends": out,
         "skipped": skipped,
         **summary,
