@@ -20,19 +20,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..protocols.errors import ModelLoadError
+from .loaded import LoadedModel, Tokenizer, tokenizer_fingerprint
 from .packaged import PARTED, cache_dir
 from .packaged import assemble as assemble_parts
+from .tiny import _tiny_model, byte_tokenizer, tiny_llama, tiny_qwen2
 
 log = logging.getLogger(__name__)
 
@@ -49,86 +50,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
 )
-
-
-@dataclass
-class Tokenizer:
-    """The few things tandem needs from a tokenizer, over a Hugging Face tokenizer or our own."""
-
-    encode: Callable[[str], list[int]]
-    decode: Callable[[Sequence[int]], str]
-    vocab: dict[str, int]
-    eos_token_ids: list[int]
-    chat: Callable[[list[dict]], list[int]] | None = None
-    bos_token_id: int | None = None
-    special_ids: frozenset[int] = frozenset()  # control tokens: never part of generated text
-    fingerprint: str = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.fingerprint = tokenizer_fingerprint(self.vocab, self.eos_token_ids, self.bos_token_id)
-        self.special_ids = frozenset(self.special_ids) | set(self.eos_token_ids)
-
-    @property
-    def eot_token_id(self) -> int:
-        """The token that ends an answer: the chat turn's end marker where there is one."""
-        return self.eos_token_ids[-1] if self._eot is None else self._eot
-
-    _eot: int | None = None
-
-    def text(self, ids: Sequence[int]) -> str:
-        """The text of generated ids, control tokens left out."""
-        return self.decode([i for i in ids if i not in self.special_ids])
-
-    def prompt_tokens(self, prompt: str, chat: bool = True) -> list[int]:
-        """Token ids for a user prompt: through the chat template when there is one."""
-        if chat and self.chat is not None:
-            return self.chat([{"role": "user", "content": prompt}])
-        ids = self.encode(prompt)
-        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
-            ids = [self.bos_token_id, *ids]
-        return ids
-
-
-def tokenizer_fingerprint(vocab: dict[str, int], eos: Sequence[int], bos: int | None) -> str:
-    """A short hash that is equal exactly when two tokenizers map the same strings to the same ids."""
-    h = hashlib.sha256()
-    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
-    h.update(json.dumps({"eos": sorted(eos), "bos": bos}).encode())
-    return h.hexdigest()[:24]
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    model: Any  # a transformers PreTrainedModel (torch), kept in eval mode
-    tokenizer: Tokenizer
-    source: str
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.model.config.vocab_size)
-
-    @property
-    def tie_margin(self) -> float:
-        """The near-tie margin for this model's arithmetic (draft.py)."""
-        from .draft import BF16_TIE_MARGIN, DEFAULT_TIE_MARGIN
-
-        dtype = next(self.model.parameters()).dtype
-        return DEFAULT_TIE_MARGIN if dtype.itemsize >= 4 else BF16_TIE_MARGIN
-
-    def new_engine(self, *, tie_margin: float | None = None):
-        """A fresh torch `Engine` (one sequence) over this model."""
-        from .engine import Engine
-
-        return Engine(self, tie_margin=self.tie_margin if tie_margin is None else tie_margin)
-
-    def param_bytes(self) -> int:
-        seen, total = set(), 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if t.data_ptr() not in seen:
-                seen.add(t.data_ptr())
-                total += t.numel() * t.element_size()
-        return total
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,78 +384,7 @@ def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# tiny models for tests
-
-
-def byte_tokenizer(vocab_size: int) -> Tokenizer:
-    """UTF-8 bytes as ids 0..255, then <bos>=256 and <eos>=257; ids above decode to nothing."""
-    if vocab_size < 258:
-        raise ValueError("a byte tokenizer needs a vocabulary of at least 258")
-    bos, eos = 256, 257
-
-    def decode(ids: Sequence[int]) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    vocab = {f"<0x{i:02X}>": i for i in range(256)} | {"<bos>": bos, "<eos>": eos}
-    vocab |= {f"<unused{i}>": i for i in range(258, vocab_size)}
-    return Tokenizer(
-        encode=lambda text: list(text.encode("utf-8")),
-        decode=decode,
-        vocab=vocab,
-        eos_token_ids=[eos],
-        bos_token_id=bos,
-        special_ids=frozenset({bos, eos}),
-    )
-
-
-def tiny_llama(
-    seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
-) -> Any:
-    """A random-initialised Llama; the wide init makes its distributions peaked like a real LM's."""
-    return _tiny_model("llama", seed, hidden, layers, heads, vocab, init_range, kv_heads)
-
-
-def tiny_qwen2(
-    seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
-) -> Any:
-    """A random-initialised Qwen2: Llama plus q/k/v projection biases, with tied input/output
-    embeddings (as Qwen2.5-0.5B's own checkpoint has; the bundled GGUF stores its output layer
-    apart). transformers initialises biases to zero, which would hide a backend that drops them,
-    so they are drawn at the scale of the projection W x itself."""
-    return _tiny_model("qwen2", seed, hidden, layers, heads, vocab, init_range, kv_heads)
-
-
-def _tiny_model(arch: str, seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float,
-                kv_heads: int | None) -> Any:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-    config = config_cls(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads or heads,
-        max_position_embeddings=4096,
-        initializer_range=init_range,
-        bos_token_id=256 if vocab >= 258 else None,
-        eos_token_id=257 if vocab >= 258 else None,
-        pad_token_id=None,
-        tie_word_embeddings=arch == "qwen2",
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config)
-        if arch == "qwen2":
-            with torch.no_grad():
-                for layer in model.model.layers:
-                    attn = layer.self_attn
-                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
-                        # the spread of W x for a normalised x: init_range * sqrt(hidden)
-                        proj.bias.normal_(0.0, init_range * hidden**0.5)
-    return model.eval()
+# tiny models for tests (the architectures are in tiny.py)
 
 
 def _tiny(name: str, tokenizer: Tokenizer | None = None) -> LoadedModel:

@@ -171,7 +171,7 @@ class Client:
         self.objective = objective
         self.cost_weight = cost_weight
         if isinstance(policy, (str, Path)):
-            from ..routing.policy import load_policy
+            from ..routing.policy_files import load_policy
 
             policy = load_policy(policy)
         self.policy = policy

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tandem.protocols.errors import PolicyFileError
-from tandem.routing.policy import Policy, RequestContext, check_policy_text, load_policy, policy_json_schema
+from tandem.routing.policy import Policy, RequestContext, policy_json_schema
+from tandem.routing.policy_files import check_policy_text, load_policy
 from tandem.sdk.cli import app
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "samples" / "policies").glob("*.yaml"))

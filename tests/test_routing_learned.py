@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from tandem.routing.base import Calibration, RollingCalibration, get_query_router
 from tandem.routing.data import RoutingTable, default_data_dir, load_table
 from tandem.routing.features import prompt_features, take
-from tandem.routing.policy import load_policy, with_query_router_threshold
+from tandem.routing.policy_files import load_policy, with_query_router_threshold
 from tandem.routing.scorers import ScorerSpec, fit_scorer, scorer_from_arrays, scorer_to_arrays
 from tandem.routing.select import balance_weights, fold_ids, nested_cv, select
 from tandem.routing.textfeatures import TEXT_FEATURES, text_features

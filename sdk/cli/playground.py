@@ -41,7 +41,7 @@ def playground_cmd(
     from ..playground import Playground, create_app
 
     if policy is not None:
-        from ...routing.policy import load_policy
+        from ...routing.policy_files import load_policy
 
         try:
             load_policy(policy)

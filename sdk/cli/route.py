@@ -131,7 +131,7 @@ def route_calibrate(
         get_query_router,
         query_router_names,
     )
-    from ...routing.policy import with_query_router_threshold
+    from ...routing.policy_files import with_query_router_threshold
 
     name = router or DEFAULT_QUERY_ROUTER
     if name not in query_router_names():
@@ -235,7 +235,7 @@ def policy_check(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Validate a policy file: exit 0, or exit 2 listing each error with its line, field and value."""
-    from ...routing.policy import check_policy_text
+    from ...routing.policy_files import check_policy_text
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -287,7 +287,8 @@ def policy_explain(
 ) -> None:
     """Which mode the policy picks for one request, and why (one JSON object)."""
     from ...protocols.errors import PolicyFileError
-    from ...routing.policy import RequestContext, load_policy
+    from ...routing.policy import RequestContext
+    from ...routing.policy_files import load_policy
 
     try:
         policy = load_policy(file)

@@ -154,7 +154,7 @@ class Playground:
         """The policy in `path` (None for ''), loaded again whenever the file changes."""
         if not path.strip():
             return None
-        from ...routing.policy import load_policy
+        from ...routing.policy_files import load_policy
 
         file = Path(path).expanduser()
         if not file.is_file():

@@ -1,0 +1,94 @@
+"""What a loaded model is: its torch module, its tokenizer (the few things tandem needs of one),
+and the fingerprint that says whether two tokenizers mean the same ids. A leaf: models.py loads
+these, tiny.py builds test ones."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Tokenizer:
+    """The few things tandem needs from a tokenizer, over a Hugging Face tokenizer or our own."""
+
+    encode: Callable[[str], list[int]]
+    decode: Callable[[Sequence[int]], str]
+    vocab: dict[str, int]
+    eos_token_ids: list[int]
+    chat: Callable[[list[dict]], list[int]] | None = None
+    bos_token_id: int | None = None
+    special_ids: frozenset[int] = frozenset()  # control tokens: never part of generated text
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = tokenizer_fingerprint(self.vocab, self.eos_token_ids, self.bos_token_id)
+        self.special_ids = frozenset(self.special_ids) | set(self.eos_token_ids)
+
+    @property
+    def eot_token_id(self) -> int:
+        """The token that ends an answer: the chat turn's end marker where there is one."""
+        return self.eos_token_ids[-1] if self._eot is None else self._eot
+
+    _eot: int | None = None
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The text of generated ids, control tokens left out."""
+        return self.decode([i for i in ids if i not in self.special_ids])
+
+    def prompt_tokens(self, prompt: str, chat: bool = True) -> list[int]:
+        """Token ids for a user prompt: through the chat template when there is one."""
+        if chat and self.chat is not None:
+            return self.chat([{"role": "user", "content": prompt}])
+        ids = self.encode(prompt)
+        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+
+def tokenizer_fingerprint(vocab: dict[str, int], eos: Sequence[int], bos: int | None) -> str:
+    """A short hash that is equal exactly when two tokenizers map the same strings to the same ids."""
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    h.update(json.dumps({"eos": sorted(eos), "bos": bos}).encode())
+    return h.hexdigest()[:24]
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # a transformers PreTrainedModel (torch), kept in eval mode
+    tokenizer: Tokenizer
+    source: str
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    @property
+    def tie_margin(self) -> float:
+        """The near-tie margin for this model's arithmetic (draft.py)."""
+        from .draft import BF16_TIE_MARGIN, DEFAULT_TIE_MARGIN
+
+        dtype = next(self.model.parameters()).dtype
+        return DEFAULT_TIE_MARGIN if dtype.itemsize >= 4 else BF16_TIE_MARGIN
+
+    def new_engine(self, *, tie_margin: float | None = None):
+        """A fresh torch `Engine` (one sequence) over this model."""
+        from .engine import Engine
+
+        return Engine(self, tie_margin=self.tie_margin if tie_margin is None else tie_margin)
+
+    def param_bytes(self) -> int:
+        seen, total = set(), 0
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+
+
+__all__ = ["LoadedModel", "Tokenizer", "tokenizer_fingerprint"]
