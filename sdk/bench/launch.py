@@ -35,6 +35,16 @@ import httpx
 from ...protocols.broker import free_port
 
 
+def stop_process(proc: subprocess.Popen, sig: int, grace_s: float) -> None:
+    """Ask a child process to stop with `sig`; kill it if it has not within `grace_s`."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
 class GatewayProcess:
     """`cores`: the CPU cores the process may run on (sched_setaffinity), with as many compute
     threads (torch, llama.cpp); None leaves both to the machine."""
@@ -82,12 +92,7 @@ class GatewayProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
+        stop_process(self.proc, signal.SIGINT, 15)
 
     def __enter__(self) -> "GatewayProcess":
         return self if self.proc is not None and self.proc.poll() is None else self.start()
@@ -168,12 +173,7 @@ class NginxProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
+            stop_process(self.proc, signal.SIGQUIT, 5)  # nginx: graceful shutdown
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
