@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .draft import DEFAULT_TIE_MARGIN, MIN_BACKEND_PREFILL
+from .invariant import chunks
 from .sequence import Sequence
 
 if TYPE_CHECKING:
@@ -53,18 +54,26 @@ class Engine(Sequence):
         return True
 
     @torch.inference_mode()
-    def _run(self, start: int, upto: int, last: bool) -> torch.Tensor:
+    def _run(self, start: int, upto: int, last: bool, *, cache=None) -> torch.Tensor:
+        """Forward tokens[start:upto] over `cache` (the engine's own by default); a
+        batch-invariant model runs a long block as passes of at most MAX_ROWS tokens (the row
+        counts its kernels were probed at), which give the same bits."""
+        cache = self.kv_cache() if cache is None else cache
+        pieces = chunks(start, upto) if self.lm.batch_invariant else [(start, upto)]
         device = self.lm.model.device
-        positions = torch.arange(start, upto, device=device)
-        out = self.lm.model(
-            input_ids=torch.tensor([self.tokens[start:upto]], device=device),
-            cache=self.kv_cache(),
-            use_cache=True,
-            position_ids=positions[None],
-            cache_position=positions,
-            logits_to_keep=1 if last else 0,
-        )
-        return out.logits[0].float().cpu()  # decisions are made on the host
+        rows = []
+        for s, e in pieces:
+            positions = torch.arange(s, e, device=device)
+            out = self.lm.model(
+                input_ids=torch.tensor([self.tokens[s:e]], device=device),
+                cache=cache,
+                use_cache=True,
+                position_ids=positions[None],
+                cache_position=positions,
+                logits_to_keep=1 if last else 0,
+            )
+            rows.append(out.logits[0].float().cpu())  # decisions are made on the host
+        return rows[-1] if last else torch.cat(rows)
 
     def _forward(self, start: int, upto: int) -> torch.Tensor:
         return self._run(start, upto, last=True)[-1]
@@ -82,6 +91,11 @@ class Engine(Sequence):
 
     @torch.inference_mode()
     def fresh_logits(self, prefix_len: int) -> torch.Tensor:
+        if self.lm.batch_invariant:  # its own passes, on a scratch cache
+            from transformers import DynamicCache
+
+            self.forward_passes += 1
+            return self._run(0, prefix_len, last=True, cache=DynamicCache())[-1]
         ids = torch.tensor([self.tokens[:prefix_len]], device=self.lm.model.device)
         out = self.lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
         self.forward_passes += 1

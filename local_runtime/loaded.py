@@ -69,10 +69,20 @@ class LoadedModel:
         return int(self.model.config.vocab_size)
 
     @property
+    def batch_invariant(self) -> bool:
+        """Whether its logits are the same bits however a sequence is split into passes
+        (invariant.py); such a model needs no near-tie rule."""
+        from .invariant import is_batch_invariant
+
+        return is_batch_invariant(self.model)
+
+    @property
     def tie_margin(self) -> float:
-        """The near-tie margin for this model's arithmetic (draft.py)."""
+        """The near-tie margin for this model's arithmetic (draft.py): 0 for a batch-invariant one."""
         from .draft import BF16_TIE_MARGIN, DEFAULT_TIE_MARGIN
 
+        if self.batch_invariant:
+            return 0.0
         dtype = next(self.model.parameters()).dtype
         return DEFAULT_TIE_MARGIN if dtype.itemsize >= 4 else BF16_TIE_MARGIN
 

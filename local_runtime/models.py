@@ -163,7 +163,12 @@ def load_model(name: str, *, progress: bool = True) -> LoadedModel:
             model = quantize_int8(_clone_module(lm.model))
             lm = LoadedModel(name=name, model=model, tokenizer=lm.tokenizer, source=lm.source + " (int8 weights)")
         elif variant == "bf16":
+            from .invariant import make_batch_invariant
+
             bf16 = _load_base(base, progress=progress, dtype="bfloat16")
+            # bfloat16 rounds so coarsely that near ties are common: where this machine's kernels
+            # allow it, the model is made batch-invariant and needs no near-tie recomputation
+            make_batch_invariant(bf16.model)
             lm = LoadedModel(name=name, model=bf16.model, tokenizer=bf16.tokenizer, source=bf16.source + " (bfloat16 weights)")
         elif variant == "fp32":
             lm = LoadedModel(name=name, model=lm.model, tokenizer=lm.tokenizer, source=lm.source)

@@ -27,8 +27,9 @@ import torch
 
 from ..local_runtime.models import LoadedModel, load_model
 from ..local_runtime.sequence import Sequence
+from ..local_runtime.invariant import MAX_ROWS, make_batch_invariant
 from ..protocols.errors import ModelLoadError
-from .batching import SessionEngine, forward_packed, install
+from .batching import SessionEngine, forward_packed, install, token_groups
 from .target import TargetBackend
 
 
@@ -50,7 +51,12 @@ class TransformersBackend(TargetBackend):
     def forward(self, engines: list[SessionEngine]) -> list[torch.Tensor]:
         if len(engines) == 1 or not self.batched:
             return [e.compute() for e in engines]
-        return forward_packed(self.lm.model, engines)
+        if not self.lm.batch_invariant:
+            return forward_packed(self.lm.model, engines)
+        rows = []  # packed passes of at most the row count the kernels were probed at
+        for group in token_groups(engines, MAX_ROWS):
+            rows += forward_packed(self.lm.model, group) if len(group) > 1 else [group[0].compute()]
+        return rows
 
     def fill(self, engine: SessionEngine, upto: int) -> None:
         engine.fill_cache(upto)

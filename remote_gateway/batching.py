@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from ..local_runtime.engine import Engine
+from ..local_runtime.invariant import INVARIANT, invariant_attention, invariant_attention_rows
 
 log = logging.getLogger("tandem.gateway.batching")
 
@@ -60,17 +61,10 @@ class SessionEngine(Engine):
     def fill_cache(self, upto: int) -> None:
         """Forward tokens[cached:upto] into the cache without materialising their logits (a long
         prompt's full logits would be prompt x vocabulary floats)."""
-        new = self.tokens[self.cached : upto]
-        if not new:
-            return
-        device = self.lm.model.device
-        positions = torch.arange(self.cached, upto, device=device)
-        self.lm.model(
-            input_ids=torch.tensor([new], device=device), cache=self.kv_cache(), use_cache=True,
-            position_ids=positions[None], logits_to_keep=1,
-        )
-        self.cached = upto
-        self.forward_passes += 1
+        if upto > self.cached:
+            self._run(self.cached, upto, last=True)
+            self.cached = upto
+            self.forward_passes += 1
 
 
 class RaggedBatch:
@@ -139,8 +133,12 @@ def ragged_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                         sliding_window=sliding_window, softcap=softcap, **kwargs)
     groups = query.shape[1] // key.shape[1]
     outs = []
+    invariant = _ORIGINAL.get(id(module.config)) is invariant_attention
     for (s, e), (k, v), offset in zip(batch.segments, batch.kv[module.layer_idx], batch.offsets):
         q = query[:, :, s:e]
+        if invariant:  # each query exactly as a one-token step computes it (invariant.py)
+            outs.append(invariant_attention_rows(q, k, v, scaling=scaling, window=sliding_window).transpose(1, 2))
+            continue
         mask = _window_mask(e - s, offset, sliding_window, q.device)
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
         if softcap is None:
@@ -170,7 +168,7 @@ def install(model) -> bool:
         current = model.config._attn_implementation
         if current == RAGGED or id(model.config) in _ORIGINAL:
             return True
-        if current != "sdpa":
+        if current not in ("sdpa", INVARIANT):
             log.info("batched verification is off for this model: its attention implementation is %r", current)
             return False
         AttentionInterface.register(RAGGED, ragged_attention)
@@ -187,6 +185,21 @@ def install(model) -> bool:
             del _ORIGINAL[id(model.config)]
             return False
         return True
+
+
+def token_groups(engines: list[SessionEngine], budget: int) -> list[list[SessionEngine]]:
+    """`engines` in order, cut into groups whose pending tokens total at most `budget` (an engine
+    with more than that on its own is a group of its own)."""
+    groups: list[list[SessionEngine]] = []
+    total = budget + 1
+    for e in engines:
+        n = len(e.pending())
+        if total + n > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(e)
+        total += n
+    return groups
 
 
 # a 4-D placeholder: transformers returns a ready-made 4-D mask as it is, so no mask is built
@@ -362,4 +375,4 @@ class _Outcome:
         return self.value
 
 
-__all__ = ["Batcher", "BatchingConfig", "Block", "SessionEngine", "forward_packed", "install", "ragged_attention"]
+__all__ = ["Batcher", "BatchingConfig", "Block", "SessionEngine", "forward_packed", "install", "ragged_attention", "token_groups"]
