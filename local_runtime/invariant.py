@@ -19,8 +19,9 @@ in LLM Inference", 2025):
                     is measured at load time on the model's own shapes (`probe_linear`), never
                     assumed; a model whose kernels disagree keeps the near-tie rule.
     attention       query j of a block attends to exactly the keys a one-token step at that
-                    position would see, in a call of the same shape: one SDPA per query
-                    (`invariant_attention`), not one masked call for the block.
+                    position would see, with operations of the same shapes: one small float32
+                    attention per query (`invariant_attention_rows`), not one masked call for
+                    the block (whose softmax would sum over a longer row, in another order).
     everything else norms, activations, rotary embeddings and residuals are per row or per
                     element, so they are invariant by construction.
 
@@ -78,28 +79,24 @@ def probe_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, rows: t
     return None
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    if groups == 1:
-        return x
-    b, h, n, d = x.shape
-    return x[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
-
-
 def invariant_attention_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float | None,
                              window: int | None = None) -> torch.Tensor:
     """Causal attention for the q_len queries at the end of `key`/`value` (one sequence:
-    query j sits at key index kv_len - q_len + j), one SDPA call per query over exactly the keys
-    it sees. Returns (batch, q_len, heads, head_dim)."""
-    groups = query.shape[1] // key.shape[1]
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    q_len, kv_len = query.shape[2], key.shape[2]
+    query j sits at key index kv_len - q_len + j), each query computed alone over exactly the
+    keys it sees, in float32. Grouped-query heads share their key/value head without copies.
+    Returns (batch, q_len, heads, head_dim) in the query's dtype."""
+    b, heads, q_len, d = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    scale = d**-0.5 if scaling is None else scaling
+    q = query.float().view(b, kv_heads, heads // kv_heads, q_len, d)
+    k, v = key.float(), value.float()
     outs = []
     for j in range(q_len):
         end = kv_len - q_len + j + 1
         start = 0 if window is None else max(0, end - window)  # transformers' rule: kv > q - window
-        outs.append(F.scaled_dot_product_attention(query[:, :, j : j + 1], key[:, :, start:end], value[:, :, start:end],
-                                                   scale=scaling))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+        scores = torch.matmul(q[:, :, :, j], k[:, :, start:end].transpose(-1, -2)) * scale
+        outs.append(torch.matmul(torch.softmax(scores, dim=-1), v[:, :, start:end]))  # (b, kv_heads, groups, d)
+    return torch.stack(outs, dim=1).reshape(b, q_len, heads, d).to(query.dtype)
 
 
 def invariant_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, **kwargs):

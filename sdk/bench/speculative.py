@@ -86,6 +86,10 @@ async def bench_speculative(
     the run's single rate instead (E is convex in a, so one pooled rate under-predicts).
     predicted_speedup_vs_cloud comes from the calibration timings, each round's k and each
     prompt's acceptance (costmodel.py); efficiency is speedup_vs_cloud over it.
+    Both s_per_token figures include the prompt's prefill, which the two modes pay alike (so a
+    long prompt dilutes the speed-up). decode_s_per_token counts only what comes after each
+    generation's first piece of text, and decode_speedup_vs_cloud is the steady-state ratio the
+    cost model's per-token figure (predicted_decode_speedup_vs_cloud) is about.
     """
     with placed(split) as (device_cores, gateway_cores):
         with gateway_link(target, gateway, rtt_ms, gateway_cores) as url:
@@ -99,7 +103,8 @@ async def bench_speculative(
 async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, draft_len, pipeline, progress) -> dict:
     client = Client(drafter=drafter, target=target if gateway == "inproc" else None, gateway=gateway, draft_len=draft_len,
                     pipeline=pipeline)
-    totals = {m: {"s": 0.0, "tokens": 0} for m in ("cloud", "local", "speculative")}
+    totals = {m: dict.fromkeys(("s", "tokens", "first_s", "decode_s", "decode_tokens"), 0.0)
+              for m in ("cloud", "local", "speculative")}
     mismatches, rounds, examples, prompt_alpha = 0, [], [], []
     accepted = tested = 0
     predicted = {"cloud": 0.0, "speculative": 0.0}
@@ -110,10 +115,9 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         for i, prompt in enumerate(prompts):
             runs = {}
             for mode in ("cloud", "local", "speculative"):
-                t0 = time.perf_counter()
-                runs[mode] = await client.generate(prompt, mode=mode, max_new_tokens=max_new_tokens)
-                totals[mode]["s"] += time.perf_counter() - t0
-                totals[mode]["tokens"] += len(runs[mode].tokens)
+                runs[mode], timing = await _timed(client, prompt, mode, max_new_tokens)
+                for key, value in timing.items():
+                    totals[mode][key] += value
             spec, ref = runs["speculative"], runs["cloud"]
             if spec.tokens != ref.tokens:
                 mismatches += 1
@@ -133,6 +137,8 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
 
     alpha = accepted / tested if tested else 0.0
     spt = {m: v["s"] / max(1, v["tokens"]) for m, v in totals.items()}
+    decode = {m: v["decode_s"] / max(1, v["decode_tokens"]) for m, v in totals.items()}
+    seconds, expected = predict_rounds(cal.timings(), prompt_alpha, [r.k for r in rounds], client.pipelining)
     pred = {m: predicted[m] / max(1, totals[m]["tokens"]) for m in predicted}
     emitted = sum(r.emitted for r in rounds)
     speedup = spt["cloud"] / spt["speculative"]
@@ -154,6 +160,10 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "predicted_speedup_vs_cloud": round(predicted_speedup, 3),
         "efficiency": round(speedup / predicted_speedup, 3),
         "s_per_token": {m: round(v, 5) for m, v in spt.items()},
+        "first_piece_s": {m: round(v["first_s"] / max(1, len(prompts)), 3) for m, v in totals.items()},
+        "decode_s_per_token": {m: round(v, 5) for m, v in decode.items()},
+        "decode_speedup_vs_cloud": round(decode["cloud"] / decode["speculative"], 3) if decode["speculative"] else None,
+        "predicted_decode_speedup_vs_cloud": round(cal.step_s / (seconds / expected), 3) if seconds else None,
         "predicted_s_per_token": {m: round(v, 5) for m, v in pred.items()},
         "calibration": cal.to_dict(),
         "drafter": drafter,
@@ -171,6 +181,22 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     if examples:
         out["mismatch_examples"] = examples[:3]
     return out
+
+
+async def _timed(client: Client, prompt: str, mode: str, max_new_tokens: int):
+    """One generation, streamed: its record, and its seconds and tokens in all, up to the first
+    piece of text (the prompt's prefill and the first round), and after it (the decode phase)."""
+    gen = client.stream(prompt, mode=mode, max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    first, first_tokens = None, 0
+    async for _piece in gen:
+        if first is None:
+            first, first_tokens = time.perf_counter(), len(gen.record.tokens)
+    end = time.perf_counter()
+    first = end if first is None else first
+    n = len(gen.record.tokens)
+    return gen.record, {"s": end - t0, "tokens": n, "first_s": first - t0, "decode_s": end - first,
+                        "decode_tokens": n - first_tokens}
 
 
 def _predicted_cloud_s(cal: Calibration, prompt_tokens: int, tokens: int) -> float:
