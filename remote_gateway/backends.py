@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
+from ..local_runtime.invariant import MAX_ROWS
 from ..local_runtime.models import LoadedModel, load_model
 from ..local_runtime.sequence import Sequence
-from ..local_runtime.invariant import MAX_ROWS, make_batch_invariant
 from ..protocols.errors import ModelLoadError
 from .batching import SessionEngine, forward_packed, install, token_groups
 from .target import TargetBackend
