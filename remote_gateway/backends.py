@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..local_runtime.invariant import MAX_ROWS
+from ..local_runtime.invariant import MAX_ROWS, make_batch_invariant
 from ..local_runtime.models import LoadedModel, load_model
 from ..local_runtime.sequence import Sequence
 from ..protocols.errors import ModelLoadError
@@ -77,7 +77,11 @@ def on_device(lm: LoadedModel, device: str) -> LoadedModel:
                              f"(torch {torch.__version__}); use device: cpu")
     if not device.startswith(("cuda", "cpu")):
         raise ModelLoadError(f"unknown device '{device}' (cpu, cuda, cuda:N)")
-    return LoadedModel(name=lm.name, model=lm.model.to(device), tokenizer=lm.tokenizer, source=lm.source)
+    invariant = lm.batch_invariant
+    moved = LoadedModel(name=lm.name, model=lm.model.to(device), tokenizer=lm.tokenizer, source=lm.source)
+    if invariant:
+        make_batch_invariant(moved.model)  # probed again on the new device's kernels
+    return moved
 
 
 # ---------------------------------------------------------------------------------------------

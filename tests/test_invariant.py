@@ -130,3 +130,17 @@ def test_speculative_equals_the_target_alone_without_recomputation(bf16):
         assert gateway.verifier.stats["tie_recomputes"] == 0
     finally:
         gateway.close()
+
+
+def test_a_failed_probe_on_another_device_undoes_the_conversion(monkeypatch):
+    from tandem.local_runtime import invariant
+
+    lm = LoadedModel("tiny-gemma:bf16", _tiny_gemma().model.to(torch.bfloat16), byte_tokenizer(320), "random init")
+    if not make_batch_invariant(lm.model):
+        pytest.skip("this CPU's bfloat16 GEMM sums a row differently by row count")
+    monkeypatch.setattr(invariant, "_device", lambda model: "another-device")
+    monkeypatch.setattr(invariant, "probe_linear", lambda *args, **kwargs: 4)
+    assert not make_batch_invariant(lm.model)
+    assert not any(isinstance(m, invariant.RowPaddedLinear) for m in lm.model.modules())
+    assert lm.model.config._attn_implementation == "sdpa"
+    assert not lm.batch_invariant and lm.tie_margin == BF16_TIE_MARGIN
