@@ -191,8 +191,10 @@ def _load_base(name: str, *, progress: bool, dtype: str = "float32") -> LoadedMo
         import torch
 
         tiny = _load_base(name, progress=progress)
-        return LoadedModel(name=name, model=_clone_module(tiny.model).to(getattr(torch, dtype)), tokenizer=tiny.tokenizer,
-                           source=tiny.source)
+        model = _clone_module(tiny.model).to(getattr(torch, dtype))
+        # the copy starts from the stock attention, whatever a gateway installed on the original
+        model.set_attn_implementation("sdpa")
+        return LoadedModel(name=name, model=model, tokenizer=tiny.tokenizer, source=tiny.source)
     if name in _TINY:
         lm = _tiny(name)
     elif "@" in name and name.partition("@")[0] in _TINY:
