@@ -353,13 +353,17 @@ def get_token_router(name: str, *, fail_safe: bool = True, **kwargs: Any) -> Any
 
 
 # The query router `auto` mode and `tandem route eval` use when none is named.
-DEFAULT_QUERY_ROUTER = "embedding"
+DEFAULT_QUERY_ROUTER = "format"
 
 register_query_router("random", ".query:RandomRouter", "uniform score from a hash of the query (the baseline)")
 register_query_router("length", ".query:LengthRouter", "longer prompts score higher (a free heuristic)")
 register_query_router(
     "embedding", ".query:EmbeddingRouter",
     "two logistic heads on text features + all-MiniLM-L6-v2 embedding (trained on ../shared/data/routing)",
+)
+register_query_router(
+    "format", ".query:FormatRouter",
+    "the embedding router's heads fitted apart for multiple-choice prompts and open questions",
 )
 register_query_router("mf", ".query:MFRouter", "RouteLLM's matrix-factorisation router on the same features")
 register_query_router("knn", ".query:KNNRouter", "similarity-weighted mean gain of the nearest training prompts")

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import query_router_names, token_router_names, valid_score
+from .base import DEFAULT_QUERY_ROUTER, query_router_names, token_router_names, valid_score
 
 Mode = Literal["local", "cloud", "speculative", "assist"]
 # what a rule or the defaults may choose: a mode, or "auto": the client predicts seconds and
@@ -71,7 +71,7 @@ class QueryRouterSpec(_Strict):
     """A query router deciding, for requests no rule matched, between a mode for hard queries
     and one for easy queries."""
 
-    name: str = Field("embedding", description="A registered query router: embedding, mf, knn, ensemble, prefill, length, random.")
+    name: str = Field(DEFAULT_QUERY_ROUTER, description="A registered query router: format (default), embedding, mf, knn, ensemble, prefill, length, random.")
     threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="Difficulty at or above which a query is hard. Default 0.5 (no expected gain)."
     )

@@ -6,6 +6,7 @@
     embedding  two logistic heads predicting whether the strong and the weak model answer
                correctly, on the prompt's text features and its all-MiniLM-L6-v2 embedding;
                score = (1 + p_strong - p_weak) / 2, the expected gain of asking the strong model
+    format     the same heads fitted apart for multiple-choice prompts and open questions
     mf         RouteLLM's matrix-factorisation router on the same features
     knn        the similarity-weighted mean gain of the nearest training prompts (MiniLM)
     ensemble   the mean of its members' calibrated scores
@@ -136,6 +137,11 @@ class LearnedRouter(_TrainedRouter):
 class EmbeddingRouter(LearnedRouter):
     name = "embedding"
     artifact = "embedding_router.npz"
+
+
+class FormatRouter(LearnedRouter):
+    name = "format"
+    artifact = "format_router.npz"
 
 
 class MFRouter(LearnedRouter):

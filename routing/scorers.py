@@ -6,6 +6,9 @@ model's expected gain g = s - w is larger. The families:
 
     heads  two L2-penalised logistic heads on the top principal directions of X (routing/linear.py),
            P(s = 1 | x) and P(w = 1 | x); score = (1 + p_strong - p_weak) / 2 = (1 + E[g | x]) / 2
+    format the same two heads fitted apart for multiple-choice prompts (option lines "A." .. "D.")
+           and open questions, the prompt's format choosing which scores it: what makes a
+           question hard differs between the two (a domain-free gate, read from the text features)
     mf     RouteLLM's matrix-factorisation router (Ong et al. 2024): a model m's quality on prompt x
            is delta(m, x) = w2 . (v_m * (W1 x + b)) and P(strong beats weak) =
            sigmoid(delta(strong, x) - delta(weak, x)). With two models the difference is
@@ -89,6 +92,55 @@ class HeadsScorer:
     @classmethod
     def from_arrays(cls, z: dict, prefix: str) -> "HeadsScorer":
         return cls(LinearHeads.from_arrays(z, prefix))
+
+
+class FormatScorer:
+    """Heads fitted apart for the two prompt formats, multiple choice (lines "A." .. "D.") and open
+    questions; a format with too few training rows (or one outcome only) uses heads fitted on all."""
+
+    kind = "format"
+    MIN_ROWS = 50
+
+    def __init__(self, heads: dict[str, HeadsScorer], gate: int) -> None:
+        self.heads, self.gate = heads, gate
+
+    @staticmethod
+    def choice(X: np.ndarray, gate: int) -> np.ndarray:
+        return np.atleast_2d(X)[:, gate] > 0
+
+    @classmethod
+    def fit(cls, spec: ScorerSpec, X: np.ndarray, weak: np.ndarray, strong: np.ndarray, weights: np.ndarray) -> "FormatScorer":
+        if "text" not in blocks(spec.features):
+            raise ValueError("the format scorer needs the text features (its gate is option_chars)")
+        from .textfeatures import TEXT_FEATURES
+
+        gate = TEXT_FEATURES.index("option_chars")
+        pooled = HeadsScorer.fit(spec, X, weak, strong, weights)
+        heads = {}
+        for name, rows in (("choice", cls.choice(X, gate)), ("open", ~cls.choice(X, gate))):
+            enough = rows.sum() >= cls.MIN_ROWS and all(len(set(y[rows].tolist())) == 2 for y in (weak, strong))
+            heads[name] = HeadsScorer.fit(spec, X[rows], weak[rows], strong[rows], weights[rows]) if enough else pooled
+        return cls(heads, gate)
+
+    def score(self, X: np.ndarray) -> np.ndarray:
+        X = np.atleast_2d(X)
+        rows = self.choice(X, self.gate)
+        out = np.empty(len(X))
+        for name, m in (("choice", rows), ("open", ~rows)):
+            if m.any():
+                out[m] = self.heads[name].score(X[m])
+        return out
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {prefix + "gate": np.asarray(self.gate)}
+        for name, h in self.heads.items():
+            out.update(h.to_arrays(f"{prefix}{name}_"))
+        return out
+
+    @classmethod
+    def from_arrays(cls, z: dict, prefix: str) -> "FormatScorer":
+        heads = {name: HeadsScorer.from_arrays(z, f"{prefix}{name}_") for name in ("choice", "open")}
+        return cls(heads, int(z[prefix + "gate"]))
 
 
 class MFScorer(HeadsScorer):
@@ -200,7 +252,7 @@ class EnsembleScorer:
         return cls(str(z[prefix + "features"]), members, feats, cdfs)
 
 
-_FAMILIES = {c.kind: c for c in (HeadsScorer, MFScorer, KNNScorer)}
+_FAMILIES = {c.kind: c for c in (HeadsScorer, MFScorer, KNNScorer, FormatScorer)}
 _FAMILIES["ensemble"] = EnsembleScorer  # type: ignore[assignment]
 
 
@@ -225,6 +277,6 @@ def scorer_from_arrays(z: dict, prefix: str = "scorer_"):
 
 
 __all__ = [
-    "ScorerSpec", "HeadsScorer", "MFScorer", "KNNScorer", "EnsembleScorer", "fit_scorer", "scorer_to_arrays",
+    "ScorerSpec", "HeadsScorer", "MFScorer", "KNNScorer", "FormatScorer", "EnsembleScorer", "fit_scorer", "scorer_to_arrays",
     "scorer_from_arrays",
 ]

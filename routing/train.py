@@ -68,6 +68,7 @@ _MF = ScorerSpec("mf", FEATURES, (("components", 4.0), ("l2", 100.0)))
 CANDIDATES: dict[str, list[ScorerSpec]] = {
     "embedding": _grid("heads", "text", l2=(10, 100, 1000))
     + _grid("heads", FEATURES, components=(4, 16, 64), l2=(10, 100, 1000)),
+    "format": _grid("format", "text", l2=(100, 1000)) + _grid("format", FEATURES, components=(4, 16), l2=(100, 1000)),
     "mf": _grid("mf", "text", l2=(10, 100, 1000)) + _grid("mf", FEATURES, components=(4, 16, 64), l2=(10, 100, 1000)),
     "knn": _grid("knn", "minilm", components=(32,), k=(50, 200, 800), tau=(0.1, 1.0)),
     "ensemble": [

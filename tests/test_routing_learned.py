@@ -49,6 +49,7 @@ SPECS = {
     "heads": ScorerSpec("heads", "text+minilm", (("components", 4.0), ("l2", 10.0))),
     "mf": ScorerSpec("mf", "text", (("l2", 10.0),)),
     "knn": ScorerSpec("knn", "minilm", (("components", 8.0), ("k", 10.0), ("tau", 0.1))),
+    "format": ScorerSpec("format", "text+minilm", (("components", 4.0), ("l2", 10.0))),
 }
 SPECS["ensemble"] = ScorerSpec("ensemble", members=(SPECS["heads"], SPECS["knn"]))
 
@@ -218,7 +219,7 @@ def test_calibration_hits_the_share_on_held_out_folds():
 # fail-safe
 
 
-@pytest.mark.parametrize("name", ["embedding", "mf", "knn", "ensemble", "prefill"])
+@pytest.mark.parametrize("name", ["embedding", "format", "mf", "knn", "ensemble", "prefill"])
 def test_a_missing_artefact_fails_safe_with_one_warning(name, tmp_path, caplog):
     r = get_query_router(name, path=tmp_path / "missing.npz")
     with caplog.at_level(logging.WARNING, logger="tandem.routing.base"):
@@ -276,3 +277,28 @@ def test_route_calibrate_writes_the_threshold(tmp_path):
     scores = get_query_router("random").score_many([f"q{i}" for i in range(40)])
     t = json.loads(r.stdout)["threshold"]
     assert int((scores >= t).sum()) == 10 and load_policy(policy).query_router.threshold == pytest.approx(t, abs=1e-6)
+
+
+def test_format_heads_learn_what_differs_between_the_formats():
+    # feature 0 makes the weak model fail on multiple-choice prompts when positive and on open
+    # questions when negative: pooled heads see no linear relation, per-format heads see both
+    rng = np.random.default_rng(3)
+    n = 1200
+    X = rng.normal(size=(n, 15 + 384))
+    choice = np.arange(n) % 2 == 0
+    X[:, 6] = np.where(choice, 3.0, 0.0)  # option_chars: 0 without option lines
+    hard = np.where(choice, X[:, 0] > 0, X[:, 0] < 0)
+    weak = rng.random(n) < np.where(hard, 0.2, 0.9)
+    strong = rng.random(n) < 0.9
+    spec = SPECS["format"]
+    s = fit_scorer(spec, X, weak, strong).score(X)
+    pooled = fit_scorer(SPECS["heads"], X, weak, strong).score(X)
+    gap = lambda sc: sc[hard].mean() - sc[~hard].mean()  # noqa: E731
+    assert gap(s) > 0.2 and gap(s) > 4 * abs(gap(pooled))
+    # a format too rare to fit falls back to heads fitted on every row
+    few = choice & (np.arange(n) < 40)
+    keep = ~choice | few
+    lone = fit_scorer(spec, X[keep], weak[keep], strong[keep])
+    everything = fit_scorer(ScorerSpec("heads", spec.features, spec.params), X[keep], weak[keep], strong[keep])
+    assert np.array_equal(lone.heads["choice"].score(X[:5]), everything.score(X[:5]))
+    assert not np.array_equal(lone.heads["open"].score(X[:5]), everything.score(X[:5]))

@@ -15,7 +15,7 @@ from tandem.routing.query import ARTIFACTS
 pytestmark = pytest.mark.slow
 
 SHARED = default_data_dir()
-LEARNED = ("embedding", "mf", "knn", "ensemble")
+LEARNED = ("embedding", "format", "mf", "knn", "ensemble")
 needs_shared = pytest.mark.skipif(not (SHARED / "gsm8k.csv").exists(), reason="needs ../shared/data/routing")
 
 

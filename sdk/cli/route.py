@@ -19,7 +19,7 @@ route_app = typer.Typer(help="Query and token routers: evaluate, train, calibrat
 policy_app = typer.Typer(help="Routing policy files: check, schema, explain.", no_args_is_help=True)
 
 # routers reading per-prompt features that the on-disk cache can keep
-CACHED_ROUTERS = ("embedding", "mf", "knn", "ensemble", "prefill")
+CACHED_ROUTERS = ("embedding", "format", "mf", "knn", "ensemble", "prefill")
 METRIC_COLUMNS = ("strong_calls_at_95pct", "apgr", "cpt50", "cpt80")
 
 
@@ -168,7 +168,7 @@ def route_calibrate(
 @route_app.command("train")
 def route_train(
     data: Optional[Path] = typer.Option(None, help="Folder with gsm8k.csv and mmlu/ (default ../shared/data/routing)."),
-    routers: str = typer.Option("learned", help="What to train: learned (embedding, mf, knn, ensemble), prefill."),
+    routers: str = typer.Option("learned", help="What to train: learned (embedding, format, mf, knn, ensemble), prefill."),
     nested: bool = typer.Option(True, help="Also run the nested cross-validation that reports the selection's worth."),
     per_domain: int = typer.Option(5, min=1, help="Prefill router: training prompts per MMLU domain."),
     gsm8k_sample: int = typer.Option(120, min=1, help="Prefill router: GSM8K training prompts."),
