@@ -46,7 +46,9 @@ def greedy_pick(row: Any) -> tuple[int, float]:
     term is subtracted, so nothing overflows)."""
     r = row.detach().numpy() if isinstance(row, torch.Tensor) else np.asarray(row)
     tok = int(r.argmax())
-    return tok, 1.0 / float(np.exp(r.astype(np.float64) - float(r[tok])).sum())
+    # exp in the row's own precision (every term is <= 1), summed in float64: half the time of a
+    # float64 copy of a 150k-token row, and q agrees to ~1e-7
+    return tok, 1.0 / float(np.exp(r - r[tok]).sum(dtype=np.float64))
 
 
 class Sequence(ABC):

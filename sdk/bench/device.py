@@ -5,7 +5,9 @@ For each backend:
     prefill_tok_per_s    an N-token prompt (Spec-Bench text) from an empty cache
     decode_tok_per_s     greedy drafting of `decode_tokens` tokens after a short prompt, through the
                          backend's `DraftingEngine.draft` (what the speculative loop calls); for
-                         `llama.cpp`, llama.cpp's own generation loop (`Llama.generate`)
+                         `llama.cpp`, llama.cpp's own generation loop (`Llama.generate`) after the
+                         same prompt. `decode_vs_llama_cpp` is the median over rounds of the
+                         best drafter's speed over llama.cpp's in that round (paired)
     greedy_agreement     share of Spec-Bench prompts whose next-token argmax after prefill equals
                          the fp32 reference's
     max_abs_logit_err    the largest |logit - reference logit| over those prompts
@@ -20,7 +22,8 @@ agreement prompts: a prompt whose gap is below a backend's logit error can flip 
 these bound the agreement any approximation reaches.
 
 Timings are medians over `reps` rounds, each round running every backend once in turn (the
-order rotating), so load from other processes falls on all of them alike.
+order rotating), so load from other processes falls on all of them alike; llama.cpp's loop and the
+drafting loop over it decode in PAIRED_DECODE_ROUNDS rounds.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ ACCELERATED = ("cpu-int8", "cpu-int8-mixed", "onnx")  # the prefill backends the
 # cpu-int8-mixed: W8A8 except the MLP down-projections, kept in float. Their input (the SwiGLU
 # product) is the hardest activation to quantise; in float they halve the logit error.
 MIXED_FLOAT_GROUPS = ("down",)
+PAIRED_DECODE_ROUNDS = 9
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -185,7 +189,7 @@ def bench_device(
             native_rates: dict[str, list[float]] = {"prefill": [], "decode": []}
 
             def native_run() -> float:
-                p, d = native_generate_rate(native, bench_ids, decode_tokens)
+                p, d = native_generate_rate(native, bench_ids, decode_tokens, decode_prompt)
                 native_rates["prefill"].append(p)
                 native_rates["decode"].append(d)
                 return decode_tokens / d
@@ -211,6 +215,15 @@ def bench_device(
                 prefill_fns[name](bench_ids)
                 prefill_t[name].append(time.perf_counter() - t0)
             if name in decode_t:
+                gc.collect()
+                decode_t[name].append(decode_fns[name]())
+    # llama.cpp's loop and tandem's drafting loop over it are the same llama_decode, so their ratio
+    # is close to 1 and a few rounds of noise decide it: more decode-only rounds, in pairs
+    # alternating which goes first (each takes seconds)
+    if "llama.cpp" in decode_t and "llama.cpp-draft" in decode_t:
+        for rep in range(reps, max(reps, PAIRED_DECODE_ROUNDS)):
+            say(f"decode round {rep + 1}/{PAIRED_DECODE_ROUNDS} (llama.cpp against the drafting loop) ...")
+            for name in ("llama.cpp", "llama.cpp-draft")[:: 1 if rep % 2 else -1]:
                 gc.collect()
                 decode_t[name].append(decode_fns[name]())
     # time to first token of the bench prompt: its tokenisation, the prefill, the argmax
@@ -279,7 +292,11 @@ def bench_device(
         best = max(drafters, key=lambda n: drafters[n]["decode_tok_per_s"])
         summary["best_drafter"] = best
         if "llama.cpp" in out:
-            summary["decode_vs_llama_cpp"] = round(out[best]["decode_tok_per_s"] / out["llama.cpp"]["decode_tok_per_s"], 3)
+            # paired: each round's llama.cpp time over the same round's drafter time, so load that
+            # comes and goes between rounds falls on both sides of every ratio
+            pairs = [n / b for n, b in zip(decode_t["llama.cpp"], decode_t[best]) if n and b]
+            summary["decode_vs_llama_cpp"] = round(_median(pairs), 3)
+            summary["decode_vs_llama_cpp_per_round"] = [round(x, 3) for x in pairs]
     gaps.sort()
     summary["reference_top2_gap"] = {
         f"p{q:02d}": round(gaps[min(len(gaps) - 1, len(gaps) * q // 100)], 4) for q in (1, 2, 5, 10)
