@@ -27,6 +27,11 @@ Per mode, over a generation of n tokens (E(a, k) = (1 - a^(k+1)) / (1 - a) token
 
 k is the draft length the run uses, or (None) the best one for these times:
 argmin_k R(k) / E(a, k), 1 <= k <= k_max.
+
+The ceiling of speculation at acceptance a: min_k (verify_s(k + 1) + rtt) / E(a, k), what a chain
+drafter would reach if drafting were free (hidden behind every verify and never thrown away).
+No pipelining scheme can beat it at that acceptance and that verify curve; only a flatter curve
+(a memory-bound target) or a better-matched drafter moves it.
 """
 
 from __future__ import annotations
@@ -84,6 +89,12 @@ def best_draft_len(t: Timings, alpha: float, pipeline: bool, k_max: int = 16) ->
     return min(range(1, k_max + 1), key=lambda k: (round_seconds(t, alpha, k, pipeline) / expected_tokens_per_round(alpha, k), k))
 
 
+def ceiling_s_per_token(t: Timings, alpha: float, k_max: int = 16) -> tuple[float, int]:
+    """(seconds per token, k) of speculation with free drafting: min_k (verify_s(k+1) + rtt) / E."""
+    k = min(range(1, k_max + 1), key=lambda j: ((t.verify(j + 1) + t.rtt_s) / expected_tokens_per_round(alpha, j), j))
+    return (t.verify(k + 1) + t.rtt_s) / expected_tokens_per_round(alpha, k), k
+
+
 def predict(
     mode: str,
     t: Timings,
@@ -124,4 +135,7 @@ def speedup_vs_cloud(t: Timings, alpha: float, **kwargs) -> float:
     return predict("cloud", t, alpha, **kwargs).s_per_token / predict("speculative", t, alpha, **kwargs).s_per_token
 
 
-__all__ = ["Timings", "Prediction", "MODES", "predict", "predict_rounds", "round_seconds", "best_draft_len", "speedup_vs_cloud"]
+__all__ = [
+    "Timings", "Prediction", "MODES", "predict", "predict_rounds", "round_seconds", "best_draft_len", "speedup_vs_cloud",
+    "ceiling_s_per_token",
+]

@@ -28,6 +28,9 @@ def test_bench_speculative_through_the_link(tmp_path):
     # the cost model's prediction from calibration passes, beside the measurement
     assert out["predicted_speedup_vs_cloud"] > 0 and out["efficiency"] > 0
     assert len(out["calibration"]["verify_s"]) >= 4 and "cpu_flags" in out
+    # free drafting bounds what the run's own schedule is predicted to reach
+    assert out["ceiling_speedup_vs_cloud"] >= out["predicted_speedup_vs_cloud"] - 1e-3
+    assert out["predicted_s_per_token"]["ceiling"] <= out["predicted_s_per_token"]["speculative"] + 1e-6
 
 
 def test_bench_verify_cost_predicts_from_a_random_target():

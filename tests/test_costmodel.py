@@ -3,7 +3,15 @@
 import pytest
 
 from tandem.local_runtime.speculative import expected_tokens_per_round
-from tandem.sdk.costmodel import Timings, best_draft_len, predict, predict_rounds, round_seconds, speedup_vs_cloud
+from tandem.sdk.costmodel import (
+    Timings,
+    best_draft_len,
+    ceiling_s_per_token,
+    predict,
+    predict_rounds,
+    round_seconds,
+    speedup_vs_cloud,
+)
 
 # the figures of a memory-bound target: a verify of any block costs about one step
 FLAT = Timings(draft_s=0.043, step_s=0.444, verify_s=(0.444, 0.45, 0.46, 0.47, 0.475, 0.48, 0.48, 0.481, 0.481), rtt_s=0.005)
@@ -61,3 +69,18 @@ def test_predicted_rounds_add_up():
     seconds, tokens = predict_rounds(FLAT, [0.8, 0.5], [4, 2], pipeline=False)
     assert seconds == pytest.approx(round_seconds(FLAT, 0.8, 4, False) + round_seconds(FLAT, 0.5, 2, False))
     assert tokens == pytest.approx(expected_tokens_per_round(0.8, 4) + expected_tokens_per_round(0.5, 2))
+
+
+def test_ceiling_is_free_drafting_and_bounds_every_schedule():
+    a = 0.73
+    s, k = ceiling_s_per_token(FLAT, a)
+    # the best k by hand: the verify of k + 1 tokens and the RTT over E(a, k)
+    by_hand = min((FLAT.verify(j + 1) + 0.005) / expected_tokens_per_round(a, j) for j in range(1, 17))
+    assert s == pytest.approx(by_hand)
+    assert s == pytest.approx((FLAT.verify(k + 1) + 0.005) / expected_tokens_per_round(a, k))
+    for t in (FLAT, STEEP):
+        bound = ceiling_s_per_token(t, a)[0]
+        for pipeline in (False, True):
+            assert predict("speculative", t, a, pipeline=pipeline, n_tokens=10**9).s_per_token >= bound - 1e-12
+    # a compute-bound target: even free drafting does not beat one step per token by much
+    assert ceiling_s_per_token(STEEP, a)[0] > 0.056 * 0.9

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from ...local_runtime.speculative import expected_tokens_per_round
 from ..auto import break_even_rtt_s
 from ..client import Client
-from ..costmodel import predict, predict_rounds
+from ..costmodel import ceiling_s_per_token, predict, predict_rounds
 from .calibrate import Calibration, calibrate
 from .machine import cpu_flags, pin, split_cores
 from .plots import plot_modes
@@ -90,6 +90,9 @@ async def bench_speculative(
     long prompt dilutes the speed-up). decode_s_per_token counts only what comes after each
     generation's first piece of text, and decode_speedup_vs_cloud is the steady-state ratio the
     cost model's per-token figure (predicted_decode_speedup_vs_cloud) is about.
+    ceiling_speedup_vs_cloud (and ceiling_decode_speedup_vs_cloud) is the same prediction with
+    drafting free and never discarded (costmodel.ceiling_s_per_token): what no pipelining or
+    drafting schedule can beat at this pair's acceptance and this target's verify curve.
     """
     with placed(split) as (device_cores, gateway_cores):
         with gateway_link(target, gateway, rtt_ms, gateway_cores) as url:
@@ -107,7 +110,8 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
               for m in ("cloud", "local", "speculative")}
     mismatches, rounds, examples, prompt_alpha = 0, [], [], []
     accepted = tested = 0
-    predicted = {"cloud": 0.0, "speculative": 0.0}
+    predicted = {"cloud": 0.0, "speculative": 0.0, "ceiling": 0.0}
+    ceiling_decode_s = 0.0  # free drafting at each prompt's acceptance, over its tokens
     try:
         _ = client.drafter, client.transport  # load both models before timing anything
         cal = await calibrate(client)
@@ -130,6 +134,8 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
             n_prompt = len(tok.prompt_tokens(prompt))
             predicted["cloud"] += _predicted_cloud_s(cal, n_prompt, len(ref.tokens))
             predicted["speculative"] += _predicted_speculative_s(cal, n_prompt, spec, alpha_i, client.pipelining)
+            predicted["ceiling"] += _predicted_speculative_s(cal, n_prompt, spec, alpha_i, client.pipelining, ceiling=True)
+            ceiling_decode_s += ceiling_s_per_token(cal.timings(), alpha_i)[0] * len(spec.tokens)
             if progress:
                 progress(i + 1, len(prompts), spec)
     finally:
@@ -139,7 +145,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     spt = {m: v["s"] / max(1, v["tokens"]) for m, v in totals.items()}
     decode = {m: v["decode_s"] / max(1, v["decode_tokens"]) for m, v in totals.items()}
     seconds, expected = predict_rounds(cal.timings(), prompt_alpha, [r.k for r in rounds], client.pipelining)
-    pred = {m: predicted[m] / max(1, totals[m]["tokens"]) for m in predicted}
+    pred = {m: predicted[m] / max(1, totals[m if m != "ceiling" else "speculative"]["tokens"]) for m in predicted}
     emitted = sum(r.emitted for r in rounds)
     speedup = spt["cloud"] / spt["speculative"]
     predicted_speedup = pred["cloud"] / pred["speculative"] if pred["speculative"] else float("nan")
@@ -165,6 +171,10 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "decode_speedup_vs_cloud": round(decode["cloud"] / decode["speculative"], 3) if decode["speculative"] else None,
         "predicted_decode_speedup_vs_cloud": round(cal.step_s / (seconds / expected), 3) if seconds else None,
         "predicted_s_per_token": {m: round(v, 5) for m, v in pred.items()},
+        "ceiling_speedup_vs_cloud": round(pred["cloud"] / pred["ceiling"], 3) if pred["ceiling"] else None,
+        "ceiling_decode_speedup_vs_cloud": (
+            round(cal.step_s * totals["speculative"]["tokens"] / ceiling_decode_s, 3) if ceiling_decode_s else None
+        ),
         "calibration": cal.to_dict(),
         "drafter": drafter,
         "target": target,
@@ -204,12 +214,17 @@ def _predicted_cloud_s(cal: Calibration, prompt_tokens: int, tokens: int) -> flo
     return cal.rtt_s + cal.prefill_s * prompt_tokens + tokens * cal.step_s
 
 
-def _predicted_speculative_s(cal: Calibration, prompt_tokens: int, rec, alpha: float, pipeline: bool) -> float:
+def _predicted_speculative_s(cal: Calibration, prompt_tokens: int, rec, alpha: float, pipeline: bool,
+                             ceiling: bool = False) -> float:
     """Speculation for one prompt: the open (the gateway's prefill beside the device's), then
-    the rounds it made, at the cost model's predicted time per expected token."""
+    the rounds it made, at the cost model's predicted time per expected token (with `ceiling`,
+    at its best with free drafting)."""
     timings = cal.timings()
-    seconds, tokens = predict_rounds(timings, [alpha] * len(rec.rounds), [r.k for r in rec.rounds], pipeline)
-    per_token = seconds / tokens if tokens else 0.0
+    if ceiling:
+        per_token = ceiling_s_per_token(timings, alpha)[0]
+    else:
+        seconds, tokens = predict_rounds(timings, [alpha] * len(rec.rounds), [r.k for r in rec.rounds], pipeline)
+        per_token = seconds / tokens if tokens else 0.0
     opening = cal.rtt_s + max(cal.prefill_s, cal.device_prefill_s) * prompt_tokens
     return opening + per_token * len(rec.tokens) + cal.rtt_s  # the last round trip: the close
 
