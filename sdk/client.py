@@ -80,6 +80,9 @@ class Generation:
         t0 = time.perf_counter()
         try:
             async for piece in self._run(self.record):
+                if self.record.first_piece_s is None:
+                    self.record.first_piece_s = time.perf_counter() - t0
+                    self.record.first_piece_tokens = len(self.record.tokens)
                 self.record.text += piece
                 yield piece
         finally:
@@ -372,7 +375,14 @@ class Client:
         if rec.mode == "local" and u.wall_s > 0:
             e.observe("local_token_s", u.wall_s / n)
         elif rec.mode == "cloud" and u.wall_s > 0:
-            e.observe("cloud_token_s", max(1e-4, (u.wall_s - e.rtt_s) / n))
+            # the decode steps after the first piece: the prompt's prefill (paid alike by every
+            # mode that asks the cloud) is its own estimate, not spread over the tokens
+            after = len(rec.tokens) - rec.first_piece_tokens
+            if rec.first_piece_s is not None and after > 0:
+                e.observe("cloud_token_s", max(1e-4, (u.wall_s - rec.first_piece_s) / after))
+                e.observe("prefill_s", max(0.0, rec.first_piece_s - e.rtt_s))
+            else:
+                e.observe("cloud_token_s", max(1e-4, (u.wall_s - e.rtt_s) / n))
         elif rec.mode == "assist" and rec.tokens:
             e.observe("escalate_rate", u.rounds / len(rec.tokens))
 

@@ -73,6 +73,8 @@ class GenerationRecord:
     rounds: list[Round] = field(default_factory=list)
     finish_reason: str | None = None
     decision: dict | None = None  # auto mode: what was chosen, and the predictions it was chosen on
+    first_piece_s: float | None = None  # seconds to the first piece of text (the prompt's prefill included)
+    first_piece_tokens: int = 0  # tokens the record held when that piece came
 
 
 __all__ = ["Usage", "Round", "GenerationRecord", "Piece", "ACCEPTED", "CLOUD", "LOCAL", "ORIGIN_NAMES", "ORIGIN_STYLES"]

@@ -78,6 +78,36 @@ def test_auto_mode_decides_and_learns(tiny_gateway):
     assert est.rtt_s < 0.05 and est.alpha > 0.5  # measured in-process: no network, a good drafter
 
 
+def test_cloud_steps_are_measured_apart_from_the_prefill(tiny_gateway):
+    """A cloud stream's per-token estimate counts the decode steps after the first piece; the
+    time to it (the prompt's prefill) goes to the prefill estimate instead of being spread over
+    the tokens, which made long prompts look like a slow cloud."""
+    import asyncio
+
+    from tandem.protocols.transport import InProcessTransport
+    from tandem.sdk import Client
+
+    from .conftest import run
+
+    class SlowPrefill(InProcessTransport):
+        async def stream(self, msg):
+            await asyncio.sleep(0.5)  # as if the gateway prefilled a long prompt
+            async for chunk in super().stream(msg):
+                yield chunk
+
+    async def go():
+        async with Client(drafter="tiny-llama:int8", gateway=SlowPrefill(tiny_gateway)) as c:
+            rec = await c.generate("Hello", mode="cloud", max_new_tokens=12, chat=False)
+            return rec, c.estimate
+
+    rec, est = run(go())
+    assert rec.first_piece_s is not None and 0.5 <= rec.first_piece_s <= rec.usage.wall_s
+    assert 0 < rec.first_piece_tokens < len(rec.tokens)
+    decode = (rec.usage.wall_s - rec.first_piece_s) / (len(rec.tokens) - rec.first_piece_tokens)
+    assert est.cloud_token_s == pytest.approx(0.5 * LinkEstimate().cloud_token_s + 0.5 * decode)
+    assert est.prefill_s > 0.5 * LinkEstimate().prefill_s + 0.2
+
+
 def test_auto_mode_offline_runs_locally():
     from tandem.sdk import Client
 
