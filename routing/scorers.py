@@ -115,11 +115,14 @@ class FormatScorer:
         from .textfeatures import TEXT_FEATURES
 
         gate = TEXT_FEATURES.index("option_chars")
-        pooled = HeadsScorer.fit(spec, X, weak, strong, weights)
-        heads = {}
-        for name, rows in (("choice", cls.choice(X, gate)), ("open", ~cls.choice(X, gate))):
-            enough = rows.sum() >= cls.MIN_ROWS and all(len(set(y[rows].tolist())) == 2 for y in (weak, strong))
-            heads[name] = HeadsScorer.fit(spec, X[rows], weak[rows], strong[rows], weights[rows]) if enough else pooled
+        choice = cls.choice(X, gate)
+        heads, pooled = {}, None
+        for name, rows in (("choice", choice), ("open", ~choice)):
+            if rows.sum() >= cls.MIN_ROWS and all(len(set(y[rows].tolist())) == 2 for y in (weak, strong)):
+                heads[name] = HeadsScorer.fit(spec, X[rows], weak[rows], strong[rows], weights[rows])
+            else:  # fitted on every row, once, and only when a format needs it
+                pooled = pooled or HeadsScorer.fit(spec, X, weak, strong, weights)
+                heads[name] = pooled
         return cls(heads, gate)
 
     def score(self, X: np.ndarray) -> np.ndarray:
