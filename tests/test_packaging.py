@@ -3,10 +3,14 @@ pin satisfies its declared range, and the environment the tests run in is the pi
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -56,3 +60,24 @@ def test_the_installed_environment_is_the_pinned_one():
         if installed.public != pins[name].public:
             wrong.append(f"{req.name} {installed} (pinned {pins[name]})")
     assert not wrong, "installed versions differ from constraints.txt (reinstall with `make install`): " + ", ".join(wrong)
+
+
+def _llama_cpu_flags() -> str:
+    match = re.search(r"^LLAMA_CPU_FLAGS\s*:=\s*(.+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert match, "Makefile: LLAMA_CPU_FLAGS is not set"
+    return match.group(1).strip()
+
+
+def test_the_llama_cpp_build_flags_drop_amx_but_keep_avx512_vnni():
+    """On an AMX CPU, -march=native plus the Makefile's flags leaves llama.cpp's AMX kernels
+    out (they compile only under __AMX_INT8__) and its AVX512-VNNI ones in; the README's
+    hand-install command carries the same flags."""
+    flags = _llama_cpu_flags()
+    readme = (ROOT / "README.md").read_text()
+    assert f"-DCMAKE_C_FLAGS='{flags}'" in readme and f"-DCMAKE_CXX_FLAGS='{flags}'" in readme
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to preprocess with")
+    macros = subprocess.run(["gcc", *flags.split(), "-march=sapphirerapids", "-dM", "-E", "-"], input="",
+                            capture_output=True, text=True, check=True).stdout
+    assert "__AVX512VNNI__" in macros
+    assert not [m for m in ("__AMX_TILE__", "__AMX_INT8__", "__AMX_BF16__") if m in macros]
