@@ -13,8 +13,8 @@ _EXPORTS = {
     "generate_alone": ".sequence",
     "load_model": ".models",
     "known_models": ".models",
-    "LoadedModel": ".models",
-    "Tokenizer": ".models",
+    "LoadedModel": ".loaded",
+    "Tokenizer": ".loaded",
     "IncrementalDecoder": ".text",
 }
 

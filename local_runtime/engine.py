@@ -14,7 +14,7 @@ A prompt run from an empty cache may go to an accelerated prefill backend
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -23,13 +23,23 @@ from .invariant import chunks
 from .sequence import Sequence
 
 if TYPE_CHECKING:
-    from .backends.base import PrefillBackend
-    from .models import LoadedModel
+    from .prefill import PrefillBackend
+
+
+class TorchLM(Protocol):
+    """What the engine runs (a `LoadedModel` is one): a transformers causal LM in eval mode, its
+    tokenizer, and whether its logits are the same bits however a sequence is split."""
+
+    model: Any
+    tokenizer: Any
+
+    @property
+    def batch_invariant(self) -> bool: ...
 
 
 class Engine(Sequence):
     def __init__(
-        self, lm: "LoadedModel", *, tie_margin: float = DEFAULT_TIE_MARGIN, prefill_backend: "PrefillBackend | None" = None
+        self, lm: TorchLM, *, tie_margin: float = DEFAULT_TIE_MARGIN, prefill_backend: "PrefillBackend | None" = None
     ) -> None:
         super().__init__(lm, tie_margin=tie_margin)
         # an accelerated prefill (local_runtime.backends) for a prompt run from an empty cache

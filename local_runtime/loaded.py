@@ -1,6 +1,8 @@
 """What a loaded model is: its torch module, its tokenizer (the few things tandem needs of one),
-and the fingerprint that says whether two tokenizers mean the same ids. A leaf: models.py loads
-these, tiny.py builds test ones."""
+and the fingerprint that says whether two tokenizers mean the same ids. models.py loads these,
+tiny.py builds test ones. Nothing here imports a loader or an engine at import time: a model's
+own engine (engine.py, which names no model type, only the `TorchLM` shape it runs) is imported
+when one is made, so the arrows point one way."""
 
 from __future__ import annotations
 

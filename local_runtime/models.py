@@ -33,7 +33,7 @@ from ..protocols.errors import ModelLoadError
 from .loaded import LoadedModel, Tokenizer, tokenizer_fingerprint
 from .packaged import PARTED, cache_dir
 from .packaged import assemble as assemble_parts
-from .tiny import _tiny_model, byte_tokenizer, tiny_llama, tiny_qwen2
+from .tiny import tiny_model, byte_tokenizer, tiny_llama, tiny_qwen2
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def _tiny(name: str, tokenizer: Tokenizer | None = None) -> LoadedModel:
         tokenizer = byte_tokenizer(vocab)
     else:
         vocab = max(tokenizer.vocab.values()) + 1
-    model = _tiny_model(spec.arch, spec.seed, spec.hidden, spec.layers, spec.heads, vocab, 0.2, spec.kv_heads)
+    model = tiny_model(spec.arch, spec.seed, spec.hidden, spec.layers, spec.heads, vocab, 0.2, spec.kv_heads)
     return LoadedModel(name=name, model=model, tokenizer=tokenizer, source="random init")
 
 

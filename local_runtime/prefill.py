@@ -26,7 +26,7 @@ import math
 import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,20 @@ class PrefillResult:
         from transformers import DynamicCache
 
         return DynamicCache(ddp_cache_data=list(zip(self.keys, self.values)))
+
+
+@runtime_checkable
+class PrefillBackend(Protocol):
+    """A device backend's prefill: prompt in, a `PrefillResult` out; what an accelerator runs
+    (fixed-shape chunks, int8, compiled once). The torch engine takes one (engine.py)."""
+
+    name: str
+    # what actually runs it, e.g. "onnxruntime CPUExecutionProvider" or "torch cpu, oneDNN u8s8"
+    device: str
+
+    def prefill(self, tokens: list[int]) -> PrefillResult: ...
+
+    def resident_bytes(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +144,7 @@ def quantize_layers(
     for i, layer in enumerate(lay.layers):
         q = {}
         for name, parts in LINEAR_GROUPS.items():
-            w, b = _cat_linear([layer[m] for m in parts])
+            w, b = cat_linear([layer[m] for m in parts])
             k = n_outliers * (2 if name == "down" else 1)
             q[name] = quantize_w8a8(
                 w, act_absmax[i][name], n_outliers=k, bias=b, per_channel=per_channel, dynamic=dynamic,
@@ -140,7 +154,7 @@ def quantize_layers(
     return out
 
 
-def _cat_linear(mods: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cat_linear(mods: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = torch.cat([m.weight.detach().float() for m in mods], 0)
     if all(m.bias is None for m in mods):
         return w, None
@@ -175,7 +189,7 @@ def _make_linear(mode: str, kernel: str):
     return lambda x, p: _float_linear(x, *p) if len(p) == 2 else w8a8_apply(x, *p, kernel)
 
 
-def _pre_attention(lin, x, ln1, qkv, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
+def pre_attention(lin, x, ln1, qkv, cos, sin, eps: float, n_heads: int, n_kv: int, head_dim: int):
     h = rms_norm(x, ln1, eps)
     out = lin(h, qkv)
     rows = x.shape[0]
@@ -185,7 +199,7 @@ def _pre_attention(lin, x, ln1, qkv, cos, sin, eps: float, n_heads: int, n_kv: i
     return rope(q, cos, sin), rope(k, cos, sin), v
 
 
-def _post_attention(lin, x, attn, o, ln2, gate_up, down, eps: float):
+def post_attention(lin, x, attn, o, ln2, gate_up, down, eps: float):
     x = x + lin(attn, o)
     h = rms_norm(x, ln2, eps)
     gu = lin(h, gate_up)
@@ -219,8 +233,8 @@ def _graphs(mode: str, kernel: str, compiled: bool):
             import functools
 
             lin = _make_linear(mode, kernel)
-            pre = functools.partial(_pre_attention, lin)
-            post = functools.partial(_post_attention, lin)
+            pre = functools.partial(pre_attention, lin)
+            post = functools.partial(post_attention, lin)
             if compiled:
                 pre = torch.compile(pre, dynamic=False, fullgraph=True)
                 post = torch.compile(post, dynamic=False, fullgraph=True)
@@ -290,7 +304,7 @@ class ChunkedPrefill:
             p: dict[str, tuple] = {"ln1": layer["ln1"], "ln2": layer["ln2"]}
             for name, parts in LINEAR_GROUPS.items():
                 if mode == "float" or name in float_groups or i in float_at:
-                    w, b = _cat_linear([layer[m] for m in parts])
+                    w, b = cat_linear([layer[m] for m in parts])
                     p[name] = (w, b)
                     self.weight_bytes += w.numel() * 4
                 else:

@@ -34,7 +34,7 @@ def tiny_llama(
     seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float = 0.2, *, kv_heads: int | None = None
 ) -> Any:
     """A random-initialised Llama; the wide init makes its distributions peaked like a real LM's."""
-    return _tiny_model("llama", seed, hidden, layers, heads, vocab, init_range, kv_heads)
+    return tiny_model("llama", seed, hidden, layers, heads, vocab, init_range, kv_heads)
 
 
 def tiny_qwen2(
@@ -44,10 +44,10 @@ def tiny_qwen2(
     embeddings (as Qwen2.5-0.5B's own checkpoint has; the bundled GGUF stores its output layer
     apart). transformers initialises biases to zero, which would hide a backend that drops them,
     so they are drawn at the scale of the projection W x itself."""
-    return _tiny_model("qwen2", seed, hidden, layers, heads, vocab, init_range, kv_heads)
+    return tiny_model("qwen2", seed, hidden, layers, heads, vocab, init_range, kv_heads)
 
 
-def _tiny_model(arch: str, seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float,
+def tiny_model(arch: str, seed: int, hidden: int, layers: int, heads: int, vocab: int, init_range: float,
                 kv_heads: int | None) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM

@@ -16,26 +16,44 @@ away closes the session at once.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Any, Literal, Protocol
 
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import GatewayError, SessionEvictedError
-from ..protocols.messages import AppendRequest, CloseSession, GenerateChunk, GenerateRequest, OpenSession, SessionOpened
+from ..protocols.messages import (
+    AppendRequest, AppendResult, CloseSession, GenerateChunk, GenerateRequest, OpenSession, SessionClosed, SessionOpened,
+)
 from .auth import Principal
-
-if TYPE_CHECKING:
-    from .service import Gateway
+from .limits import RateLimiter
 
 
-async def generate(gw: Gateway, req: GenerateRequest, principal: Principal) -> AsyncIterator[GenerateChunk]:
-    prompt = gw._prompt(req)  # whatever form the prompt came in, a token session decodes it
+class SessionHost(Protocol):
+    """What cloud mode needs of a gateway (service.py's `Gateway` is one): the sessions a device
+    uses, opened from a prompt already in tokens, and the key budgets."""
+
+    limiter: RateLimiter
+    lm: Any  # tokenizer: the fingerprint, decode and control ids
+
+    def prompt_of(self, req: GenerateRequest) -> list[int]: ...
+
+    async def open_prompt(
+        self, req: OpenSession, principal: Principal, prompt: list[int], *, charge: Literal["strict", "none", "debt"]
+    ) -> SessionOpened: ...
+
+    async def append(self, req: AppendRequest, principal: Principal | None = None, *, charge: bool = True) -> AppendResult: ...
+
+    async def close_session(self, req: CloseSession, principal: Principal | None = None) -> SessionClosed: ...
+
+
+async def generate(gw: SessionHost, req: GenerateRequest, principal: Principal) -> AsyncIterator[GenerateChunk]:
+    prompt = gw.prompt_of(req)  # whatever form the prompt came in, a token session decodes it
     granted = gw.limiter.reserve(principal, len(prompt), req.max_new_tokens)
     open_req = OpenSession(
         prompt_tokens=prompt, tokenizer_fingerprint=gw.lm.tokenizer.fingerprint, sampling=req.sampling,
         max_new_tokens=granted, model=req.model,
     )
     try:
-        opened = await gw._open(open_req, principal, prompt, charge="none")
+        opened = await gw.open_prompt(open_req, principal, prompt, charge="none")
     except BaseException:
         gw.limiter.refund(principal, len(prompt) + granted)
         raise
@@ -43,7 +61,7 @@ async def generate(gw: Gateway, req: GenerateRequest, principal: Principal) -> A
 
 
 async def _decode(
-    gw: Gateway, open_req: OpenSession, opened: SessionOpened, principal: Principal, top_logprobs: int | None
+    gw: SessionHost, open_req: OpenSession, opened: SessionOpened, principal: Principal, top_logprobs: int | None
 ) -> AsyncIterator[GenerateChunk]:
     tok = gw.lm.tokenizer
     decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
@@ -55,7 +73,7 @@ async def _decode(
                 r = await gw.append(step, principal, charge=False)  # reserved up front
             except SessionEvictedError:
                 resumed = open_req.model_copy(update={"resume_tokens": list(generated)})
-                opened = await gw._open(resumed, principal, list(open_req.prompt_tokens), charge="debt")
+                opened = await gw.open_prompt(resumed, principal, list(open_req.prompt_tokens), charge="debt")
                 sid, pos = opened.session_id, opened.position
                 continue
             generated += r.tokens
@@ -74,4 +92,4 @@ async def _decode(
                 pass
 
 
-__all__ = ["generate"]
+__all__ = ["SessionHost", "generate"]

@@ -207,7 +207,7 @@ class Gateway:
 
     # -- the speculative session ---------------------------------------------------------------
 
-    def _prompt(self, req: OpenSession | GenerateRequest) -> list[int]:
+    def prompt_of(self, req: OpenSession | GenerateRequest) -> list[int]:
         """The prompt as target token ids, whichever form it came in, after every check."""
         self._check_model(req.model)
         tok = self.lm.tokenizer
@@ -225,9 +225,9 @@ class Gateway:
         return prompt
 
     async def open(self, req: OpenSession, principal: Principal | None = None) -> SessionOpened:
-        return await self._open(req, principal or ANONYMOUS, self._prompt(req))
+        return await self.open_prompt(req, principal or ANONYMOUS, self.prompt_of(req))
 
-    async def _open(self, req: OpenSession, principal: Principal, prompt: list[int], *, charge: str = "strict") -> SessionOpened:
+    async def open_prompt(self, req: OpenSession, principal: Principal, prompt: list[int], *, charge: str = "strict") -> SessionOpened:
         """Open a session on `prompt` (already checked). `charge`: strict (refuse over the key's
         budget), debt (charge without refusing: a re-prefill the gateway forced) or none (the
         caller reserved the tokens)."""

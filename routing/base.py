@@ -297,25 +297,32 @@ _ALIASES: dict[str, str] = {}
 _registry_lock = threading.Lock()
 
 
-def _lazy(path: str) -> Callable[..., Any]:
-    """A factory 'module:attr' (relative to this package) imported on first use."""
+def _lazy(path: str, **fixed: Any) -> Callable[..., Any]:
+    """A factory 'module:attr' (relative to this package) imported on first use, called with
+    `fixed` and the caller's keyword arguments."""
     module, _, attr = path.partition(":")
 
     def build(**kwargs: Any) -> Any:
         from importlib import import_module
 
-        return getattr(import_module(module, __package__), attr)(**kwargs)
+        return getattr(import_module(module, __package__), attr)(**fixed, **kwargs)
 
     return build
 
 
-def register_query_router(name: str, factory: Callable[..., Any] | str, about: str = "") -> None:
-    """Add a query router; `factory` is a callable returning a router, or 'module:Class'."""
-    _QUERY[name] = _Entry(_lazy(factory) if isinstance(factory, str) else factory, about)
+def register_query_router(name: str, factory: Callable[..., Any] | str, about: str = "", **fixed: Any) -> None:
+    """Add a query router; `factory` is a callable returning a router, or 'module:Class' (called
+    with the keyword arguments `fixed` on top of the caller's)."""
+    _QUERY[name] = _Entry(_lazy(factory, **fixed) if isinstance(factory, str) else factory, about)
 
 
 def register_token_router(name: str, factory: Callable[..., Any] | str, about: str = "") -> None:
     _TOKEN[name] = _Entry(_lazy(factory) if isinstance(factory, str) else factory, about)
+
+
+def router_alias(name: str) -> str:
+    """The registered name an alias stands for (a name that is no alias stands for itself)."""
+    return _ALIASES.get(name, name)
 
 
 def query_router_names() -> dict[str, str]:
@@ -328,7 +335,7 @@ def token_router_names() -> dict[str, str]:
 
 
 def _get(table: dict[str, _Entry], kind: str, name: str, fail_safe: bool, **kwargs: Any) -> Any:
-    name = _ALIASES.get(name, name)
+    name = router_alias(name)
     if name not in table:
         raise KeyError(f"unknown {kind} router '{name}' (known: {', '.join(table)})")
     entry = table[name]
@@ -357,17 +364,16 @@ DEFAULT_QUERY_ROUTER = "format"
 
 register_query_router("random", ".query:RandomRouter", "uniform score from a hash of the query (the baseline)")
 register_query_router("length", ".query:LengthRouter", "longer prompts score higher (a free heuristic)")
-register_query_router(
-    "embedding", ".query:EmbeddingRouter",
-    "two logistic heads on text features + all-MiniLM-L6-v2 embedding (trained on ../shared/data/routing)",
-)
-register_query_router(
-    "format", ".query:FormatRouter",
-    "the embedding router's heads fitted apart for multiple-choice prompts and open questions",
-)
-register_query_router("mf", ".query:MFRouter", "RouteLLM's matrix-factorisation router on the same features")
-register_query_router("knn", ".query:KNNRouter", "similarity-weighted mean gain of the nearest training prompts")
-register_query_router("ensemble", ".query:EnsembleRouter", "mean of its members' calibrated scores (heads, MF, kNN: the combination cross-validation chose)")
+# the scorer families `tandem route train` fits: one LearnedRouter each, named by its family
+for family, about in {
+    "embedding": "two logistic heads on text features + all-MiniLM-L6-v2 embedding (trained on ../shared/data/routing)",
+    "format": "the embedding router's heads fitted apart for multiple-choice prompts and open questions",
+    "mf": "RouteLLM's matrix-factorisation router on the same features",
+    "knn": "similarity-weighted mean gain of the nearest training prompts",
+    "ensemble": "mean of its members' calibrated scores (heads, MF, kNN: the combination cross-validation chose)",
+}.items():
+    register_query_router(family, ".query:LearnedRouter", about, family=family)
+del family, about
 register_query_router(
     "prefill", ".query:PrefillRouter",
     "the device model's own prefill signals (prompt perplexity, entropy, length) + logistic regression",

@@ -43,9 +43,9 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 
 
 def _known(name: str, names: dict[str, str], kind: str) -> str:
-    from .base import _ALIASES
+    from .base import router_alias
 
-    if name not in names and name not in _ALIASES:
+    if router_alias(name) not in names:
         raise ValueError(f"unknown {kind} router {name!r} (known: {', '.join(names)})")
     return name
 

@@ -110,10 +110,15 @@ class _TrainedRouter:
 
 
 class LearnedRouter(_TrainedRouter):
-    """One scorer family of routing/scorers.py, fitted by `tandem route train`, on the prompt
-    features its artefact names (routing/features.py)."""
+    """One scorer family of routing/scorers.py (`embedding`, `format`, `mf`, `knn`, `ensemble`),
+    fitted by `tandem route train` into `<family>_router.npz`, on the prompt features its
+    artefact names (routing/features.py). The family is also the router's registered name."""
 
-    def __init__(self, path: str | Path | None = None, *, cache_dir: str | Path | None = None, use_cache: bool = False) -> None:
+    def __init__(
+        self, family: str, path: str | Path | None = None, *, cache_dir: str | Path | None = None, use_cache: bool = False
+    ) -> None:
+        self.name = family
+        self.artifact = f"{family}_router.npz"
         super().__init__(path)
         self.cache_dir = cache_dir
         self.use_cache = use_cache or cache_dir is not None
@@ -132,31 +137,6 @@ class LearnedRouter(_TrainedRouter):
     def score_many(self, queries: Sequence[str]) -> np.ndarray:
         self.require()
         return self.scorer.score(self.features(queries))
-
-
-class EmbeddingRouter(LearnedRouter):
-    name = "embedding"
-    artifact = "embedding_router.npz"
-
-
-class FormatRouter(LearnedRouter):
-    name = "format"
-    artifact = "format_router.npz"
-
-
-class MFRouter(LearnedRouter):
-    name = "mf"
-    artifact = "mf_router.npz"
-
-
-class KNNRouter(LearnedRouter):
-    name = "knn"
-    artifact = "knn_router.npz"
-
-
-class EnsembleRouter(LearnedRouter):
-    name = "ensemble"
-    artifact = "ensemble_router.npz"
 
 
 class PrefillRouter(_TrainedRouter):
@@ -218,6 +198,6 @@ class PrefillRouter(_TrainedRouter):
 
 
 __all__ = [
-    "RandomRouter", "LengthRouter", "LearnedRouter", "EmbeddingRouter", "MFRouter", "KNNRouter", "EnsembleRouter",
+    "RandomRouter", "LengthRouter", "LearnedRouter",
     "PrefillRouter", "ARTIFACTS",
 ]

@@ -7,29 +7,8 @@
     cli/, bench/   the `tandem` command and the benchmarks (they tie every package together)
 """
 
-from ..protocols.errors import (
-    ArtifactMissing,
-    AuthenticationError,
-    BackendUnavailable,
-    ConfigError,
-    EmbeddingUnavailable,
-    GatewayError,
-    GraphError,
-    GraphRunError,
-    ModelLoadError,
-    PlacementError,
-    PolicyFileError,
-    RateLimitError,
-    RequestTooLargeError,
-    RouterUnavailable,
-    SessionEvictedError,
-    TandemError,
-    TokenizerMismatchError,
-    TransportError,
-    UnknownSessionError,
-    UnsupportedModel,
-    WrongPositionError,
-)
+from ..protocols import errors as _errors
+from ..protocols.errors import *  # noqa: F403 - every error tandem raises is part of the SDK's face
 from .client import MODES, Client, Generation, SyncClient
 from .usage import GenerationRecord, Piece, Round, Usage
 
@@ -42,25 +21,5 @@ __all__ = [
     "Round",
     "Piece",
     "MODES",
-    "TandemError",
-    "ModelLoadError",
-    "BackendUnavailable",
-    "UnsupportedModel",
-    "ConfigError",
-    "PolicyFileError",
-    "RouterUnavailable",
-    "ArtifactMissing",
-    "EmbeddingUnavailable",
-    "GraphError",
-    "GraphRunError",
-    "PlacementError",
-    "TransportError",
-    "GatewayError",
-    "UnknownSessionError",
-    "SessionEvictedError",
-    "WrongPositionError",
-    "TokenizerMismatchError",
-    "RequestTooLargeError",
-    "AuthenticationError",
-    "RateLimitError",
+    *(name for name in _errors.__all__ if name[0].isupper()),  # the error classes
 ]

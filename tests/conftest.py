@@ -59,6 +59,27 @@ def tiny_server(tiny_gateway):
         yield url
 
 
+def assert_speculative_is_target(gateway, drafter, prompts, max_new_tokens: int, draft_len: int, label=None) -> None:
+    """Greedy speculative decoding over an in-process gateway gives, for every prompt, exactly
+    the tokens of the gateway's model decoding alone, and every token is either an accepted
+    draft or the cloud's own; the usage counts the rounds it lists."""
+    from tandem.local_runtime.sequence import generate_alone
+    from tandem.protocols.transport import InProcessTransport
+    from tandem.sdk import Client
+
+    target = gateway.lm
+
+    async def go():
+        async with Client(drafter=drafter, gateway=InProcessTransport(gateway), draft_len=draft_len) as c:
+            return [await c.generate(p, max_new_tokens=max_new_tokens, chat=False) for p in prompts]
+
+    for prompt, rec in zip(prompts, run(go())):
+        reference = list(generate_alone(target, target.tokenizer.prompt_tokens(prompt, chat=False), max_new_tokens))
+        assert rec.tokens == reference, (label, prompt)
+        assert rec.usage.accepted_tokens + rec.usage.cloud_tokens == len(rec.tokens)
+        assert rec.usage.rounds == len(rec.rounds)
+
+
 def run(coro):
     return asyncio.run(coro)
 

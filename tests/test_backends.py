@@ -23,7 +23,7 @@ from tandem.protocols.errors import BackendUnavailable
 from tandem.protocols.transport import InProcessTransport
 from tandem.sdk import Client
 
-from .conftest import run
+from .conftest import assert_speculative_is_target, run
 
 # long enough (>= 16 tokens) that the prefill backends, not the engine, run the prompt
 PROMPTS = [
@@ -97,16 +97,7 @@ BACKENDS = ["torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp"]
 def test_greedy_speculative_equals_target_alone_on_every_backend(target_gateway, drafter_lm, act_stats, kind, draft_len, request):
     gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
     drafter = _drafter(kind, drafter_lm, act_stats, gguf)
-    target = target_gateway.lm
-
-    async def go():
-        async with Client(drafter=drafter, gateway=InProcessTransport(target_gateway), draft_len=draft_len) as c:
-            return [await c.generate(p, max_new_tokens=24, chat=False) for p in PROMPTS]
-
-    for prompt, rec in zip(PROMPTS, run(go())):
-        reference = list(generate_alone(target, target.tokenizer.prompt_tokens(prompt, chat=False), 24))
-        assert rec.tokens == reference, (kind, prompt)
-        assert rec.usage.accepted_tokens + rec.usage.cloud_tokens == len(rec.tokens)
+    assert_speculative_is_target(target_gateway, drafter, PROMPTS, 24, draft_len, label=kind)
 
 
 @pytest.mark.parametrize("kind", ["cpu-int8", "onnx", "torch-int8", "llama.cpp"])

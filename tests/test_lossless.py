@@ -13,7 +13,7 @@ from tandem.protocols.transport import InProcessTransport
 from tandem.remote_gateway.service import Gateway
 from tandem.sdk import Client
 
-from .conftest import run
+from .conftest import assert_speculative_is_target, run
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Once upon a time, in a land far away,"]
 
@@ -29,18 +29,7 @@ PAIRS = [
 @pytest.mark.parametrize("target_name,drafter", PAIRS)
 @pytest.mark.parametrize("draft_len", [1, 3, 6])
 def test_greedy_speculative_equals_target_alone(tiny_gateway_of, target_name, drafter, draft_len):
-    gateway = tiny_gateway_of(target_name)
-    target = gateway.lm
-
-    async def go():
-        async with Client(drafter=drafter, gateway=InProcessTransport(gateway), draft_len=draft_len) as c:
-            return [await c.generate(p, max_new_tokens=40, chat=False) for p in PROMPTS]
-
-    for prompt, rec in zip(PROMPTS, run(go())):
-        reference = list(generate_alone(target, target.tokenizer.prompt_tokens(prompt, chat=False), 40))
-        assert rec.tokens == reference, prompt
-        assert rec.usage.accepted_tokens + rec.usage.cloud_tokens == len(rec.tokens)
-        assert rec.usage.rounds == len(rec.rounds)
+    assert_speculative_is_target(tiny_gateway_of(target_name), drafter, PROMPTS, 40, draft_len)
 
 
 @pytest.mark.parametrize("target_name", ["tiny-llama", "tiny-qwen2"])

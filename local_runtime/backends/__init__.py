@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...protocols.errors import BackendUnavailable
-from .base import DraftingEngine, PrefillBackend, missing_extra
+from .base import DraftingEngine, missing_extra
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
+    from ..prefill import PrefillBackend
 
 PREFILL_BACKENDS = ("reference-fp32", "cpu-int8", "onnx")
 DRAFTING_BACKENDS = ("torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp", "mlc")
@@ -153,7 +154,7 @@ def load_drafter(name: str, backend: str | None = None, *, progress: bool = True
 def drafter_engine(model: Any, backend: str | None = None) -> DraftingEngine:
     """A fresh engine (one sequence) over a drafter from `load_drafter`, or over a plain
     `LoadedModel` on the torch backends."""
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
 
     backend = normalize_backend(backend) if backend else "torch"
     if isinstance(model, LoadedModel):
@@ -162,6 +163,16 @@ def drafter_engine(model: Any, backend: str | None = None) -> DraftingEngine:
         if backend != "torch":
             raise BackendUnavailable(f"backend '{backend}' needs its device model from load_drafter")
     return model.new_engine()
+
+
+def __getattr__(name: str) -> Any:
+    # the prefill interface lives beside its result (prefill.py, which needs torch): importing
+    # this package stays cheap until it is asked for
+    if name == "PrefillBackend":
+        from ..prefill import PrefillBackend
+
+        return PrefillBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

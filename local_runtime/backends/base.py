@@ -1,7 +1,8 @@
 """The two interfaces a device backend implements.
 
     PrefillBackend      prompt in, next-token logits (and the prompt's keys/values) out;
-                        what an accelerator runs: fixed-shape chunks, int8, compiled once
+                        what an accelerator runs (defined in local_runtime/prefill.py, beside
+                        its result, so the torch engine takes one without importing backends)
     DraftingEngine      the part of a `Sequence` (local_runtime/sequence.py) the speculative loop
                         drives: tokens with a cache written by position, `draft(k)`,
                         `truncate(pos)`; every engine extends that base, so the loop runs
@@ -20,18 +21,6 @@ if TYPE_CHECKING:
     import torch
 
     from ..draft import Draft
-    from ..prefill import PrefillResult
-
-
-@runtime_checkable
-class PrefillBackend(Protocol):
-    name: str
-    # what actually runs it, e.g. "onnxruntime CPUExecutionProvider" or "torch cpu, oneDNN u8s8"
-    device: str
-
-    def prefill(self, tokens: list[int]) -> "PrefillResult": ...
-
-    def resident_bytes(self) -> int: ...
 
 
 @runtime_checkable
@@ -81,4 +70,4 @@ def tensor_bytes(tensors: Any) -> int:
     return total
 
 
-__all__ = ["PrefillBackend", "DraftingEngine", "missing_extra", "tensor_bytes"]
+__all__ = ["DraftingEngine", "missing_extra", "tensor_bytes"]

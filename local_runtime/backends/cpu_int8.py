@@ -19,7 +19,7 @@ from ..quant_w8a8 import DEFAULT_SMOOTH
 from .base import tensor_bytes
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
 
 DEFAULT_CHUNK = 128
 DEFAULT_OUTLIERS = 16

@@ -25,7 +25,7 @@ import numpy as np
 from .base import missing_extra
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
 
 
 def _permute_for_rope(w: np.ndarray, n_heads: int) -> np.ndarray:

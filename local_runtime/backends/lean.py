@@ -1,7 +1,7 @@
 """`torch-int8`: a lean torch decode loop, int8 weights and a static, position-indexed KV cache.
 
 No transformers call on the hot path: the model's layers run as the same pure functions the
-chunked prefill uses (`prefill._pre_attention` / `_post_attention`), over int8 weights with one
+chunked prefill uses (`prefill.pre_attention` / `post_attention`), over int8 weights with one
 scale per output channel, the linear layers that share an input stacked into one (q|k|v,
 gate|up), and the lm_head in int8 too (the biggest single matrix of a small model). The cache is
 two preallocated tensors (layers, kv_heads, capacity, head_dim); a token's keys/values are
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from ..draft import DEFAULT_TIE_MARGIN
 from ..prefill import (
     LINEAR_GROUPS,
-    _cat_linear,
-    _post_attention,
-    _pre_attention,
+    cat_linear,
+    post_attention,
+    pre_attention,
     attend,
     llama_layout,
     rms_norm,
@@ -36,7 +36,7 @@ from ..sequence import Sequence
 from .base import tensor_bytes
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
 
 
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +66,7 @@ class StaticInt8Model:
             for layer in lay.layers:
                 p: dict[str, Any] = {"ln1": layer["ln1"].float(), "ln2": layer["ln2"].float()}
                 for name, parts in LINEAR_GROUPS.items():
-                    w, b = _cat_linear([layer[m] for m in parts])
+                    w, b = cat_linear([layer[m] for m in parts])
                     q, s = _int8_rows(w)
                     p[name] = (q, s, b)
                 self.layers.append(p)
@@ -124,11 +124,11 @@ class StaticInt8Engine(Sequence):
         mask = pos[None, :] <= pos[start:upto, None]
         cos, sin = self._cos[start:upto], self._sin[start:upto]
         for i, p in enumerate(m.layers):
-            q, k, v = _pre_attention(_wo8_linear, x, p["ln1"], p["qkv"], cos, sin, lay.eps, lay.n_heads, lay.n_kv_heads, lay.head_dim)
+            q, k, v = pre_attention(_wo8_linear, x, p["ln1"], p["qkv"], cos, sin, lay.eps, lay.n_heads, lay.n_kv_heads, lay.head_dim)
             self._keys[i, :, start:upto] = k.transpose(0, 1)
             self._values[i, :, start:upto] = v.transpose(0, 1)
             a = attend(q, self._keys[i, :, :upto], self._values[i, :, :upto], mask, self._scale)
-            x = _post_attention(_wo8_linear, x, a, p["o"], p["ln2"], p["gate_up"], p["down"], lay.eps)
+            x = post_attention(_wo8_linear, x, a, p["o"], p["ln2"], p["gate_up"], p["down"], lay.eps)
         return _wo8_linear(rms_norm(x[-1:], lay.final_norm, lay.eps), (*m.head, None))[0]
 
 

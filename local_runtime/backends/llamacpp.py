@@ -30,7 +30,7 @@ from .base import missing_extra
 if TYPE_CHECKING:
     import torch
 
-    from ..models import Tokenizer
+    from ..loaded import Tokenizer
 
 DEFAULT_N_CTX = 4096
 

@@ -23,7 +23,7 @@ from ..draft import Draft
 from ..sequence import Sequence
 
 if TYPE_CHECKING:
-    from ..models import Tokenizer
+    from ..loaded import Tokenizer
 
 
 def _mlc_llm():

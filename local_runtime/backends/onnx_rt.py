@@ -37,7 +37,7 @@ from ..quant_w8a8 import DEFAULT_SMOOTH
 from .base import missing_extra
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
+    from ..loaded import LoadedModel
     from ..prefill import LlamaLayout
     from ..quant_w8a8 import W8A8Weights
 

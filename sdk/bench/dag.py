@@ -31,7 +31,7 @@ from ..taskgraph.agent import spawn_agent, stop_agents
 from ..taskgraph.broker import EmbeddedBroker
 from ..taskgraph.executor import Coordinator
 from ..taskgraph.graph import LLM, Function, Graph, Map, Reduce
-from ..taskgraph.run import RunReport
+from ..taskgraph.record import RunReport
 
 LIBRARY = "tandem.sdk.taskgraph.library"
 

@@ -15,7 +15,7 @@ from .placement import Done, Job, Proc, Schedule, Slot, heft
 
 _LAZY = {
     "Coordinator": ".executor",
-    "RunReport": ".run",
+    "RunReport": ".record",
     "load_graph_spec": ".spec",
 }
 

@@ -6,27 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...protocols.taskgraph import (
     TaskInput,
     TaskResult,
 )
 from .graph import Map, Reduce, render_prompt, resolve_function
-
-if TYPE_CHECKING:
-    from .run import _Task
-
-# where a task runs when no device does: here (plain functions), or on the cloud gateway
-HOST = "host"
-GATEWAY = "gateway"
-
+from .record import GATEWAY, Task
 
 class TaskContents:
-    def template(self, task: _Task) -> str | None:
+    def template(self, task: Task) -> str | None:
         return getattr(task.node, "prompt", None) if task.kind == "llm" else None
 
-    def input_names(self, task: _Task) -> list[str]:
+    def input_names(self, task: Task) -> list[str]:
         node = task.node
         if isinstance(node, Map):
             return ["item", *node.inputs]
@@ -34,7 +27,7 @@ class TaskContents:
             return ["items", *node.inputs]
         return list(node.inputs)
 
-    def _source(self, task: _Task, name: str) -> str:
+    def _source(self, task: Task, name: str) -> str:
         node = task.node
         if isinstance(node, Map) and name == "item":
             return node.over
@@ -42,7 +35,7 @@ class TaskContents:
             return node.over
         return name
 
-    def task_input(self, task: _Task, name: str, where: str) -> TaskInput:
+    def task_input(self, task: Task, name: str, where: str) -> TaskInput:
         """An input as the device will get it: a reference to what it already holds, or the value."""
         src = self._source(task, name)
         if src in self.graph.local_inputs:
@@ -68,14 +61,14 @@ class TaskContents:
         value = self.values[src]
         return TaskInput(value=value[index] if index is not None else value)
 
-    def local_values(self, task: _Task) -> dict[str, Any]:
+    def local_values(self, task: Task) -> dict[str, Any]:
         out = {}
         for name in self.input_names(task):
             value = self.values[self._source(task, name)]
             out[name] = value[task.index] if isinstance(task.node, Map) and name == "item" else value
         return out
 
-    async def run_here(self, task: _Task, where: str) -> None:
+    async def run_here(self, task: Task, where: str) -> None:
         """A function on the host, or an LLM call on the cloud gateway."""
         t0 = time.perf_counter()
         attempt = task.attempt
@@ -95,13 +88,13 @@ class TaskContents:
             result = TaskResult(task_id=task.id, attempt=attempt, device_id=where, ok=True, output=output,
                                 tokens=tokens, seconds=time.perf_counter() - t0)
         except asyncio.CancelledError:
-            self.c._local[where] -= 1
+            self.c.busy[where] -= 1
             raise
         except Exception as exc:
             result = TaskResult(task_id=task.id, attempt=attempt, device_id=where, ok=False,
                                 error=f"{type(exc).__name__}: {exc}", error_code="failed")
         self.on_result(result)
-        self.c._wake.set()
+        self.c.wake.set()
 
 
-__all__ = ["TaskContents", "HOST", "GATEWAY"]
+__all__ = ["TaskContents"]

@@ -41,7 +41,8 @@ from ...protocols.taskgraph import (
     TaskResult,
 )
 from .graph import Graph
-from .run import CHARS_PER_TOKEN, GATEWAY, HOST, PREFILL_RATIO, RunReport, _Run
+from .record import CHARS_PER_TOKEN, GATEWAY, HOST, PREFILL_RATIO, RunReport
+from .run import GraphRun
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -106,10 +107,10 @@ class Coordinator:
         self.devices: dict[str, _Device] = {}
         self._client: aiomqtt.Client | None = None
         self._runner: asyncio.Task | None = None
-        self._wake = asyncio.Event()
+        self.wake = asyncio.Event()
         self._connected = asyncio.Event()
-        self._runs: dict[str, _Run] = {}
-        self._local: dict[str, int] = {HOST: 0, GATEWAY: 0}  # busy slots
+        self._runs: dict[str, GraphRun] = {}
+        self.busy: dict[str, int] = {HOST: 0, GATEWAY: 0}  # busy slots
         self._cloud = None
 
     # -- the connection ------------------------------------------------------------------------
@@ -145,7 +146,7 @@ class Coordinator:
                     await client.subscribe(f"{t.prefix}/devices/+/{leaf}", qos=1)
                 self._client = client
                 self._connected.set()
-                self._wake.set()
+                self.wake.set()
                 async for message in client.messages:
                     self._on_message(str(message.topic), bytes(message.payload))
             finally:
@@ -183,7 +184,7 @@ class Coordinator:
         except ValidationError as exc:
             log.warning("coordinator: dropped a malformed %s message from %s: %s", leaf, device_id, exc)
             return
-        self._wake.set()
+        self.wake.set()
 
     def available(self, now: float | None = None) -> list[str]:
         now = time.monotonic() if now is None else now
@@ -199,9 +200,9 @@ class Coordinator:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TandemError(f"only {len(up)} device(s) up after {timeout_s:g} s ({', '.join(up) or 'none'}); wanted {ids or n}")
-            self._wake.clear()
+            self.wake.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
+                await asyncio.wait_for(self.wake.wait(), min(left, 0.5))
 
     def running_on(self, device_id: str) -> set[str]:
         """Ids of the tasks this coordinator has running on a device now."""
@@ -232,7 +233,7 @@ class Coordinator:
         """Run `graph` to completion and return its report (outputs in `report.outputs`).
         `devices` limits the run to those ids; past `deadline_s` it fails with `GraphRunError`."""
         graph.check_inputs(inputs)
-        run = _Run(self, graph, dict(inputs), devices, on_event)
+        run = GraphRun(self, graph, dict(inputs), devices, on_event)
         self._runs[run.id] = run
         try:
             return await run.execute(deadline_s)

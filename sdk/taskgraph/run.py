@@ -11,83 +11,29 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ...protocols.errors import GraphRunError, PlacementError
 from ...protocols.taskgraph import (
     TaskAssignment,
     TaskResult,
 )
-from .contents import GATEWAY, HOST, TaskContents
-from .graph import Function, Graph, Map, Node, Reduce, function_ref
+from .contents import TaskContents
+from .graph import Graph, Map, function_ref
 from .placement import Done, Job, Proc, heft
-
-if TYPE_CHECKING:
-    from .executor import Coordinator
+from .record import CHARS_PER_TOKEN, GATEWAY, HOST, PREFILL_RATIO, RunHost, RunReport, Task
 
 log = logging.getLogger(__name__)
 
-# A CPU prefills a prompt token ~20x faster than it decodes one (470 vs 21 tokens/s for
-# SmolLM2-135M here), so a prompt of n tokens costs about n/20 decode steps.
-PREFILL_RATIO = 20.0
-CHARS_PER_TOKEN = 4.0
-
-
-@dataclass
-class RunReport:
-    graph: str
-    completed: bool = False
-    outputs: dict[str, Any] = field(default_factory=dict)
-    tasks: int = 0
-    lost: int = 0  # tasks that never completed
-    duplicates: int = 0  # results applied more than once (exactly once: always 0)
-    redundant_results: int = 0  # extra results received and dropped (replays, slow first attempts)
-    replaced: int = 0  # tasks placed again after their device went away
-    timeouts: int = 0  # tasks placed again after missing their deadline
-    retries: int = 0  # tasks run again after a failure on a device
-    makespan_s: float = 0.0
-    planned_makespan_s: float = 0.0  # HEFT's estimate at the start
-    placements: dict[str, str] = field(default_factory=dict)  # task id -> where its result came from
-    busy_s: dict[str, float] = field(default_factory=dict)  # seconds each place spent on applied results
-    events: list[str] = field(default_factory=list)
-    error: str | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
-
-
-@dataclass
-class _Task:
-    id: str
-    node: Node
-    index: int | None = None
-    status: str = "pending"  # pending | running | done
-    attempt: int = 0
-    device: str | None = None
-    dispatched_at: float = 0.0
-    deadline_at: float | None = None
-    excluded: set[str] = field(default_factory=set)
-    inline: bool = False
-    output: Any = None
-    ran_on: str | None = None
-
-    @property
-    def kind(self) -> str:
-        if isinstance(self.node, Function) or (isinstance(self.node, Reduce) and self.node.fn is not None):
-            return "function"
-        return "llm"
-
-
-class _Run(TaskContents):
-    def __init__(self, coord: Coordinator, graph: Graph, inputs: dict[str, Any], devices: Sequence[str] | None, on_event) -> None:
+class GraphRun(TaskContents):
+    def __init__(self, coord: RunHost, graph: Graph, inputs: dict[str, Any], devices: Sequence[str] | None, on_event) -> None:
         self.c = coord
         self.graph = graph
         self.id = uuid.uuid4().hex[:10]
         self.values: dict[str, Any] = dict(inputs)
         self.only = set(devices) if devices is not None else None
         self.on_event = on_event
-        self.tasks: dict[str, _Task] = {}
+        self.tasks: dict[str, Task] = {}
         self.node_tasks: dict[str, list[str]] = {}
         self.report = RunReport(graph=graph.name)
         self.applied: Counter[str] = Counter()
@@ -118,12 +64,12 @@ class _Run(TaskContents):
                     raise GraphRunError(f"map '{node.name}' works over '{node.over}', which is a {type(items).__name__}, not a list", self.report)
                 ids = [f"{self.id}/{node.name}/{i}" for i in range(len(items))]
                 for i, tid in enumerate(ids):
-                    self.tasks[tid] = _Task(tid, node, index=i)
+                    self.tasks[tid] = Task(tid, node, index=i)
                 self.node_tasks[node.name] = ids
                 self.event(f"{node.name}: {len(ids)} map task(s)")
             else:
                 tid = f"{self.id}/{node.name}"
-                self.tasks[tid] = _Task(tid, node)
+                self.tasks[tid] = Task(tid, node)
                 self.node_tasks[node.name] = [tid]
 
     def complete_nodes(self) -> None:
@@ -133,7 +79,7 @@ class _Run(TaskContents):
             node = self.graph[name]
             self.values[name] = [self.tasks[t].output for t in ids] if isinstance(node, Map) else self.tasks[ids[0]].output
 
-    def ready(self, task: _Task) -> bool:
+    def ready(self, task: Task) -> bool:
         return all(r in self.values or r in self.graph.local_inputs for r in task.node.reads())
 
     def on_result(self, result: TaskResult) -> None:
@@ -144,7 +90,7 @@ class _Run(TaskContents):
         if dev is not None:
             dev.running.discard(task.id)
         if result.device_id in (HOST, GATEWAY):
-            self.c._local[result.device_id] -= 1
+            self.c.busy[result.device_id] -= 1
         if task.status == "done":
             self.report.redundant_results += 1
             return
@@ -176,7 +122,7 @@ class _Run(TaskContents):
 
     # -- estimates -----------------------------------------------------------------------------
 
-    def prompt_chars(self, task: _Task) -> int:
+    def prompt_chars(self, task: Task) -> int:
         node = task.node
         template = getattr(node, "prompt", None) or ""
         size = len(template)
@@ -189,18 +135,18 @@ class _Run(TaskContents):
             size += len(v) if isinstance(v, str) else len(json.dumps(v, default=str))
         return size
 
-    def work(self, task: _Task) -> float:
+    def work(self, task: Task) -> float:
         """Decode-token equivalents: new tokens plus prompt tokens at prefill speed."""
         if task.kind == "function":
             return 0.0
         return getattr(task.node, "max_new_tokens", 64) + self.prompt_chars(task) / CHARS_PER_TOKEN / PREFILL_RATIO
 
-    def out_bytes(self, task: _Task) -> int:
+    def out_bytes(self, task: Task) -> int:
         if task.status == "done":
             return len(json.dumps(task.output, default=str))
         return int(getattr(task.node, "max_new_tokens", 64) * CHARS_PER_TOKEN) if task.kind == "llm" else 1000
 
-    def allowed(self, task: _Task, now: float) -> frozenset[str]:
+    def allowed(self, task: Task, now: float) -> frozenset[str]:
         """Where a task may run: constraints first (gateway, private data, model, function), then
         minus the devices it has already been taken from."""
         node = task.node
@@ -246,7 +192,7 @@ class _Run(TaskContents):
             out.append(Proc(GATEWAY, c.gateway_tokens_per_s, 0.02, 10e6, 0.0, c.gateway_slots))
         return out
 
-    def expected_finish(self, task: _Task, speed: float) -> float:
+    def expected_finish(self, task: Task, speed: float) -> float:
         return task.dispatched_at + self.work(task) / max(speed, 1e-6)
 
     def jobs(self, now: float) -> tuple[list[Job], dict[str, Done]]:
@@ -296,9 +242,9 @@ class _Run(TaskContents):
                 self.check_devices(now)
                 self.check_deadlines(now)
                 await self.dispatch(now)
-                self.c._wake.clear()
+                self.c.wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.c._wake.wait(), 0.25)
+                    await asyncio.wait_for(self.c.wake.wait(), 0.25)
         except GraphRunError as exc:
             rep.error = str(exc)
             self.finish(completed=False)
@@ -357,7 +303,7 @@ class _Run(TaskContents):
 
     def free_slots(self, proc: Proc) -> int:
         if proc.name in (HOST, GATEWAY):
-            return proc.slots - self.c._local[proc.name]
+            return proc.slots - self.c.busy[proc.name]
         return proc.slots - len(self.c.devices[proc.name].running)
 
     async def dispatch(self, now: float) -> None:
@@ -398,12 +344,12 @@ class _Run(TaskContents):
                 if await self.send(task, name, now, slot.finish - slot.start):
                     free -= 1
 
-    def deadline(self, task: _Task, estimate_s: float) -> float:
+    def deadline(self, task: Task, estimate_s: float) -> float:
         if task.node.deadline_s is not None:
             return task.node.deadline_s
         return max(self.c.min_deadline_s, self.c.deadline_factor * estimate_s)
 
-    async def send(self, task: _Task, where: str, now: float, estimate_s: float) -> bool:
+    async def send(self, task: Task, where: str, now: float, estimate_s: float) -> bool:
         task.attempt += 1
         task.status, task.device, task.dispatched_at = "running", where, now
         deadline = self.deadline(task, estimate_s)
@@ -411,7 +357,7 @@ class _Run(TaskContents):
         if task.attempt > 1:
             self.event(f"{task.id} -> {where} (attempt {task.attempt})")
         if where in (HOST, GATEWAY):
-            self.c._local[where] += 1
+            self.c.busy[where] += 1
             job = asyncio.create_task(self.run_here(task, where))
             self.local_jobs.add(job)
             job.add_done_callback(self.local_jobs.discard)
@@ -437,4 +383,4 @@ class _Run(TaskContents):
         return True
 
 
-__all__ = ["RunReport", "HOST", "GATEWAY", "PREFILL_RATIO", "CHARS_PER_TOKEN"]
+__all__ = ["GraphRun"]
