@@ -1,4 +1,4 @@
-"""`tandem bench speculative|modes|rtt-plot`: ratios measured side by side in one run."""
+"""`tandem bench speculative|modes|rtt-plot|verify-cost|capacity`: ratios measured side by side in one run."""
 
 from __future__ import annotations
 
@@ -158,10 +158,7 @@ def verify_cost(
     over cloud-only decoding and the gateway's capacity at a per-user rate (costmodel.py)."""
     from ..bench.verify_cost import bench_verify_cost
 
-    try:
-        counts = sorted({int(s) for s in sessions.split(",") if s.strip()})
-    except ValueError:
-        fail(f"--sessions: comma-separated numbers, not '{sessions}'", 2)
+    counts = _counts(sessions, "--sessions")
     try:
         result = bench_verify_cost(arch=arch, device=device, dtype=dtype, sessions=counts, blocks=list(range(1, max_block + 1)),
                                    context=context, alpha=alpha, draft_s=draft_ms / 1000, rate=rate,
@@ -171,7 +168,47 @@ def verify_cost(
     print_result(result, f"bench verify-cost: {arch} on {device}", as_json)
 
 
+def _counts(text: str, option: str) -> list[int]:
+    try:
+        counts = sorted({int(s) for s in text.split(",") if s.strip()})
+    except ValueError:
+        fail(f"{option}: comma-separated numbers, not '{text}'", 2)
+    if not counts or counts[0] < 1:
+        fail(f"{option}: positive numbers, not '{text}'", 2)
+    return counts
+
+
+def capacity(
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="The device model whose drafts are recorded and replayed."),
+    target: str = typer.Option(DEFAULT_TARGET, help="The gateway's model (its own process, on one core)."),
+    devices: str = typer.Option("1,2,4,8,16,32", help="Numbers of devices served at once, comma-separated."),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    limit: int = typer.Option(8, min=1, help="Prompts (device i generates on prompt i mod limit)."),
+    max_new_tokens: int = typer.Option(48, min=2, help="Tokens each device generates."),
+    draft_len: int = typer.Option(6, min=1, max=32, help="Draft tokens per verify."),
+    itl_slo_ms: Optional[float] = typer.Option(None, min=0.1, help="ITL p99 a device may see (default: 1.5x cloud's ITL at the fewest devices)."),
+    split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """N devices against one gateway core, cloud-only against speculative (the real drafter's
+    drafts, recorded and replayed): server tokens/s, ITL p50/p99, rows per pass, peak RSS, the
+    capacity at an ITL SLO, and the cost model's prediction of every point."""
+    from ..bench.capacity import bench_capacity
+    from ..bench.machine import split_cores as halves
+
+    counts = _counts(devices, "--devices")
+    split = halves() is not None if split_cores is None else split_cores
+    try:
+        result = bench_capacity(drafter=drafter, target=target, prompts=_prompts(prompts, limit), devices=counts,
+                                max_new_tokens=max_new_tokens, draft_len=draft_len, itl_slo_ms=itl_slo_ms, split=split,
+                                progress=lambda m: err.print(f"[dim]{m}[/]"))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    print_result(result, "bench capacity", as_json)
+
+
 def register(bench_app: typer.Typer) -> None:
+    bench_app.command("capacity")(capacity)
     bench_app.command("verify-cost")(verify_cost)
     bench_app.command("speculative")(speculative)
     bench_app.command("modes")(modes)
