@@ -111,9 +111,6 @@ def nginx_config(
     # never sends a request down a connection the replica is closing
     pooled = [f"keepalive {keepalive};", "keepalive_timeout 4s;"]
 
-    def block(head: str, lines: list[str]) -> list[str]:
-        return [f"{head} {{", *(f"    {line}" if line else "" for line in lines), "}"]
-
     http = [
         f"# the replica a session id names: s_<replica>.<random> (header {SESSION_HEADER})",
         f"map $http_{SESSION_HEADER.replace('-', '_')} $tandem_replica {{",
@@ -127,17 +124,30 @@ def nginx_config(
         *(f"    {rid}  tandem_replica_{rid};" for rid in servers),
         "}",
         "",
-        *block(f"upstream {_POOL}", ["least_conn;", *(f"server {addr} {health};" for addr in servers.values()), *pooled]),
+        *_block(f"upstream {_POOL}", ["least_conn;", *(f"server {addr} {health};" for addr in servers.values()), *pooled]),
     ]
     for rid, addr in servers.items():
         backups = [f"server {other} backup;" for o, other in servers.items() if o != rid]
         http += ["", f"# sessions of {rid}; when it is down, a survivor answers 410 and the client re-opens",
-                 *block(f"upstream tandem_replica_{rid}", [f"server {addr} {health};", *backups, *pooled])]
+                 *_block(f"upstream tandem_replica_{rid}", [f"server {addr} {health};", *backups, *pooled])]
     if temp_dir is not None:
         http += ["", "access_log off;"]
         http += [f"{kind}_temp_path {temp_dir}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")]
-    location = [
-        "proxy_pass http://$tandem_upstream;",
+    location = _proxy("http://$tandem_upstream", connect_timeout_s, read_timeout_s)
+    location += ["# safe for POSTs: verifies and appends are replay-safe, see remote_gateway/replicas.py",
+                 "proxy_next_upstream error timeout http_502 http_503 non_idempotent;"]
+    comment = f"# tandem gateway replicas behind nginx: {', '.join(f'{r}={u}' for r, u in sorted(replicas.items()))}"
+    return _document(comment, http, listen, max_body_bytes, location, worker_processes)
+
+
+def _block(head: str, lines: list[str]) -> list[str]:
+    return [f"{head} {{", *(f"    {line}" if line else "" for line in lines), "}"]
+
+
+def _proxy(target: str, connect_timeout_s: int, read_timeout_s: int) -> list[str]:
+    """The proxying lines of `location /`, to `target`."""
+    return [
+        f"proxy_pass {target};",
         "proxy_http_version 1.1;",
         'proxy_set_header Connection "";  # keep-alive to the replicas',
         "proxy_set_header Host $host;",
@@ -147,18 +157,57 @@ def nginx_config(
         f"proxy_connect_timeout {connect_timeout_s}s;",
         f"proxy_send_timeout {read_timeout_s}s;",
         f"proxy_read_timeout {read_timeout_s}s;",
-        "# safe for POSTs: verifies and appends are replay-safe, see remote_gateway/replicas.py",
-        "proxy_next_upstream error timeout http_502 http_503 non_idempotent;",
     ]
-    server = [f"listen {listen};", f"client_max_body_size {max_body_bytes};", "", *block("location /", location)]
-    http += ["", *block("server", server)]
-    lines = [
-        f"# tandem gateway replicas behind nginx: {', '.join(f'{r}={u}' for r, u in sorted(replicas.items()))}",
-        f"worker_processes {worker_processes};",
-        *block("events", ["worker_connections 4096;"]),
-        *block("http", http),
-    ]
+
+
+def _document(comment: str, http: list[str], listen: str, max_body_bytes: int, location: list[str],
+              worker_processes: int | str, extra_locations: list[str] = ()) -> str:
+    server = [f"listen {listen};", f"client_max_body_size {max_body_bytes};", "", *_block("location /", location),
+              *extra_locations]
+    http = [*http, "", *_block("server", server)]
+    lines = [comment, f"worker_processes {worker_processes};", *_block("events", ["worker_connections 4096;"]),
+             *_block("http", http)]
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["discover", "nginx_config"]
+def nginx_config_dns(
+    headless: str,
+    pool: str,
+    port: int = 8000,
+    listen: str = "0.0.0.0:8080",
+    *,
+    resolver: str = "kube-dns.kube-system.svc.cluster.local",
+    resolver_valid_s: int = 10,
+    connect_timeout_s: int = 2,
+    read_timeout_s: int = 300,
+    max_body_bytes: int = 1_000_000,
+    worker_processes: int | str = "auto",
+) -> str:
+    """An nginx.conf for replicas found by DNS, as a Kubernetes StatefulSet names them: a replica
+    whose id is its pod name `P` answers at `P.<headless>` (the StatefulSet's headless Service),
+    so a session-bound request goes to `$tandem_replica.<headless>:port` however many replicas
+    there are now (an autoscaler adds and removes them; nothing here is regenerated), and the
+    rest goes to `pool` (a Service over every replica). A replica that is gone (its name no longer
+    resolves, or it refuses the connection) is answered with the gateway's own 410
+    `session_evicted` (reason `replica`), so the client re-opens the session on a survivor."""
+    for name in (headless, pool, resolver):
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", name):
+            raise ValueError(f"'{name}' is not a DNS name")
+    http = [
+        f"resolver {resolver} valid={resolver_valid_s}s ipv6=off;",
+        f"# the replica a session id names: s_<replica>.<random> (header {SESSION_HEADER})",
+        f"map $http_{SESSION_HEADER.replace('-', '_')} $tandem_target {{",
+        f'    "{_SESSION_REPLICA}"  $r.{headless}:{port};',
+        f"    default  {pool}:{port};",
+        "}",
+    ]
+    location = _proxy("http://$tandem_target", connect_timeout_s, read_timeout_s)
+    location += ["proxy_intercept_errors off;", "error_page 502 504 = @replica_gone;"]
+    gone = ('{"type":"error","code":"session_evicted","message":"the replica holding this session is gone; '
+            're-open it","detail":{"reason":"replica"}}')
+    extra = ["", *_block("location @replica_gone", ["default_type application/json;", f"return 410 '{gone}';"])]
+    comment = f"# tandem gateway replicas found by DNS: sessions -> <replica>.{headless}:{port}, the rest -> {pool}:{port}"
+    return _document(comment, http, listen, max_body_bytes, location, worker_processes, extra)
+
+
+__all__ = ["discover", "nginx_config", "nginx_config_dns"]

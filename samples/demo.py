@@ -5,7 +5,8 @@ drafts, over real HTTP, and the text streams here as it is accepted.
 
 The gateway is the same one `tandem gateway serve` runs; this script starts it on a free port
 (`tandem.sdk.bench.launch.GatewayProcess`), waits until it answers, streams one speculative
-generation, prints the usage, and stops it.
+generation, prints the usage, then the same prompt's rate from the cloud alone on the same
+gateway (the baseline speculation has to beat), and stops it.
 """
 
 from __future__ import annotations
@@ -41,6 +42,15 @@ async def stream(url: str, drafter: str, prompt: str, max_new_tokens: int, draft
             f"{u.rounds} verify rounds ({len(gen.tokens) / max(1, u.rounds):.2f} tokens/round) | "
             f"acceptance {u.acceptance_rate:.0%} | drafted {u.local_tokens}, accepted {u.accepted_tokens}, "
             f"cloud-chosen {u.cloud_tokens} | {u.bytes_up:,} B up, {u.bytes_down:,} B down"
+        )
+        spec_rate = len(gen.tokens) / u.wall_s
+        with console.status("the same prompt from the cloud alone, for comparison ..."):
+            alone = await client.generate(prompt, max_new_tokens=max_new_tokens, mode="cloud")
+        cloud_rate = len(alone.tokens) / alone.usage.wall_s
+        faster = "speculative" if spec_rate > cloud_rate else "the cloud alone"
+        console.print(
+            f"cloud alone on the same gateway: {len(alone.tokens)} tokens in {alone.usage.wall_s:.2f} s "
+            f"({cloud_rate:.1f} tok/s); speculative is {spec_rate / cloud_rate:.2f}x that ({faster} is faster here)"
         )
 
 

@@ -32,13 +32,23 @@ The ceiling of speculation at acceptance a: min_k (verify_s(k + 1) + rtt) / E(a,
 drafter would reach if drafting were free (hidden behind every verify and never thrown away).
 No pipelining scheme can beat it at that acceptance and that verify curve; only a flatter curve
 (a memory-bound target) or a better-matched drafter moves it.
+
+Batches (`PassCosts`, what `bench capacity` times and `bench simulate` runs on): one packed pass
+costs pass_s(R) for R rows over all its sessions, and each request adds the gateway's handling
+outside the pass. N devices stepped together then see, per cycle,
+    cloud        pass_s(N) + N stream_overhead              N tokens
+    speculative  pass_s(N (k + 1)) + N verify_overhead      N E(a, k) tokens
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..local_runtime.speculative import expected_tokens_per_round
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MODES = ("local", "cloud", "speculative", "assist")
 
@@ -135,7 +145,63 @@ def speedup_vs_cloud(t: Timings, alpha: float, **kwargs) -> float:
     return predict("cloud", t, alpha, **kwargs).s_per_token / predict("speculative", t, alpha, **kwargs).s_per_token
 
 
+@dataclass(frozen=True)
+class PassCosts:
+    """Seconds of one packed pass by its total rows (measured at a few row counts, interpolated
+    linearly between them and extended from the last two beyond), and the gateway's handling of
+    one request outside the pass: a verify (HTTP in and out) and a streamed cloud step."""
+
+    rows: tuple[int, ...]
+    seconds: tuple[float, ...]
+    verify_overhead_s: float
+    stream_overhead_s: float
+
+    def pass_s(self, rows: float) -> float:
+        xs, ys = self.rows, self.seconds
+        if rows <= xs[0] or len(xs) == 1:
+            return ys[0]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if rows <= x1:
+                return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + max(slope, 0.0) * (rows - xs[-1])
+
+    def table(self, max_rows: int) -> "np.ndarray":
+        """pass_s(r) for r = 0..max_rows, as an array (the simulation looks passes up in it)."""
+        import numpy as np
+
+        r = np.arange(max_rows + 1, dtype=float)
+        out = np.interp(r, self.rows, self.seconds)
+        if len(self.rows) > 1:
+            slope = max((self.seconds[-1] - self.seconds[-2]) / (self.rows[-1] - self.rows[-2]), 0.0)
+            beyond = r > self.rows[-1]
+            out[beyond] = self.seconds[-1] + slope * (r[beyond] - self.rows[-1])
+        return out
+
+    def cloud(self, n: int) -> tuple[float, float]:
+        """(tokens/s, ITL s) of n streams stepped together."""
+        cycle = self.pass_s(n) + n * self.stream_overhead_s
+        return n / cycle, cycle
+
+    def speculative(self, n: int, rows_per_verify: float, tokens_per_round: float) -> tuple[float, float]:
+        """(tokens/s, ITL s) of n devices whose verifies share each pass."""
+        cycle = self.pass_s(n * rows_per_verify) + n * self.verify_overhead_s
+        return n * tokens_per_round / cycle, cycle / tokens_per_round
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PassCosts":
+        """The inverse of `to_dict` (the `pass_costs` of a `bench capacity` JSON)."""
+        rows = sorted(d["pass_ms_by_rows"], key=float)
+        return cls(tuple(int(float(r)) for r in rows), tuple(d["pass_ms_by_rows"][r] / 1000 for r in rows),
+                   d["verify_overhead_ms"] / 1000, d["stream_overhead_ms"] / 1000)
+
+    def to_dict(self) -> dict:
+        return {"pass_ms_by_rows": {r: round(s * 1000, 2) for r, s in zip(self.rows, self.seconds)},
+                "verify_overhead_ms": round(self.verify_overhead_s * 1000, 2),
+                "stream_overhead_ms": round(self.stream_overhead_s * 1000, 2)}
+
+
 __all__ = [
     "Timings", "Prediction", "MODES", "predict", "predict_rounds", "round_seconds", "best_draft_len", "speedup_vs_cloud",
-    "ceiling_s_per_token",
+    "ceiling_s_per_token", "PassCosts",
 ]

@@ -7,7 +7,8 @@ import pytest
 
 from tandem.local_runtime.models import load_model
 from tandem.local_runtime.sequence import generate_alone
-from tandem.sdk.bench.capacity import PassCosts, bench_capacity, record_drafts
+from tandem.sdk.bench.capacity import bench_capacity, record_drafts
+from tandem.sdk.costmodel import PassCosts
 
 
 def test_recorded_drafts_are_the_drafters_greedy_continuation_of_every_prefix():
@@ -51,3 +52,9 @@ def test_capacity_bench_on_tiny_models_is_exact_and_reports_every_point():
             assert p["tokens_per_round"] > 2
     assert set(out["throughput_ratio"]) == {"1", "2"} and set(out["capacity"]) == {"cloud", "speculative"}
     assert out["cpu_flags"] is not None and out["pass_costs"]["pass_ms_by_rows"]
+
+
+def test_the_pass_cost_table_is_the_pass_cost_rule():
+    costs = PassCosts(rows=(1, 8, 32), seconds=(0.10, 0.12, 0.20), verify_overhead_s=0.0, stream_overhead_s=0.0)
+    table = costs.table(100)
+    assert table[1:] == pytest.approx([costs.pass_s(r) for r in range(1, 101)])

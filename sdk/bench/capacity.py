@@ -14,8 +14,8 @@ generating T tokens greedily on its own prompt, over real HTTP on loopback:
 Per N and mode: server output tokens/s (the whole run, prefill included, and the decode phase
 alone), inter-token latency p50/p99 over every token after each device's first (a verify that
 delivers m tokens spreads its gap over them), rows per packed pass, the gateway's peak RSS.
-Capacity is the largest N whose ITL p99 stays within the SLO (default 1.5x cloud's ITL p50 at
-N = 1).
+Capacity is the largest N whose ITL p99 stays within the SLO (default 1.5x cloud's ITL p99 at
+the fewest devices).
 
 The cost model's batch extension predicts every point from passes timed apart, before the runs
 (`pass_costs`): S sessions verifying j rows each at once, for S over the device counts and
@@ -40,7 +40,8 @@ import httpx
 
 from ...protocols.http import HttpTransport
 from ...protocols.messages import GenerateRequest, OpenSession, VerifyRequest
-from .gateway import _percentile
+from ..costmodel import PassCosts
+from .gateway import percentile
 from .launch import GatewayProcess
 from .machine import cpu_flags, pin, split_cores
 
@@ -142,44 +143,7 @@ def peak_rss_mb(pid: int, reset: bool = False) -> float | None:
         return None
 
 
-# -- the cost model's batch extension ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PassCosts:
-    """Seconds of one packed pass by its total rows (measured at a few row counts, interpolated
-    linearly between them and extended from the last two beyond), and the gateway's handling of
-    one request outside the pass: a verify (HTTP in and out) and a streamed cloud step."""
-
-    rows: tuple[int, ...]
-    seconds: tuple[float, ...]
-    verify_overhead_s: float
-    stream_overhead_s: float
-
-    def pass_s(self, rows: float) -> float:
-        xs, ys = self.rows, self.seconds
-        if rows <= xs[0] or len(xs) == 1:
-            return ys[0]
-        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-            if rows <= x1:
-                return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
-        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-        return ys[-1] + max(slope, 0.0) * (rows - xs[-1])
-
-    def cloud(self, n: int) -> tuple[float, float]:
-        """(tokens/s, ITL s) of n streams stepped together."""
-        cycle = self.pass_s(n) + n * self.stream_overhead_s
-        return n / cycle, cycle
-
-    def speculative(self, n: int, rows_per_verify: float, tokens_per_round: float) -> tuple[float, float]:
-        """(tokens/s, ITL s) of n devices whose verifies share each pass."""
-        cycle = self.pass_s(n * rows_per_verify) + n * self.verify_overhead_s
-        return n * tokens_per_round / cycle, cycle / tokens_per_round
-
-    def to_dict(self) -> dict:
-        return {"pass_ms_by_rows": {r: round(s * 1000, 2) for r, s in zip(self.rows, self.seconds)},
-                "verify_overhead_ms": round(self.verify_overhead_s * 1000, 2),
-                "stream_overhead_ms": round(self.stream_overhead_s * 1000, 2)}
+# -- the cost model's batch extension, timed apart -------------------------------------------------
 
 
 async def _timed_passes(url: str, transport: HttpTransport, sessions: list[tuple[str, int]], rows: int) -> tuple[float, float, float]:
@@ -205,7 +169,7 @@ async def pass_costs(url: str, fingerprint: str, prompt: list[int], counts: list
     """Time packed passes apart from any run: S sessions x j rows, S over `counts`, j = 1 and k + 1."""
     async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=httpx.Limits(max_connections=max(counts) + 4)) as http:
         transport = HttpTransport(url, client=http)
-        opened = [await transport.request(OpenSession(prompt_tokens=prompt, tokenizer_fingerprint=fingerprint, max_new_tokens=4096))
+        opened = [await transport.request(OpenSession(prompt_tokens=prompt, tokenizer_fingerprint=fingerprint, max_new_tokens=512))
                   for _ in range(max(counts))]
         state = [(o.session_id, o.position) for o in opened]  # where each session is now
         points: dict[int, list[float]] = {}
@@ -265,7 +229,7 @@ def summarize(mode: str, n: int, runs: list[DeviceRun], wall: float, counters: d
         "mode": mode, "devices": n, "tokens": tokens, "wall_s": round(wall, 3),
         "tokens_per_s": round(tokens / wall, 3) if wall else None,
         "decode_tokens_per_s": round(after_first / (last - first), 3) if last > first else None,
-        "itl_p50_ms": round(_percentile(itls, 0.5) * 1000, 2), "itl_p99_ms": round(_percentile(itls, 0.99) * 1000, 2),
+        "itl_p50_ms": round(percentile(itls, 0.5) * 1000, 2), "itl_p99_ms": round(percentile(itls, 0.99) * 1000, 2),
         "rows_per_pass": round(counters["rows"] / passes, 2), "pass_ms": round(counters["seconds"] / passes * 1000, 2),
         "passes": int(counters["passes"]),
     }
@@ -333,7 +297,7 @@ def bench_capacity(*, drafter: str, target: str, prompts: list[str], devices: li
                         f"{point['rows_per_pass']:.1f} rows/pass, efficiency {point['efficiency']}")
                     points.append(point)
     return _report(points, costs, devices, itl_slo_ms, mismatches, drafter=drafter, target=target, load_s=load_s,
-                   draft_len=draft_len, max_new_tokens=max_new_tokens, prompts=n_prompts,
+                   draft_len=draft_len, max_new_tokens=max_new_tokens, prompts=n_prompts, prompt_tokens=[len(p) for p in ids],
                    cores={"device": sorted(device_cores) if device_cores else "all",
                           "gateway": sorted(gateway_cores) if gateway_cores else "all"})
 
@@ -341,7 +305,7 @@ def bench_capacity(*, drafter: str, target: str, prompts: list[str], devices: li
 def _report(points: list[dict], costs: PassCosts, devices: list[int], itl_slo_ms: float | None, mismatches: int, **about) -> dict:
     by = {(p["mode"], p["devices"]): p for p in points}
     cloud1 = by.get(("cloud", min(devices)))
-    slo = itl_slo_ms if itl_slo_ms is not None else (1.5 * cloud1["itl_p50_ms"] if cloud1 else math.inf)
+    slo = itl_slo_ms if itl_slo_ms is not None else (1.5 * cloud1["itl_p99_ms"] if cloud1 else math.inf)
     capacity = {m: max((n for n in devices if by[(m, n)]["itl_p99_ms"] <= slo), default=0) for m in MODES}
     ratio = lambda key: {str(n): round(by[("speculative", n)][key] / by[("cloud", n)][key], 3)  # noqa: E731
                          for n in devices if by[("cloud", n)][key]}
@@ -356,4 +320,4 @@ def _report(points: list[dict], costs: PassCosts, devices: list[int], itl_slo_ms
     }
 
 
-__all__ = ["bench_capacity", "record_drafts", "PassCosts", "pass_costs", "DeviceRun"]
+__all__ = ["bench_capacity", "record_drafts", "pass_costs", "DeviceRun"]

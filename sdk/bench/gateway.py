@@ -93,7 +93,7 @@ def _peak_mb() -> float:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _percentile(xs: list[float], q: float) -> float:
+def percentile(xs: list[float], q: float) -> float:
     if not xs:
         return 0.0
     s = sorted(xs)
@@ -178,8 +178,8 @@ def _run(lm: LoadedModel, batched: bool, prompts, rounds: int, waves: int, k: in
     batches = gateway.batcher.batches
     return {
         "verify_per_s": verifies / wall if wall > 0 else 0.0,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
-        "p50_ms": _percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
         "verifies": verifies,
         "errors": sum(w["errors"] for w in waves_out),
         "wall_s": wall,

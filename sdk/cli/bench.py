@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ..client import DEFAULT_DRAFTER, DEFAULT_TARGET
-from .common import err, fail, print_result, run
+from .common import add_commands, err, fail, print_result, run
 
 PIPELINE_HELP = ("Draft the next block while a verify is in flight (default: on for a gateway in another "
                  "process). Off is fairer when the gateway shares this machine's cores.")
@@ -207,9 +207,60 @@ def capacity(
     print_result(result, "bench capacity", as_json)
 
 
+def simulate(
+    devices: int = typer.Option(100_000, min=1, help="Device requests over the run (a Poisson rate), unless --trace."),
+    duration_s: float = typer.Option(3600.0, min=1.0, help="Simulated seconds the requests arrive over."),
+    trace: Optional[Path] = typer.Option(None, help="A trace (CSV: BurstGPT's or Azure's columns, or JSONL): timestamp, prompt and answer tokens. 'sample' for the bundled one."),
+    prompt_tokens: float = typer.Option(200, min=1, help="Median prompt length (Poisson arrivals; lognormal)."),
+    answer_tokens: float = typer.Option(150, min=1, help="Median answer length (Poisson arrivals; lognormal)."),
+    curves: Optional[Path] = typer.Option(None, help="A `bench capacity --json` output: the pass costs (default: the bundled measurement)."),
+    device_classes: Optional[str] = typer.Option(None, help="NAME:SHARE:DRAFT_MS[:ALPHA],... (default: phone:0.7:45,laptop:0.3:22; ALPHA: --alpha)."),
+    alpha: Optional[float] = typer.Option(None, min=0.0, max=0.999, help="Acceptance of drafts (default: the curves' speculative points)."),
+    rtt: str = typer.Option("20", help="Round trip: MS, lognormal:MEDIAN_MS:SIGMA or file:PATH (ms a line)."),
+    cloud_share: float = typer.Option(0.35, min=0.0, max=1.0, help="Routed mode: the query router's share of requests sent to the cloud."),
+    replicas: int = typer.Option(1, min=1, help="Gateway replicas (without --find-replicas)."),
+    find_replicas: bool = typer.Option(False, "--find-replicas", help="The fewest replicas holding the ITL SLO with no rejection, per mode."),
+    itl_slo_ms: Optional[float] = typer.Option(None, min=0.1, help="The p99 SLO, ms (default: 1.5x one cloud stream's ITL on the curves)."),
+    slo_metric: str = typer.Option("itl", help="What the SLO bounds: itl (every token's gap) or tpot (a request's mean time a token)."),
+    max_sessions: int = typer.Option(64, min=1, help="Sessions a replica holds (the gateway's max_sessions)."),
+    kv_budget_mb: Optional[float] = typer.Option(None, min=1.0, help="KV cache budget a replica (default: none)."),
+    draft_len: Optional[int] = typer.Option(None, min=0, max=32, help="Draft tokens a verify (default: the curves')."),
+    seed: int = typer.Option(0),
+    validate: Optional[Path] = typer.Option(None, help="Replay this `bench capacity --json` run's own setup and compare with what it measured."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Gateway replicas serving many devices, simulated on measured pass costs: TTFT and ITL
+    p50/p99, throughput, rejections and evictions for cloud-only, hybrid (speculative) and routed
+    modes; --find-replicas sizes each; --validate checks the simulation against a measured run."""
+    import numpy as np
+
+    from ..bench.plan import DEFAULT_CLASSES, DEFAULT_CURVES, load_curves, measured_alpha, plan
+    from ..bench.plan import validate as check
+    from ..bench.simulate import GatewayRules
+    from ..bench.workload import SAMPLE_TRACE, load_trace, parse_classes, poisson
+
+    if slo_metric not in ("itl", "tpot"):
+        fail(f"--slo-metric: itl or tpot, not '{slo_metric}'", 2)
+    try:
+        if validate is not None:
+            print_result(check(load_curves(validate)), "bench simulate --validate", as_json)
+            return
+        data = load_curves(curves or DEFAULT_CURVES)
+        a = alpha if alpha is not None else (measured_alpha(data) or 0.7)
+        classes = parse_classes(device_classes or DEFAULT_CLASSES, a)
+        if trace is not None:
+            arr = load_trace(SAMPLE_TRACE if str(trace) == "sample" else trace)
+        else:
+            arr = poisson(devices, duration_s, np.random.default_rng(seed), prompt_median=prompt_tokens, answer_median=answer_tokens)
+        rules = GatewayRules.of(max_sessions=max_sessions, kv_budget_mb=kv_budget_mb)
+        result = plan(arr, data, classes=classes, rtt=rtt, cloud_share=cloud_share, replicas=replicas, find=find_replicas,
+                      itl_slo_ms=itl_slo_ms, rules=rules, draft_len=draft_len, seed=seed, slo_metric=slo_metric,
+                      progress=lambda m: err.print(f"[dim]{m}[/]"))
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    print_result(result, "bench simulate", as_json)
+
+
 def register(bench_app: typer.Typer) -> None:
-    bench_app.command("capacity")(capacity)
-    bench_app.command("verify-cost")(verify_cost)
-    bench_app.command("speculative")(speculative)
-    bench_app.command("modes")(modes)
-    bench_app.command("rtt-plot")(rtt_plot)
+    add_commands(bench_app, {"simulate": simulate, "capacity": capacity, "verify-cost": verify_cost,
+                             "speculative": speculative, "modes": modes, "rtt-plot": rtt_plot})

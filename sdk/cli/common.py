@@ -75,4 +75,11 @@ def print_result(result: dict, title: str, as_json: bool) -> None:
     Console().print(table)
 
 
-__all__ = ["err", "fail", "run", "print_result", "origin_writer", "origin_legend", "ORIGIN_STYLES"]
+
+def add_commands(app, commands: dict) -> None:
+    """Register each function under its command name (`tandem <group> NAME`)."""
+    for name, fn in commands.items():
+        app.command(name)(fn)
+
+
+__all__ = ["add_commands", "err", "fail", "run", "print_result", "origin_writer", "origin_legend", "ORIGIN_STYLES"]

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ...protocols.errors import TandemError
-from .common import err, fail
+from .common import add_commands, err, fail
 
 
 def gateway_serve(
@@ -21,6 +21,7 @@ def gateway_serve(
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
     device: Optional[str] = typer.Option(None, help="Where the torch target runs: cpu, cuda, cuda:N (refused without CUDA)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for the model (default: the cores this process may use)."),
+    replica_id: Optional[str] = typer.Option(None, help="This replica's id, the prefix of its session ids (a StatefulSet passes its pod name)."),
 ) -> None:
     """Serve the gateway over HTTP (uvicorn)."""
     from ...remote_gateway.app import serve
@@ -30,8 +31,8 @@ def gateway_serve(
 
     try:
         cfg = load_config(config)
-        given = {"model": model, "host": host, "port": port, "device": device, "threads": threads}
-        cfg = cfg.model_copy(update={k: v for k, v in given.items() if v is not None})
+        given = {"model": model, "host": host, "port": port, "device": device, "threads": threads, "replica_id": replica_id}
+        cfg = type(cfg).model_validate({**cfg.model_dump(), **{k: v for k, v in given.items() if v is not None}})
         cfg.check_exposure()
     except (ValueError, FileNotFoundError) as exc:
         fail(str(exc), code=2)
@@ -58,33 +59,55 @@ def gateway_new_key(key_id: str = typer.Argument("my-key", help="The id the key 
 
 
 def gateway_nginx(
-    replica: list[str] = typer.Option(..., "--replica", help="A replica's base URL, http://HOST:PORT (repeat for each)."),
+    replica: list[str] = typer.Option([], "--replica", help="A replica's base URL, http://HOST:PORT, or ID=URL to skip asking it (repeat for each)."),
     listen: str = typer.Option("127.0.0.1:8080", help="Where nginx listens: HOST:PORT."),
+    dns: Optional[str] = typer.Option(None, help="Find replicas by DNS instead: the headless Service naming each by its pod name (Kubernetes)."),
+    pool: Optional[str] = typer.Option(None, help="With --dns: the Service over every replica, for requests without a session."),
+    replica_port: int = typer.Option(8000, help="With --dns: the port the replicas listen on."),
     out: Optional[Path] = typer.Option(None, help="Write the config to this file instead of stdout."),
     run: bool = typer.Option(False, "--run", help="Also run nginx with it, in the foreground (Ctrl-C stops it)."),
 ) -> None:
     """An nginx config that balances gateway replicas, routing each session to the replica that
-    holds it (replica ids asked of each replica's /readyz); printed, written, or run."""
-    from ...remote_gateway.replicas import discover, nginx_config
+    holds it (replica ids asked of each replica's /readyz, given as ID=URL, or found by DNS);
+    printed, written, or run. deploy/ holds the configs this writes for Docker Compose and
+    Kubernetes."""
+    from ...remote_gateway.replicas import discover, nginx_config, nginx_config_dns
 
     host, colon, port = listen.rpartition(":")
     if not colon or not host or not port.isdigit():
         fail(f"--listen must be HOST:PORT, not '{listen}'", code=2)
+    if dns is not None:
+        if replica or run or not pool:
+            fail("--dns takes --pool, and neither --replica nor --run", code=2)
+        try:
+            text = nginx_config_dns(dns, pool, replica_port, listen)
+        except ValueError as exc:
+            fail(str(exc), code=2)
+        _emit(text, out, f"replicas under {dns}")
+        return
+    if not replica:
+        fail("give --replica (repeat for each) or --dns", code=2)
+    named = dict(r.split("=", 1) for r in replica if "=" in r)
     try:
-        replicas = discover(replica)
+        replicas = {**named, **discover([r for r in replica if "=" not in r])}
     except Exception as exc:  # noqa: BLE001 - any failure to reach a replica ends here
         fail(f"could not ask every replica for its id: {exc}")
     try:
         text = nginx_config(replicas, listen)
     except ValueError as exc:
         fail(str(exc), code=2)
-    if out is not None:
-        out.write_text(text, encoding="utf-8")
-        err.print(f"wrote {out} for {', '.join(f'{r}={u}' for r, u in replicas.items())}")
-    elif not run:
-        print(text, end="")
+    if out is not None or not run:
+        _emit(text, out, ", ".join(f"{r}={u}" for r, u in replicas.items()))
     if run:
         _run_nginx(replicas, host, int(port))
+
+
+def _emit(text: str, out: Optional[Path], what: str) -> None:
+    if out is None:
+        print(text, end="")
+    else:
+        out.write_text(text, encoding="utf-8")
+        err.print(f"wrote {out} for {what}")
 
 
 def _run_nginx(replicas: dict[str, str], host: str, port: int) -> None:
@@ -185,12 +208,9 @@ def gateway_conformance(
 
 
 def register(gateway_app: typer.Typer, bench_app: typer.Typer) -> None:
-    gateway_app.command("serve")(gateway_serve)
-    gateway_app.command("new-key")(gateway_new_key)
-    gateway_app.command("nginx")(gateway_nginx)
-    gateway_app.command("protocol")(gateway_protocol)
-    gateway_app.command("conformance")(gateway_conformance)
-    bench_app.command("gateway")(bench_gateway_cmd)
+    add_commands(gateway_app, {"serve": gateway_serve, "new-key": gateway_new_key, "nginx": gateway_nginx,
+                               "protocol": gateway_protocol, "conformance": gateway_conformance})
+    add_commands(bench_app, {"gateway": bench_gateway_cmd})
 
 
 __all__ = ["register"]
