@@ -155,6 +155,13 @@ class PassCosts:
     seconds: tuple[float, ...]
     verify_overhead_s: float
     stream_overhead_s: float
+    prefill_s_per_token: float | None = None  # a prompt's fill, measured apart (None: as pass rows)
+
+    def prefill_s(self, tokens: int, as_pass: float | None = None) -> float:
+        """A prompt chunk of `tokens`: at the measured prefill rate, else as a pass of that many rows."""
+        if self.prefill_s_per_token is not None:
+            return tokens * self.prefill_s_per_token
+        return self.pass_s(tokens) if as_pass is None else as_pass
 
     def pass_s(self, rows: float) -> float:
         xs, ys = self.rows, self.seconds
@@ -192,13 +199,15 @@ class PassCosts:
     def from_dict(cls, d: dict) -> "PassCosts":
         """The inverse of `to_dict` (the `pass_costs` of a `bench capacity` JSON)."""
         rows = sorted(d["pass_ms_by_rows"], key=float)
+        prefill = d.get("prefill_ms_per_token")
         return cls(tuple(int(float(r)) for r in rows), tuple(d["pass_ms_by_rows"][r] / 1000 for r in rows),
-                   d["verify_overhead_ms"] / 1000, d["stream_overhead_ms"] / 1000)
+                   d["verify_overhead_ms"] / 1000, d["stream_overhead_ms"] / 1000, None if prefill is None else prefill / 1000)
 
     def to_dict(self) -> dict:
         return {"pass_ms_by_rows": {r: round(s * 1000, 2) for r, s in zip(self.rows, self.seconds)},
                 "verify_overhead_ms": round(self.verify_overhead_s * 1000, 2),
-                "stream_overhead_ms": round(self.stream_overhead_s * 1000, 2)}
+                "stream_overhead_ms": round(self.stream_overhead_s * 1000, 2),
+                "prefill_ms_per_token": None if self.prefill_s_per_token is None else round(self.prefill_s_per_token * 1000, 3)}
 
 
 __all__ = [

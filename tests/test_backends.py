@@ -244,3 +244,24 @@ def test_an_onnx_graph_too_large_for_one_file_is_refused_clearly(monkeypatch, dr
     monkeypatch.setattr(onnx_rt, "MAX_INLINE_WEIGHTS", 1 << 16)  # what 2 GiB is to a real model
     with pytest.raises(BackendUnavailable, match=r"more than one ONNX file can hold"):
         onnx_rt.OnnxPrefill(drafter_lm, chunk=16, act_absmax=act_stats, n_outliers=4)
+
+
+def test_llama_cpp_own_loop_generates_greedily_to_the_length_and_compares_with_tandem(drafter_lm, tiny_gguf):
+    from tandem.local_runtime.backends.llamacpp import LlamaCppModel, native_generate
+    from tandem.sdk.bench.baseline import compare
+
+    llm = LlamaCppModel("tiny", tiny_gguf, drafter_lm.tokenizer, n_threads=1)
+    try:
+        prompt = drafter_lm.tokenizer.prompt_tokens("hello there", chat=False)
+        run_a = native_generate(llm, prompt, 6, eos=[])
+        run_b = native_generate(llm, prompt, 6, eos=[])
+        assert len(run_a["tokens"]) == 6 and run_a["tokens"] == run_b["tokens"]  # greedy, a fresh context each time
+        assert 0 < run_a["first_s"] <= run_a["total_s"]
+        stop = native_generate(llm, prompt, 6, eos=[run_a["tokens"][2]])
+        assert stop["tokens"] == run_a["tokens"][: run_a["tokens"].index(run_a["tokens"][2]) + 1]
+    finally:
+        llm.close()
+    base = {"engine": "llama.cpp", "outputs": [run_a["tokens"]], "s_per_token": 0.1, "decode_s_per_token": 0.05, "first_piece_s": 0.3}
+    out = {"s_per_token": {"speculative": 0.05, "cloud": 0.12}, "decode_s_per_token": {"speculative": 0.025, "cloud": 0.06}}
+    c = compare(out, base, [run_a["tokens"]])
+    assert c["speedup_vs_baseline"] == 2.0 and c["cloud_vs_engine"] == 1.2 and c["baseline_mismatches"] == 0

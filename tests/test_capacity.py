@@ -52,6 +52,11 @@ def test_capacity_bench_on_tiny_models_is_exact_and_reports_every_point():
             assert p["tokens_per_round"] > 2
     assert set(out["throughput_ratio"]) == {"1", "2"} and set(out["capacity"]) == {"cloud", "speculative"}
     assert out["cpu_flags"] is not None and out["pass_costs"]["pass_ms_by_rows"]
+    # the simulation replays this very run (its prompts, acceptance and pass costs)
+    from tandem.sdk.bench.plan import validate
+
+    check = validate({**out, "source": "this run"})
+    assert len(check["points"]) == 4 and all(p["predicted_tokens_per_s"] > 0 for p in check["points"])
 
 
 def test_the_pass_cost_table_is_the_pass_cost_rule():

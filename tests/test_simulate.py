@@ -43,15 +43,19 @@ def test_histogram_quantiles_are_within_a_bin():
 def test_one_cloud_stream_steps_once_a_pass():
     st = simulate_replica(_req(1, rtt=0.02), COSTS, GatewayRules(), k=4, rng=np.random.default_rng(0))
     assert st.n["tokens"] == 20 and st.n["served"] == 1 and st.n["rejections"] == 0
-    # the prompt (10 rows) is one pass and brings the first token; then one token a pass
-    assert st.n["passes"] == 20
+    # the prompt but its last token (9 rows) fills in a job of its own; then one token a pass
+    assert st.n["passes"] == 1 + 20
     assert st.itl.quantile(0.5) == pytest.approx(0.1 + 0.001, rel=0.02)
-    assert st.ttft.quantile(0.5) == pytest.approx(0.01 + COSTS.pass_s(10) + 0.001 + 0.01, rel=0.02)
+    assert st.ttft.quantile(0.5) == pytest.approx(0.01 + COSTS.pass_s(9) + 0.1 + 0.001 + 0.01, rel=0.02)
+    # with a measured prefill rate the fill takes that instead
+    fast = PassCosts(COSTS.rows, COSTS.seconds, 0.002, 0.001, prefill_s_per_token=0.001)
+    st = simulate_replica(_req(1, rtt=0.02), fast, GatewayRules(), k=4, rng=np.random.default_rng(0))
+    assert st.ttft.quantile(0.5) == pytest.approx(0.01 + 0.009 + 0.1 + 0.001 + 0.01, rel=0.02)
 
 
 def test_streams_share_a_pass():
     st = simulate_replica(_req(8), COSTS, GatewayRules(), k=4, rng=np.random.default_rng(0))
-    assert st.n["tokens"] == 160 and st.n["rows"] / st.n["passes"] == pytest.approx(160 / 20 - 0 + (80 - 8) / 20, rel=0.5)
+    assert st.n["tokens"] == 160 and st.n["passes"] == 8 + 20  # 8 fills, then 20 passes of all 8 streams
     assert st.itl.quantile(0.5) == pytest.approx(COSTS.pass_s(8) + 8 * 0.001, rel=0.02)
 
 

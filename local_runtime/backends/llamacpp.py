@@ -188,4 +188,22 @@ def native_generate_rate(
     return prefill, decode
 
 
-__all__ = ["LlamaCppModel", "LlamaCppEngine", "native_generate_rate", "default_threads"]
+def native_generate(model: LlamaCppModel, prompt: list[int], max_new_tokens: int, eos: list[int]) -> dict:
+    """One greedy generation by llama.cpp's own loop on a fresh context (`Llama.generate`: the
+    prompt in batches, then a token a step), stopped at `eos` or `max_new_tokens`: its tokens,
+    the seconds to the first and in all."""
+    llm = model.llm
+    llm.reset()
+    _llama_cpp().llama_memory_clear(_llama_cpp().llama_get_memory(llm.ctx), True)
+    stop, out, first = set(eos), [], 0.0
+    t0 = time.perf_counter()
+    for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        if not out:
+            first = time.perf_counter() - t0
+        out.append(int(tok))
+        if tok in stop or len(out) >= max_new_tokens:
+            break
+    return {"tokens": out, "first_s": first, "total_s": time.perf_counter() - t0}
+
+
+__all__ = ["LlamaCppModel", "LlamaCppEngine", "native_generate", "native_generate_rate", "default_threads"]

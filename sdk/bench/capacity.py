@@ -21,7 +21,7 @@ The cost model's batch extension predicts every point from passes timed apart, b
 (`pass_costs`): S sessions verifying j rows each at once, for S over the device counts and
 j = 1 (a cloud step) and k + 1 (a verify), read from the gateway's own pass timer (/metrics).
 A point's cycle is the pass of its rows (interpolated over total rows) plus the gateway's
-per-request handling, measured the same way; `efficiency` is measured over predicted tokens/s.
+per-request handling, measured the same way; a prompt fills at the rate its opens took; `efficiency` is measured over predicted tokens/s.
 Acceptance (tokens per round) is the one input read from the run, as in `bench speculative`.
 """
 
@@ -165,12 +165,21 @@ async def _timed_passes(url: str, transport: HttpTransport, sessions: list[tuple
     return d["seconds"] / passes, d["rows"] / passes, wall
 
 
-async def pass_costs(url: str, fingerprint: str, prompt: list[int], counts: list[int], k: int, reps: int = 3) -> PassCosts:
-    """Time packed passes apart from any run: S sessions x j rows, S over `counts`, j = 1 and k + 1."""
+async def pass_costs(url: str, fingerprint: str, prompts: list[list[int]], counts: list[int], k: int, reps: int = 3) -> PassCosts:
+    """Time packed passes apart from any run: S sessions x j rows, S over `counts`, j = 1 and k + 1.
+    Session i holds prompt i mod P, as device i of the runs does, so that each S sees the context
+    lengths of the point with S devices (attention grows with them: a bfloat16 target's pass at 700
+    tokens of context costs far more than at 50)."""
     async with httpx.AsyncClient(base_url=url, timeout=600.0, limits=httpx.Limits(max_connections=max(counts) + 4)) as http:
         transport = HttpTransport(url, client=http)
-        opened = [await transport.request(OpenSession(prompt_tokens=prompt, tokenizer_fingerprint=fingerprint, max_new_tokens=512))
-                  for _ in range(max(counts))]
+        opened, open_s, filled = [], 0.0, 0
+        for i in range(max(counts)):
+            prompt = prompts[i % len(prompts)]
+            t0 = time.perf_counter()
+            opened.append(await transport.request(OpenSession(prompt_tokens=prompt, tokenizer_fingerprint=fingerprint,
+                                                              max_new_tokens=512)))
+            open_s += time.perf_counter() - t0
+            filled += len(prompt) - 1  # an open fills all of its prompt but the last token (the first step feeds it)
         state = [(o.session_id, o.position) for o in opened]  # where each session is now
         points: dict[int, list[float]] = {}
         single_rtt = []
@@ -185,7 +194,7 @@ async def pass_costs(url: str, fingerprint: str, prompt: list[int], counts: list
                         single_rtt.append((wall, per_pass))
         # a streamed cloud step beyond its pass: a short generation's mean gap, minus one pass
         t0, gaps = None, []
-        async for chunk in transport.stream(GenerateRequest(prompt_tokens=prompt, tokenizer_fingerprint=fingerprint, max_new_tokens=17)):
+        async for chunk in transport.stream(GenerateRequest(prompt_tokens=prompts[0], tokenizer_fingerprint=fingerprint, max_new_tokens=17)):
             now = time.perf_counter()
             if t0 is not None:
                 gaps.append(now - t0)
@@ -195,7 +204,8 @@ async def pass_costs(url: str, fingerprint: str, prompt: list[int], counts: list
     costs = PassCosts(rows, seconds, 0.0, 0.0)
     verify_overhead = statistics.median(max(0.0, w - p) for w, p in single_rtt)
     stream_overhead = max(0.0, statistics.median(gaps) - costs.pass_s(1)) if gaps else 0.0
-    return PassCosts(rows, seconds, verify_overhead, stream_overhead)
+    prefill = max(0.0, open_s - len(opened) * verify_overhead) / max(1, filled)
+    return PassCosts(rows, seconds, verify_overhead, stream_overhead, prefill)
 
 
 # -- one point -----------------------------------------------------------------------------------
@@ -274,7 +284,7 @@ def bench_capacity(*, drafter: str, target: str, prompts: list[str], devices: li
             engine = drafter_engine(dmodel, backend)
             drafts = [record_drafts(engine, p, ref, draft_len) for p, ref in zip(ids, reference)]
             say("timing packed passes apart ...")
-            costs = asyncio.run(pass_costs(gw.url, fp, ids[0], sorted(set(devices)), draft_len))
+            costs = asyncio.run(pass_costs(gw.url, fp, ids, sorted(set(devices)), draft_len))
             points, mismatches = [], 0
             pid = gw.proc.pid
             for n in devices:

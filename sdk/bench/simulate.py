@@ -15,9 +15,12 @@ One replica (the real gateway's rules and the measured pass costs, `costmodel.Pa
                 the gateway's store does; its device re-opens it at its next request with every
                 token it holds (a prefill of all of them). No idle session: the request is
                 rejected
-    a pass      every ready session, up to `max_batch` and `max_batch_tokens` rows: a prompt
-                joins in chunks of `prefill_chunk_tokens`, a cloud stream adds one row, a device's
-                verify k + 1; it takes pass_s(rows) plus each request's handling
+    a prompt    fills in chunks of `prefill_chunk_tokens`, each a job of its own on the model
+                worker (as the gateway's open runs them), in turn with the passes; all of it but
+                its last token, which the first step feeds
+    a pass      every ready session, up to `max_batch` and `max_batch_tokens` rows: a cloud
+                stream adds one row, a device's verify k + 1; it takes pass_s(rows) plus each
+                request's handling
     cloud       a stream steps again in the next pass; its token reaches the device RTT/2 later
     hybrid      a verify gives 1 + min(k, G) tokens, G ~ Geometric(1 - alpha) - 1 (the accept
                 rule's count at acceptance alpha); the device drafts k tokens (k x its draft
@@ -182,7 +185,7 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
                 st.n["evictions"] += 1
             s = int(np.argmin(live))
             live[s], ready[s], last[s], seen[s], first_at[s] = True, when, prev, was_seen, first
-            remaining[s], prefill[s], held[s], who[s], hybrid[s] = left, tokens, tokens, j, req.hybrid[j]
+            remaining[s], prefill[s], held[s], who[s], hybrid[s] = left, tokens - 1, tokens, j, req.hybrid[j]
             n_live += 1
             st.peak_sessions = max(st.peak_sessions, n_live)
         if n_live == 1:  # a session alone until the next request arrives: its passes at once
@@ -206,46 +209,50 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
             t = nxt
             continue
         if len(due) > 1:
-            due = due[np.argsort(ready[due], kind="stable")][:max_batch]
-        pf = prefill[due] > 0
+            due = due[np.argsort(ready[due], kind="stable")]
+        if prefill[due[0]] > 0:  # the oldest job is a prompt: a chunk of it fills, a pass of its own
+            s = int(due[0])
+            rows = int(min(prefill[s], chunk))
+            end = t + costs.prefill_s(rows, pass_s[min(rows, max_rows)])
+            prefill[s] -= rows
+            st.n["passes"] += 1
+            st.n["rows"] += rows
+            j = who[s]  # opened: a stream steps next; a device gets the reply and drafts first
+            ready[s] = end + (req.rtt[j] + k * req.draft_s[j] if prefill[s] <= 0 and hybrid[s] else 0.0)
+            t = end
+            continue
+        due = due[prefill[due] <= 0][:max_batch]
         h = hybrid[due]
-        rows = np.where(pf, np.minimum(prefill[due], chunk), np.where(h, k + 1, 1))
+        rows = np.where(h, k + 1, 1)
         total = int(rows.sum())
         if total > max_batch_rows and len(due) > 1:
-            keep = np.cumsum(rows) <= max(max_batch_rows, rows[0])
-            due, pf, h, rows = due[keep], pf[keep], h[keep], rows[keep]
+            keep = np.cumsum(rows) <= max_batch_rows
+            due, h, rows = due[keep], h[keep], rows[keep]
             total = int(rows.sum())
-        verifies = int((h & ~pf).sum())
+        verifies = int(h.sum())
         end = t + pass_s[min(total, max_rows)] + verifies * costs.verify_overhead_s + (len(due) - verifies) * costs.stream_overhead_s
         st.n["passes"] += 1
         st.n["rows"] += total
         r_idx = who[due]
         rtt = req.rtt[r_idx]
-        # prompts: a chunk each; a cloud stream's first token comes with the prompt's last chunk
-        prefill[due] -= np.where(pf, rows, 0)
-        opened = pf & (prefill[due] <= 0)
-        gained = np.where(pf, (opened & ~h).astype(np.int64), 1)
-        hv = h & ~pf
-        if k and hv.any():
-            gained[hv] += np.minimum(k, rng.geometric(1 - req.alpha[r_idx[hv]]) - 1)
+        gained = np.ones(len(due), np.int64)
+        if k and h.any():
+            gained[h] += np.minimum(k, rng.geometric(1 - req.alpha[r_idx[h]]) - 1)
         gained = np.minimum(gained, remaining[due])
-        got = gained > 0
-        if got.any():
-            s_got, deliver, g = due[got], end + rtt[got] / 2, gained[got]
-            first = ~seen[s_got]
-            if first.any():
-                ttft_v.append(deliver[first] - req.t[r_idx[got][first]])
-                first_at[s_got[first]] = deliver[first]
-            later = ~first
-            itl_v.append((deliver[later] - last[s_got][later]) / g[later])
-            itl_w.append(g[later])
-            seen[s_got], last[s_got] = True, deliver
-            remaining[s_got] -= g
-            held[s_got] += g
-            st.n["tokens"] += int(g.sum())
+        s_got, deliver, g = due, end + rtt / 2, gained
+        first = ~seen[s_got]
+        if first.any():
+            ttft_v.append(deliver[first] - req.t[r_idx[first]])
+            first_at[s_got[first]] = deliver[first]
+        later = ~first
+        itl_v.append((deliver[later] - last[s_got][later]) / g[later])
+        itl_w.append(g[later])
+        seen[s_got], last[s_got] = True, deliver
+        remaining[s_got] -= g
+        held[s_got] += g
+        st.n["tokens"] += int(g.sum())
         # when each comes back: a stream in the next pass; a device after an RTT and k drafts
-        back = np.where(h & (opened | ~pf), rtt + k * req.draft_s[r_idx], 0.0)
-        ready[due] = end + back
+        ready[due] = end + np.where(h, rtt + k * req.draft_s[r_idx], 0.0)
         done = due[remaining[due] <= 0]
         if len(done):
             tpot_v.append((last[done] - first_at[done]) / np.maximum(1, req.answer[who[done]] - 1))

@@ -73,6 +73,7 @@ async def bench_speculative(
     rtt_ms: float | None = None,
     pipeline: bool | None = None,
     split: bool = False,
+    baseline: str | None = None,
     progress=None,
 ) -> dict:
     """Target alone (cloud), drafter alone (local) and speculative, per prompt, in one run, after
@@ -93,11 +94,20 @@ async def bench_speculative(
     ceiling_speedup_vs_cloud (and ceiling_decode_speedup_vs_cloud) is the same prediction with
     drafting free and never discarded (costmodel.ceiling_s_per_token): what no pipelining or
     drafting schedule can beat at this pair's acceptance and this target's verify curve.
+    `baseline`: a model measured alone on its own engine's loop, on the gateway's cores once the
+    gateway has stopped (baseline.py: speedup_vs_baseline, cloud_vs_engine).
     """
     with placed(split) as (device_cores, gateway_cores):
         with gateway_link(target, gateway, rtt_ms, gateway_cores) as url:
             out = await _bench_speculative(drafter, target, url, prompts, max_new_tokens, draft_len, pipeline, progress)
         out.update(machine(device_cores, gateway_cores))
+        if baseline is not None:
+            from .baseline import compare, engine_baseline
+
+            base = engine_baseline(baseline, prompts, max_new_tokens, gateway_cores)
+            out.update({"baseline": baseline, **compare(out, base, out.pop("cloud_outputs"))})
+        else:
+            out.pop("cloud_outputs")
     if rtt_ms is not None:
         out["rtt_ms"] = rtt_ms
     return out
@@ -108,7 +118,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
                     pipeline=pipeline)
     totals = {m: dict.fromkeys(("s", "tokens", "first_s", "decode_s", "decode_tokens"), 0.0)
               for m in ("cloud", "local", "speculative")}
-    mismatches, rounds, examples, prompt_alpha = 0, [], [], []
+    mismatches, rounds, examples, prompt_alpha, cloud_outputs = 0, [], [], [], []
     accepted = tested = 0
     predicted = {"cloud": 0.0, "speculative": 0.0, "ceiling": 0.0}
     ceiling_decode_s = 0.0  # free drafting at each prompt's acceptance, over its tokens
@@ -123,6 +133,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
                 for key, value in timing.items():
                     totals[mode][key] += value
             spec, ref = runs["speculative"], runs["cloud"]
+            cloud_outputs.append(list(ref.tokens))
             if spec.tokens != ref.tokens:
                 mismatches += 1
                 examples.append({"prompt": prompt[:80], "target": ref.text[:200], "speculative": spec.text[:200]})
@@ -185,6 +196,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "max_new_tokens": max_new_tokens,
         "rounds": len(rounds),
         "tokens": emitted,
+        "cloud_outputs": cloud_outputs,  # for a baseline's comparison; not printed
     }
     if client._owned_gateway is not None:
         out["tie_recomputes"] = client._owned_gateway.stats.get("tie_recomputes", 0)

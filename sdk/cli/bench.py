@@ -52,10 +52,12 @@ def speculative(
     gateway: str = typer.Option("inproc", help="'inproc' or a running gateway's URL."),
     pipeline: Optional[bool] = typer.Option(None, "--pipeline/--no-pipeline", help=PIPELINE_HELP),
     split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
+    baseline: Optional[str] = typer.Option(None, help="Also measure this model alone on its own engine's loop (a GGUF model: llama.cpp's, what llama-server runs), on the gateway's cores."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Speculative vs target alone vs drafter alone, greedy, on the same prompts; beside them what
-    the cost model predicts from calibration passes (predicted_speedup_vs_cloud, efficiency)."""
+    the cost model predicts from calibration passes (predicted_speedup_vs_cloud, efficiency), and
+    with --baseline the same model run by the engine a user would pick instead."""
     from ..bench.speculative import bench_speculative
 
     k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else fail("--draft-len: a number or 'auto'", 2)
@@ -65,7 +67,8 @@ def speculative(
 
     result = run(bench_speculative(
         drafter=drafter, target=target, prompts=_prompts(prompts, limit), max_new_tokens=max_new_tokens,
-        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, split=_split(split_cores, gateway), progress=progress,
+        draft_len=k, gateway=gateway, rtt_ms=rtt_ms, pipeline=pipeline, split=_split(split_cores, gateway),
+        baseline=baseline, progress=progress,
     ))
     print_result(result, "bench speculative", as_json)
 
