@@ -17,7 +17,6 @@ compared with (`bench speculative --baseline NAME`):
 from __future__ import annotations
 
 import os
-import time
 from contextlib import contextmanager
 
 from ...local_runtime.backends import gguf_path, split_backend
