@@ -145,6 +145,8 @@ def make_batch_invariant(model) -> bool:
             reason = (f"a {shape[1]}x{shape[0]} {str(dtype).removeprefix('torch.')} GEMM on {_device(model)} "
                       f"sums {bad} rows in another order than a block")
             break
+    if reason is None:
+        reason = _probe_exact_linears(model)
     if reason is not None:
         log.info("batch invariance is off (the near-tie rule stays): %s", reason)
         if model in _invariant:  # probed on another device before: undo
@@ -159,6 +161,23 @@ def make_batch_invariant(model) -> bool:
     model.set_attn_implementation(INVARIANT)
     _invariant[model] = _device(model)
     return True
+
+
+def _probe_exact_linears(model) -> str | None:
+    """The W8A8 layers' rows are independent by construction (int32 sums, per-row scales); the
+    probe checks this machine's int8 kernel agrees, once per distinct shape. The reason it does
+    not, or None."""
+    from .quant_w8a8 import W8A8Linear, w8a8_rule
+
+    shapes: dict[tuple, W8A8Linear] = {}
+    for m in model.modules():
+        if isinstance(m, W8A8Linear):
+            shapes.setdefault((m.in_features, m.out_features, m.kernel), m)
+    for (n_in, n_out, kernel), m in shapes.items():
+        bad = probe_linear(torch.empty(n_out, n_in), None, linear=lambda x, _w, _b, m=m: w8a8_rule(x, m))
+        if bad is not None:
+            return f"a {n_in}x{n_out} W8A8 GEMM ({kernel}) gives {bad} rows other bits than a block"
+    return None
 
 
 # the models make_batch_invariant converted, and the device each was probed on

@@ -9,6 +9,8 @@
     tiny-llama@NAME     the same, speaking NAME's real tokenizer (tests of tokenizer boundaries)
     PATH                any transformers model directory, or a `.gguf` file
     NAME:int8           weight-only int8 (per-output-channel scales) of any of the above
+    NAME:w8a8           int8 weights and per-row int8 activations, batch-invariant: a gateway target
+    NAME:bf16           bfloat16 weights, batch-invariant where the kernels allow it
 
 Nothing is downloaded: a model comes from an installed package or a local path, and a missing one
 is reported by name with the command that installs it. Loads are cached per process, so a gateway
@@ -134,29 +136,32 @@ def resolve_gguf(name: str, *, progress: bool = True) -> Path:
 
 
 # The default pair: Qwen2.5-Coder 0.5B drafting on llama.cpp for the 1.5B (one tokenizer: they
-# verify token ids). A gateway may run its target on llama.cpp (compute-bound on a CPU) or in
-# torch (`:bf16`/`:fp32`, memory-bound on a GPU or with AVX512-BF16), see the README.
+# verify token ids). The target runs as the fastest exact engine for the machine (`@auto`,
+# remote_gateway/choice.py): W8A8 where the CPU multiplies int8 (VNNI, AMX), else llama.cpp.
 DEFAULT_DRAFTER = "qwen2.5-coder-0.5b@llama.cpp"
-DEFAULT_TARGET = "qwen2.5-coder-1.5b@llama.cpp"
+DEFAULT_TARGET = "qwen2.5-coder-1.5b@auto"
 
 _cache: dict[str, LoadedModel] = {}
 _cache_lock = threading.Lock()
 
 
-VARIANTS = ("int8", "bf16", "fp32")
+VARIANTS = ("int8", "w8a8", "bf16", "fp32")
 
 
 def load_model(name: str, *, progress: bool = True) -> LoadedModel:
     """Load a model by registry name or path. A variant names how its weights are held:
-    `NAME:int8` (weight-only int8, per output channel), `NAME:bf16` (bfloat16: what a GPU runs;
-    on a CPU fast only with AVX512-BF16 or AMX), `NAME:fp32` (float32, the default)."""
+    `NAME:int8` (weight-only int8, per output channel), `NAME:w8a8` (int8 weights and per-row
+    int8 activations: exact and batch-invariant, a gateway target; w8a8_model.py), `NAME:bf16`
+    (bfloat16: what a GPU runs; on a CPU fast only with AVX512-BF16 or AMX), `NAME:fp32`."""
     with _cache_lock:
         if name in _cache:
             return _cache[name]
         base, _, variant = name.partition(":")
         if variant not in ("", *VARIANTS):
             raise ModelLoadError(f"unknown model variant ':{variant}' in '{name}' (known: {', '.join(':' + v for v in VARIANTS)})")
-        lm = _load_base(base, progress=progress) if variant != "bf16" else None
+        lm = _load_w8a8(name, base, progress) if variant == "w8a8" else None
+        if variant in ("", "int8", "fp32"):
+            lm = _load_base(base, progress=progress)
         if variant == "int8":
             from .quant import quantize_int8
 
@@ -174,6 +179,22 @@ def load_model(name: str, *, progress: bool = True) -> LoadedModel:
             lm = LoadedModel(name=name, model=lm.model, tokenizer=lm.tokenizer, source=lm.source)
         _cache[name] = lm
         return lm
+
+
+def _load_w8a8(name: str, base: str, progress: bool) -> LoadedModel:
+    from .w8a8_model import load_w8a8
+
+    def load_float() -> tuple[LoadedModel, bool]:
+        if base in _cache:  # someone holds the float model: quantise a copy
+            return _cache[base], False
+        lm = _load_base(base, progress=progress)
+        _cache.pop(base, None)  # its float weights are quantised in place
+        return lm, True
+
+    source = resolve_gguf(base, progress=progress) if is_packaged(base) else Path(base).expanduser()
+    return load_w8a8(name, source=source if source.is_file() else None, load_float=load_float,
+                     tokenizer_for=lambda model: _tokenizer_for(source, model),
+                     status=lambda message: _status(progress, message))
 
 
 def _clone_module(model: Any) -> Any:
@@ -325,10 +346,16 @@ def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -
     model.eval()
     if model.generation_config is not None:
         model.generation_config.pad_token_id = hf_tok.pad_token_id or hf_tok.eos_token_id
+    return LoadedModel(name=name, model=model, tokenizer=_tokenizer_for(path, model, hf_tok), source=str(path))
+
+
+def _tokenizer_for(path: Path, model: Any, hf_tok: Any = None) -> Tokenizer:
+    """The tokenizer of the model loaded from `path` (its generation config adds end tokens)."""
+    hf_tok = _hf_tokenizer(path) if hf_tok is None else hf_tok
     if hf_tok.chat_template is None and "gemma" in (model.config.model_type or ""):
         hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
     _fix_chat_template(hf_tok, path)
-    return LoadedModel(name=name, model=model, tokenizer=_wrap_hf_tokenizer(hf_tok, model), source=str(path))
+    return _wrap_hf_tokenizer(hf_tok, model)
 
 
 @contextmanager

@@ -301,6 +301,55 @@ def pick_kernel(kernel: str = "auto", rows: int = 128, in_features: int = 576, o
     return best
 
 
+class W8A8Linear(torch.nn.Module):
+    """An nn.Linear computed in W8A8 with per-row activation scales and no outlier channels: the
+    form of a gateway target (`NAME:w8a8`). Each row is quantised on its own (max|row| / 127) and
+    the int8 products are summed exactly in int32, so a row's result is the same bits whatever
+    else shares the pass: batch-invariant by construction, and the probe (`invariant.py`)
+    confirms it on this machine's kernel. Inputs keep their leading dimensions."""
+
+    def __init__(self, w: W8A8Weights, kernel: str) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.packed = pack(w, kernel, rows=8)
+        self.in_features, self.out_features = w.in_features, w.out_features
+
+    @staticmethod
+    def quantize(linear: torch.nn.Linear) -> W8A8Weights:
+        """The weights of `linear` in this layer's form: per output channel, per-row activations."""
+        return quantize_w8a8(linear.weight, torch.ones(linear.in_features), n_outliers=0, bias=linear.bias,
+                             per_channel=True, dynamic=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = w8a8_linear(x.reshape(-1, self.in_features).float(), self.packed, self.kernel)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, W8A8 per-row, {self.kernel}"
+
+
+def w8a8_rule(x: torch.Tensor, layer: W8A8Linear, _bias=None) -> torch.Tensor:
+    """A W8A8Linear as `probe_linear` calls a rule (x, weight, bias)."""
+    return layer(x)
+
+
+def quantize_model_w8a8(model: torch.nn.Module, kernel: str = "auto", *, collect: dict | None = None,
+                        prefix: str = "") -> torch.nn.Module:
+    """Every nn.Linear of `model` (in place, the float weight released as it goes) as a
+    W8A8Linear on `kernel` (auto: the faster int8 GEMM here, per shape); returns the model.
+    `collect`, if given, receives {module name: (W8A8Weights, kernel)}, what a saved copy needs."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            k = pick_kernel(kernel, 8, child.in_features, child.out_features)
+            w = W8A8Linear.quantize(child)
+            if collect is not None:
+                collect[prefix + name] = (w, k)
+            setattr(model, name, W8A8Linear(w, k))
+        else:
+            quantize_model_w8a8(child, kernel, collect=collect, prefix=f"{prefix}{name}.")
+    return model
+
+
 # (rows, in_features, out_features) -> seconds per call of each int8 kernel `pick_kernel("auto")`
 # timed on that shape (None: unavailable in this torch build)
 KERNEL_TIMES: dict[tuple[int, int, int], dict[str, float | None]] = {}
@@ -319,7 +368,10 @@ def kernel_report(rows: int = 128, in_features: int = 576, out_features: int = 1
 
 __all__ = [
     "W8A8Weights",
+    "W8A8Linear",
     "PackedW8A8",
+    "quantize_model_w8a8",
+    "w8a8_rule",
     "quantize_w8a8",
     "pack",
     "w8a8_linear",

@@ -347,6 +347,8 @@ class GatewayInfo(_Message):
     replica: str | None = Field(None, description="this replica's id: the prefix of its session ids")
     auth: bool = Field(False, description="requests need `authorization: Bearer <api key>`")
     batching: bool = Field(False, description="verifies from different sessions share forward passes")
+    target: dict | None = Field(None, description="how the target runs here: engine, why it was chosen for this "
+                                "machine, and the figures the choice was made on")
 
 
 ErrorCode = Literal[

@@ -190,14 +190,25 @@ def make_backend(
     threads: int | None = None,
     max_sessions: int = 64,
 ) -> TargetBackend:
-    """The backend that runs `model`: `kind`, or the one its name asks for (`NAME@llama.cpp`),
-    else transformers. `device` (transformers): "cpu" or "cuda"; `threads`: CPU threads."""
+    """The backend that runs `model`: `kind`, or the one its name asks for (`NAME@llama.cpp`;
+    `NAME@auto`: the one choice.py picks for this machine, kept as `backend.choice`), else transformers. `device` (transformers): "cpu" or "cuda"; `threads`: CPU threads."""
+    choice = None
     if isinstance(model, str):
+        from .choice import resolve_target
+
+        model, choice = resolve_target(model)  # NAME@auto: the fastest exact target here
         model, suffix = split_target(model)
         if suffix is not None and kind not in (None, suffix):
             raise ValueError(f"model '{model}@{suffix}' names backend '{suffix}' but the config says '{kind}'")
         kind = kind if kind is not None else suffix
     kind = kind or "transformers"
+    backend = _make(kind, model, batching=batching, device=device, threads=threads, max_sessions=max_sessions)
+    backend.choice = choice
+    return backend
+
+
+def _make(kind: str, model: str | LoadedModel, *, batching: bool, device: str, threads: int | None,
+          max_sessions: int) -> TargetBackend:
     if kind == "transformers":
         return TransformersBackend(model, batching=batching, device=device, threads=threads)
     if device != "cpu":

@@ -256,24 +256,41 @@ class Block:
 @dataclass
 class BatchingConfig:
     enabled: bool = True
-    window_ms: float = 3.0  # how long a lone job waits for others while other sessions are live
+    window_ms: float = 20.0  # the longest a batch waits for other live sessions' jobs (see company_wait_s)
     max_batch: int = 64  # sessions per forward pass
     max_batch_tokens: int = 512  # packed tokens per forward pass (bounds the logits buffer)
+
+
+# A batch short of the live sessions waits for company at most this share of the last pass's
+# time (and never over `window_ms`): a job that arrives just after a pass started would otherwise
+# wait the whole pass, and two clients would take turns, one row each, for good.
+WAIT_SHARE = 0.1
+
+
+def company_wait_s(window_ms: float, last_pass_s: float | None, queued: int, live: int, max_batch: int) -> float:
+    """How long the next batch waits for more jobs: 0 when every live session is queued (or the
+    batch is full), else min(window, WAIT_SHARE x the last pass) (the window alone before any)."""
+    if window_ms <= 0 or queued >= min(live, max_batch):
+        return 0.0
+    window = window_ms / 1000
+    return window if last_pass_s is None else min(window, WAIT_SHARE * last_pass_s)
 
 
 @dataclass
 class _LoopState:
     queue: list = field(default_factory=list)
     task: asyncio.Task | None = None
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Batcher:
     """Collects Blocks from concurrent requests and runs them as packed forward passes.
 
     Continuous batching: the scheduler task runs one batch at a time on the model worker; jobs
-    that arrive meanwhile queue up and form the next batch as soon as it is done. A job that
-    arrives when nothing is running waits up to `window_ms` for company, but only while other
-    sessions are live (a lone client is never delayed)."""
+    that arrive meanwhile queue up and form the next batch as soon as it is done. A batch with
+    fewer jobs than there are live sessions waits for company, up to `company_wait_s` (the window,
+    and a tenth of the last pass), and goes as soon as every live session is in (a lone client is
+    never delayed)."""
 
     def __init__(
         self,
@@ -293,6 +310,7 @@ class Batcher:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = weakref.WeakKeyDictionary()
         self.batches = 0
         self.batched_jobs = 0
+        self.last_pass_s: float | None = None  # the last forward's time: bounds the wait for company
 
     async def run(self, block: Block) -> Any:
         loop = asyncio.get_running_loop()
@@ -301,6 +319,7 @@ class Batcher:
         state = self._loops.setdefault(loop, _LoopState())
         fut = loop.create_future()
         state.queue.append((block, fut))
+        state.arrived.set()
         if state.task is None or state.task.done():
             state.task = loop.create_task(self._drain(state))
         return await fut
@@ -308,11 +327,8 @@ class Batcher:
     async def _drain(self, state: _LoopState) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
-        first = True
         while state.queue:
-            if first and cfg.window_ms > 0 and len(state.queue) < cfg.max_batch and self._busy() > len(state.queue):
-                await asyncio.sleep(cfg.window_ms / 1000)
-            first = False
+            await self._wait_for_company(state)
             jobs, tokens = [], 0
             while state.queue and len(jobs) < cfg.max_batch:
                 n = state.queue[0][0].tokens
@@ -335,6 +351,20 @@ class Batcher:
                 else:
                     fut.set_result(outcome.value)
 
+    async def _wait_for_company(self, state: _LoopState) -> None:
+        """Hold the next batch until every live session has a job queued, up to `company_wait_s`."""
+        cfg = self.config
+        wait = company_wait_s(cfg.window_ms, self.last_pass_s, len(state.queue), self._busy(), cfg.max_batch)
+        deadline = time.monotonic() + wait
+        while wait > 0:
+            state.arrived.clear()
+            try:
+                await asyncio.wait_for(state.arrived.wait(), wait)
+            except TimeoutError:
+                return
+            wait = min(deadline - time.monotonic(),
+                       company_wait_s(cfg.window_ms, self.last_pass_s, len(state.queue), self._busy(), cfg.max_batch))
+
     def _run_batch(self, blocks: list[Block]) -> list["_Outcome"]:
         """On the model worker: one forward over every block (plain for a single one), then each
         block's decisions."""
@@ -350,6 +380,8 @@ class Batcher:
                 b.engine.truncate(b.start)
             return [_Outcome(error=exc)] * len(blocks)
         by_block = {id(b): r for b, r in zip(forward, rows)}
+        if forward:
+            self.last_pass_s = time.perf_counter() - t0
         if self._on_batch is not None:
             self._on_batch(len(forward), sum(len(r) for r in rows), time.perf_counter() - t0)
         if len(forward) > 1:
@@ -375,4 +407,4 @@ class _Outcome:
         return self.value
 
 
-__all__ = ["Batcher", "BatchingConfig", "Block", "SessionEngine", "forward_packed", "install", "ragged_attention", "token_groups"]
+__all__ = ["Batcher", "BatchingConfig", "company_wait_s", "Block", "SessionEngine", "forward_packed", "install", "ragged_attention", "token_groups"]

@@ -53,7 +53,8 @@ class BatchingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    window_ms: float = Field(3.0, ge=0, le=1000, description="how long a verify waits for others to share its pass")
+    window_ms: float = Field(20.0, ge=0, le=1000, description="the longest a pass waits for other live sessions' "
+                             "verifies to share it (never over a tenth of the last pass's time)")
     max_batch: int = Field(64, ge=1, le=1024, description="sessions per forward pass")
     max_batch_tokens: int = Field(512, ge=1, le=65536, description="packed tokens per forward pass")
 
@@ -84,8 +85,9 @@ class EdgeSettings(BaseModel):
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(DEFAULT_TARGET, description="target model: a registered name or path; NAME:bf16|fp32|int8 "
-                       "picks the torch weights, NAME@llama.cpp the llama.cpp backend")
+    model: str = Field(DEFAULT_TARGET, description="target model: a registered name or path; NAME:w8a8|bf16|fp32|int8 "
+                       "picks the torch weights, NAME@llama.cpp the llama.cpp backend, NAME@auto the fastest exact "
+                       "one for this machine (W8A8 with VNNI/AMX, else llama.cpp; the choice is in /v1/info)")
     backend: Literal["transformers", "llama.cpp", "vllm"] | None = Field(
         None, description="what runs the target model (default: what the model name says, else transformers)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="transformers backend: cpu, or cuda (refused without CUDA)")

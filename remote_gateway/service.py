@@ -148,6 +148,7 @@ class Gateway:
             replica=self.replica_id,
             auth=self.auth_required,
             batching=self.batcher.packed,
+            target=self.backend.choice.to_dict() if self.backend.choice is not None else None,
         )
 
     async def get_info(self, req: GetInfo | None = None, principal: Principal | None = None) -> GatewayInfo:

@@ -22,6 +22,7 @@ class TargetBackend(ABC):
     batched: bool = False  # whether forward() packs several sessions into one pass
     supports_sampling: bool = True
     max_sequence_tokens: int | None = None  # a session's longest sequence, where the backend bounds it
+    choice: Any = None  # choice.TargetChoice when the target was chosen for this machine (NAME@auto)
 
     @property
     def name(self) -> str:

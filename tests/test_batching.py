@@ -199,3 +199,16 @@ def test_backend_without_batching_serves_one_at_a_time(tiny_target):
     gw = Gateway(backend=backend)
     assert not gw.info().batching
     gw.close()
+
+
+def test_a_short_batch_waits_for_company_a_bounded_share_of_a_pass():
+    from tandem.remote_gateway.batching import WAIT_SHARE, company_wait_s
+
+    assert company_wait_s(20, None, 1, 4, 64) == 0.02  # no pass timed yet: the window
+    assert company_wait_s(20, 0.17, 1, 2, 64) == 0.017  # a tenth of a 170 ms pass
+    assert company_wait_s(20, 1.0, 1, 2, 64) == 0.02  # never over the window
+    assert company_wait_s(20, 0.17, 2, 2, 64) == 0.0  # every live session is in
+    assert company_wait_s(20, 0.17, 1, 1, 64) == 0.0  # a lone client is never delayed
+    assert company_wait_s(20, 0.17, 4, 9, 4) == 0.0  # the batch is full
+    assert company_wait_s(0, 0.17, 1, 2, 64) == 0.0  # switched off
+    assert WAIT_SHARE * 0.17 == company_wait_s(50, 0.17, 1, 3, 64)

@@ -23,6 +23,7 @@ PROMPTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Once upon a time, i
 PAIRS = [
     ("tiny-llama", "tiny-llama:int8"), ("tiny-llama", "tiny-llama-b"), ("tiny-llama", "tiny-llama-c"),
     ("tiny-qwen2", "tiny-qwen2:int8"), ("tiny-qwen2", "tiny-qwen2-b"), ("tiny-llama", "tiny-qwen2-b"),
+    ("tiny-llama:w8a8", "tiny-llama"), ("tiny-qwen2:w8a8", "tiny-qwen2-b"),  # the exact int8 target
 ]
 
 

@@ -85,3 +85,27 @@ def test_the_cached_tokenizer_is_the_converted_one(tmp_path, monkeypatch):
     assert a.fingerprint == b.fingerprint and a.eot_token_id == b.eot_token_id and a.special_ids == b.special_ids
     for text in ("Why is the sky blue?", "def f(x):\n    return x ** 2  # Übersetzung, 空"):
         assert a.prompt_tokens(text) == b.prompt_tokens(text) and a.encode(text) == b.encode(text)
+
+
+def test_the_w8a8_target_is_lossless_under_the_llamacpp_drafter(tmp_path, monkeypatch):
+    """The exact int8 target the default chooses on VNNI/AMX CPUs: speculative output is the
+    W8A8 model's own, token for token, and its saved copy computes the same."""
+    from .conftest import assert_speculative_is_target
+
+    from tandem.local_runtime import models
+    from tandem.remote_gateway.service import Gateway
+
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
+    models._cache.pop(TARGET, None)  # quantised in place, not beside a float copy
+    try:
+        lm = load_model(TARGET + ":w8a8", progress=False)
+    except models.ModelLoadError as exc:
+        pytest.skip(f"no exact W8A8 target on this CPU: {exc}")
+    assert lm.batch_invariant and lm.tie_margin == 0.0
+    out = list(generate_alone(lm, lm.tokenizer.prompt_tokens("Why is the sky blue?"), 24))
+    assert "scatter" in lm.tokenizer.text(out).lower()
+    assert_speculative_is_target(Gateway(lm), DRAFTER + "@llama.cpp", [CODE_PROMPT, "Why is the sky blue?"], 24, 4)
+    models._cache.pop(TARGET + ":w8a8")
+    again = load_model(TARGET + ":w8a8", progress=False)  # from the saved copy
+    assert list(generate_alone(again, again.tokenizer.prompt_tokens("Why is the sky blue?"), 24)) == out
+    models._cache.pop(TARGET + ":w8a8")

@@ -306,7 +306,8 @@ def bench_capacity(*, drafter: str, target: str, prompts: list[str], devices: li
                     say(f"N={n} {mode}: {point['tokens_per_s']:.1f} tok/s, ITL p99 {point['itl_p99_ms']:.0f} ms, "
                         f"{point['rows_per_pass']:.1f} rows/pass, efficiency {point['efficiency']}")
                     points.append(point)
-    return _report(points, costs, devices, itl_slo_ms, mismatches, drafter=drafter, target=target, load_s=load_s,
+    return _report(points, costs, devices, itl_slo_ms, mismatches, drafter=drafter, target=target,
+                   target_served=info.get("model"), target_choice=info.get("target"), load_s=round(load_s, 1),
                    draft_len=draft_len, max_new_tokens=max_new_tokens, prompts=n_prompts, prompt_tokens=[len(p) for p in ids],
                    cores={"device": sorted(device_cores) if device_cores else "all",
                           "gateway": sorted(gateway_cores) if gateway_cores else "all"})

@@ -124,6 +124,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     ceiling_decode_s = 0.0  # free drafting at each prompt's acceptance, over its tokens
     try:
         _ = client.drafter, client.transport  # load both models before timing anything
+        served = await client.transport.info()  # what the gateway runs (NAME@auto: what it chose and why)
         cal = await calibrate(client)
         tok = client.drafter.tokenizer
         for i, prompt in enumerate(prompts):
@@ -189,7 +190,9 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "calibration": cal.to_dict(),
         "drafter": drafter,
         "target": target,
-        "target_dtype": target_dtype(target),
+        "target_served": served.model,
+        "target_choice": served.target,
+        "target_dtype": target_dtype(served.model),
         "draft_len": draft_len,
         "mean_draft_len": round(sum(r.k for r in rounds) / max(1, len(rounds)), 2),
         "pipeline": client.pipelining,
@@ -246,7 +249,8 @@ def target_dtype(target: str) -> str:
     base, _, variant = target.partition(":")
     if "@llama" in target:
         return "gguf (llama.cpp)"
-    return {"bf16": "bfloat16", "int8": "int8 weights", "fp32": "float32"}.get(variant, "float32")
+    return {"bf16": "bfloat16", "int8": "int8 weights", "w8a8": "int8 weights and activations (W8A8)",
+            "fp32": "float32"}.get(variant, "float32")
 
 
 def similarity(a: str, b: str) -> float:
