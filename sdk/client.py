@@ -163,7 +163,9 @@ class Client:
         self.target_name = target
         self.mode = mode
         self.defaults = RunOptions(
-            prompt="", target=target, draft_len=draft_len, max_draft_len=max_draft_len, fallback=fallback,
+            # an in-process gateway is built from `target` and serves it under its own name
+            # (`NAME@llama.cpp` -> NAME, `NAME@auto` -> the choice): nothing to ask it for
+            prompt="", target=None if gateway == "inproc" else target, draft_len=draft_len, max_draft_len=max_draft_len, fallback=fallback,
             rejoin_every=rejoin_every, token_router=token_router, assist_threshold=assist_threshold,
         )
         self.retries = retries

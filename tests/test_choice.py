@@ -44,3 +44,22 @@ def test_the_gateway_reports_how_its_target_runs():
     backend.choice = rule("tiny-llama", {"available": False, "reason": "stand-in"})
     info = Gateway(backend=backend).info()
     assert info.target["engine"] == "llama.cpp" and "stand-in" in info.target["why"]
+
+
+def test_an_in_process_gateway_built_from_auto_serves_the_choice(monkeypatch):
+    """The client asks its own gateway for nothing by name: `NAME@auto` is served as the choice."""
+    import asyncio
+
+    from tandem.remote_gateway import choice
+    from tandem.sdk import Client
+
+    monkeypatch.setattr(choice, "measure", lambda: {"available": True, "int8_dot": True, "exact": True,
+                                                    "ms": {"1": 1.0, "8": 1.0}})
+
+    async def go():
+        async with Client(drafter="tiny-llama", target="tiny-llama@auto", draft_len=3) as c:
+            rec = await c.generate("Hello there", max_new_tokens=6, chat=False, mode="speculative")
+            return rec, (await c.transport.info()).model
+
+    rec, served = asyncio.run(go())
+    assert served == "tiny-llama:w8a8" and len(rec.tokens) == 6
