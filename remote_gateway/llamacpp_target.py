@@ -9,14 +9,18 @@
 
 Exact by construction. llama.cpp computes a block of tokens with other kernels than a single
 token (and a unified KV cache sums attention over other sequences' cells too), which moves
-logits by ~0.3 on the bundled Q4_K_M models: enough to flip near-tied greedy choices. So the
-context computes one token per micro-batch (`n_ubatch` 1) and keeps each sequence's keys and
-values in a stream of its own (`kv_unified` off): every row then equals what the model
-decoding alone computes, whatever else shares the `llama_decode` (measured: bit-identical on the
-bundled Qwen2.5 models, within 3e-4 on a tiny float32 one; tests/test_llamacpp_target.py). On a CPU this costs little: a block of k tokens costs ~k steps there anyway
-(compute-bound). The price is the KV pool: `ctx_per_session` cells for each of `max_sessions`.
-A near tie is still recomputed canonically (the prefix alone, from an empty cache, in the
-model's own context, as `LlamaCppEngine.fresh_logits` does), as on every other engine.
+logits by ~0.3 on the bundled Q4_K_M models: enough to flip near-tied greedy choices. So every
+session computes with one split, the model's `prompt_batched` rule (backends/llamacpp.py,
+`split_points`): its prompt, all but the last token, batched in pieces of `n_batch` aligned at 0
+(one `llama_decode` of that session alone: a batched prefill), and every later token alone, one
+token a micro-batch, in decode calls shared with other sessions. Keys and values live in a
+stream per sequence (`kv_unified` off). Every row then equals what the model decoding alone
+under the same rule computes, whatever else shares the call (measured: bit-identical on the
+bundled Qwen2.5 models, within 3e-4 on a tiny float32 one; tests/test_llamacpp_target.py). On a
+CPU decoding one token a micro-batch costs little: a block of k tokens costs ~k steps there
+anyway (compute-bound). The price is the KV pool: `ctx_per_session` cells for each of
+`max_sessions`. A near tie is still recomputed canonically (the prefix alone, from an empty
+cache, in the model's own context, with the session's prompt split), as on every other engine.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import threading
 import numpy as np
 import torch
 
-from ..local_runtime.backends.llamacpp import LlamaCppModel, default_threads
+from ..local_runtime.backends.llamacpp import LlamaCppModel, default_threads, split_points
 from ..local_runtime.sequence import Sequence
 from ..protocols.errors import BackendUnavailable, gateway_error
 from .target import TargetBackend
@@ -40,6 +44,11 @@ class LlamaCppSession(Sequence):
         self.target = target
         self.seq = seq
         self.released = False
+        self.batched_upto = 0  # the prompt filled in batched pieces (fill); from here one token a call
+
+    def reset(self) -> None:
+        super().reset()
+        self.batched_upto = 0
 
     def pending(self) -> list[int]:
         return self.tokens[self.cached :]
@@ -54,7 +63,7 @@ class LlamaCppSession(Sequence):
 
     def fresh_logits(self, prefix_len: int) -> torch.Tensor:
         self.forward_passes += 1
-        return self.target.canonical_logits(self.tokens[:prefix_len])
+        return self.target.canonical_logits(self.tokens[:prefix_len], self.batched_upto)
 
     def release(self) -> None:
         """Give the sequence id back (the session is over); idempotent."""
@@ -84,10 +93,12 @@ class LlamaCppTarget(TargetBackend):
             from ..local_runtime.models import load_tokenizer
 
             model = LlamaCppModel(model, gguf_path(model), load_tokenizer(model), n_threads=n_threads, n_batch=n_batch,
-                                  n_ubatch=1)
+                                  prompt_batched=True)
+        if not model.prompt_batched:
+            raise ValueError("the llama.cpp target needs a model loaded with prompt_batched=True (its exact split)")
         self.model = model
         self.lm = self.model  # .name, .tokenizer, .vocab_size
-        self.n_batch = n_batch
+        self.n_batch = self.model.n_batch
         self.max_sessions = max_sessions
         import llama_cpp
 
@@ -98,8 +109,7 @@ class LlamaCppTarget(TargetBackend):
         for field, _ in params._fields_:
             setattr(params, field, getattr(self.model.llm.context_params, field))
         params.n_ctx = max_sessions * ctx_per_session
-        params.n_batch = n_batch
-        params.n_ubatch = 1  # every token computed as a decode step is: rows independent of the batch
+        params.n_batch = params.n_ubatch = self.n_batch  # a prompt piece is one micro-batch
         params.n_seq_max = max_sessions
         params.kv_unified = False  # a KV stream per sequence: attention sums over its own cells only
         params.n_threads = params.n_threads_batch = n_threads or default_threads()
@@ -109,7 +119,7 @@ class LlamaCppTarget(TargetBackend):
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.max_sequence_tokens = llama_cpp.llama_n_ctx_seq(self.ctx)
         self.mem = llama_cpp.llama_get_memory(self.ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._free = list(range(max_sessions - 1, -1, -1))
         self._lock = threading.Lock()
         self._canonical = self.model.new_engine()
@@ -144,15 +154,18 @@ class LlamaCppTarget(TargetBackend):
 
     # -- forward passes ------------------------------------------------------------------------------
 
+    @property
+    def prefill_chunk(self) -> int:
+        """The prompt pieces the gateway fills with: the rule's `n_batch`, aligned at 0."""
+        return self.n_batch
+
     def forward(self, engines: list[LlamaCppSession]) -> list[torch.Tensor]:
-        """Every engine's pending tokens in as few `llama_decode` calls as `n_batch` allows (each
-        call appends to every sequence in it, in order); a logits row for each pending token."""
-        jobs = [(e, p, t) for e in engines for p, t in zip(range(e.cached, len(e.tokens)), e.pending())]
+        """Every engine's pending tokens, one token per `llama_decode` (a micro-batch of one: the
+        rule's decode step); a logits row for each pending token."""
         rows: dict[int, list[np.ndarray]] = {id(e): [] for e in engines}
-        for lo in range(0, len(jobs), self.n_batch):
-            chunk = jobs[lo : lo + self.n_batch]
-            for e, row in zip((e for e, _, _ in chunk), self._decode([(e.seq, p, t, True) for e, p, t in chunk])):
-                rows[id(e)].append(row)
+        for e in engines:
+            for p, t in zip(range(e.cached, len(e.tokens)), e.pending()):
+                rows[id(e)] += self._decode([(e.seq, p, t, True)])
         for e in engines:
             e.cached = len(e.tokens)
             e.forward_passes += 1
@@ -162,11 +175,12 @@ class LlamaCppTarget(TargetBackend):
         return self.forward([engine])[0]
 
     def fill(self, engine: LlamaCppSession, upto: int) -> None:
-        """A prompt into the cache, no logits wanted."""
-        items = [(engine.seq, p, engine.tokens[p], False) for p in range(engine.cached, upto)]
-        for lo in range(0, len(items), self.n_batch):
-            self._decode(items[lo : lo + self.n_batch])
-        engine.cached = upto
+        """A prompt into the cache, no logits wanted: batched pieces (the rule's prompt part)."""
+        if engine.cached != engine.batched_upto:
+            raise ValueError("a llama.cpp session's prompt is filled before anything is decoded")
+        for lo, hi in split_points(engine.cached, upto, upto, self.n_batch):
+            self._decode([(engine.seq, p, engine.tokens[p], False) for p in range(lo, hi)])
+        engine.cached = engine.batched_upto = upto
         engine.forward_passes += 1
 
     def _decode(self, items: list[tuple[int, int, int, bool]]) -> list[np.ndarray]:
@@ -194,11 +208,13 @@ class LlamaCppTarget(TargetBackend):
                 out.append(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy())
         return out
 
-    def canonical_logits(self, prefix: list[int]) -> torch.Tensor:
+    def canonical_logits(self, prefix: list[int], batched_upto: int) -> torch.Tensor:
         """The logits after `prefix`, decoded alone from an empty cache in the model's own
-        single-sequence context: exactly what `LlamaCppEngine.fresh_logits` computes."""
+        single-sequence context with the session's split (prompt batched up to `batched_upto`):
+        exactly what `LlamaCppEngine.fresh_logits` computes."""
         engine = self._canonical
         engine.tokens = list(prefix)
+        engine.batched_upto = batched_upto
         return engine.fresh_logits(len(prefix))
 
     def close(self) -> None:

@@ -279,7 +279,8 @@ class Gateway:
                 # prefill everything but the last token (each verify starts by feeding it), in
                 # chunks so that other sessions' verifies interleave with a long prompt
                 async with session.lock:
-                    chunk = max(1, self.limits.prefill_chunk_tokens)
+                    # a backend whose exact split fixes the prompt's pieces names them
+                    chunk = max(1, getattr(self.backend, "prefill_chunk", None) or self.limits.prefill_chunk_tokens)
                     for upto in [*range(chunk, engine_len - 1, chunk), engine_len - 1]:
                         await self._run(self.backend.fill, engine, upto)
         except BaseException:

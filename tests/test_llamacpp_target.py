@@ -18,7 +18,8 @@ from .conftest import run
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time", "1, 2, 3,"]
+PROMPTS = ["Hello there", "The quick brown fox", "Once upon a time", "1, 2, 3,",
+           "A prompt longer than two of the target's batched prefill pieces of sixteen tokens."]
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def target_model(tmp_path_factory):
 
     lm = load_model("tiny-llama", progress=False)
     path = write_llama_gguf(lm, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
-    # one token per micro-batch, like the gateway's context: the reference decodes as the gateway does
-    return LlamaCppModel("tiny-llama", path, lm.tokenizer, n_ctx=512, n_threads=1, n_ubatch=1)
+    # the gateway's split (prompt batched in pieces of 16, then a token a micro-batch): the
+    # reference decodes as the gateway does, and prompts of more than one piece are covered
+    return LlamaCppModel("tiny-llama", path, lm.tokenizer, n_ctx=512, n_threads=1, n_batch=16, prompt_batched=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +127,34 @@ def test_sequences_are_a_pool_given_back_at_close(gateway, target_model):
 
     r = run(go())
     assert r.tokens == [next(generate_alone(target_model, [256, 70], 1))]
+
+
+def test_the_prompt_split_is_batched_pieces_aligned_at_zero_then_single_tokens():
+    from tandem.local_runtime.backends.llamacpp import split_points
+
+    assert split_points(0, 40, 39, 16) == [(0, 16), (16, 32), (32, 39), (39, 40)]
+    assert split_points(16, 39, 39, 16) == [(16, 32), (32, 39)]  # a fill that resumes a prompt
+    assert split_points(39, 42, 39, 16) == [(39, 40), (40, 41), (41, 42)]  # verification: a token a call
+    assert split_points(0, 1, 0, 16) == [(0, 1)]  # a one-token prompt
+    assert split_points(10, 12, 39, 16) == [(10, 12)]
+
+
+def test_a_long_prompt_fills_batched_and_stays_exact(gateway, target_model):
+    """More than one prefill piece: the session's rows after the prompt equal the model alone
+    under the same split, and the canonical recomputation agrees with both."""
+    target = gateway.backend
+    prompt = target_model.tokenizer.prompt_tokens(PROMPTS[-1], chat=False)
+    assert len(prompt) > 2 * target.n_batch
+    alone = target_model.new_engine()
+    rows_alone = [alone.prefill(prompt).numpy()] + [alone.step(t).numpy() for t in (65, 66, 67)]
+    s = target.new_engine()
+    s.append(prompt)
+    for upto in range(target.prefill_chunk, len(prompt) - 1, target.prefill_chunk):
+        target.fill(s, upto)
+    target.fill(s, len(prompt) - 1)
+    assert s.batched_upto == len(prompt) - 1
+    s.append([65, 66, 67])
+    rows = target.forward([s])[0].numpy()
+    np.testing.assert_array_equal(rows, np.stack(rows_alone))
+    np.testing.assert_array_equal(s.fresh_logits(len(prompt) + 3).numpy(), rows[-1])
+    s.release()

@@ -73,17 +73,26 @@ class LlamaCppModel:
         n_batch: int = 512,
         n_ubatch: int | None = None,
         flash_attn: bool = True,
+        prompt_batched: bool = False,
     ) -> None:
         """`n_ubatch` tokens are computed together (default `n_batch`); 1 computes every token
         as a decode step does, so rows do not depend on what else was in a batch. `flash_attn`
         is llama.cpp's own default on a CPU (llama-cpp-python turns it off): on the 0.5B drafter
-        it prefills ~15% faster and decodes ~2% faster."""
+        it prefills ~15% faster and decodes ~2% faster.
+
+        `prompt_batched` is the split an exact target computes with (`split_points`): a
+        sequence's prompt, all but its last token, in pieces of `n_batch` aligned at 0; every
+        later token alone, as a decode step. Cloud mode, verification and the canonical
+        recomputation then see the same rows, and the prompt costs a batched prefill."""
         llama_cpp = _llama_cpp()
         self.name = name
         self.source = str(path)
         self.tokenizer = tokenizer
         self.n_threads = n_threads or default_threads()
         self.n_batch = n_batch
+        self.prompt_batched = prompt_batched
+        if prompt_batched:
+            n_ubatch = n_batch
         self.tie_margin = DEFAULT_TIE_MARGIN
         if not Path(path).is_file():
             raise BackendUnavailable(f"llama.cpp needs a GGUF file; nothing at {path}")
@@ -118,6 +127,19 @@ class LlamaCppModel:
         _open_models.discard(self)
 
 
+def split_points(start: int, upto: int, batched_upto: int, n_batch: int) -> list[tuple[int, int]]:
+    """The decode calls that compute tokens [start, upto) under the prompt-batched rule: below
+    `batched_upto` (the prompt but its last token) in pieces that end at multiples of `n_batch`,
+    from it on one token a call."""
+    calls, lo = [], start
+    while lo < min(upto, batched_upto):
+        hi = min(upto, batched_upto, (lo // n_batch + 1) * n_batch)
+        calls.append((lo, hi))
+        lo = hi
+    calls += [(p, p + 1) for p in range(max(lo, start), upto)]
+    return calls
+
+
 class LlamaCppEngine(Sequence):
     """The `DraftingEngine` interface over one llama.cpp context (sequence 0). Rows are views of
     llama.cpp's logits buffer, valid until the next decode (the base copies what it keeps)."""
@@ -128,6 +150,11 @@ class LlamaCppEngine(Sequence):
         self._ctx = model.llm.ctx
         self._mem = self._llama_cpp.llama_get_memory(self._ctx)
         self._llama_cpp.llama_memory_clear(self._mem, True)
+        self.batched_upto: int | None = None  # prompt_batched: where the batched prompt ends
+
+    def reset(self) -> None:
+        super().reset()
+        self.batched_upto = None
 
     def _crop(self, pos: int) -> bool:
         if pos == 0:
@@ -150,8 +177,14 @@ class LlamaCppEngine(Sequence):
         llama_cpp = self._llama_cpp
         if upto > self.lm.n_ctx:
             raise BackendUnavailable(f"sequence of {upto} tokens exceeds the llama.cpp context ({self.lm.n_ctx})")
-        for lo in range(start, upto, self.lm.n_batch):
-            n = min(self.lm.n_batch, upto - lo)
+        if self.lm.prompt_batched:
+            if self.batched_upto is None:
+                self.batched_upto = max(0, upto - 1)  # the first forward is the prompt
+            calls = split_points(start, upto, self.batched_upto, self.lm.n_batch)
+        else:
+            calls = [(lo, min(upto, lo + self.lm.n_batch)) for lo in range(start, upto, self.lm.n_batch)]
+        for lo, hi in calls:
+            n = hi - lo
             arr = (llama_cpp.llama_token * n)(*self.tokens[lo : lo + n])
             rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, n))
             if rc != 0:
@@ -206,4 +239,4 @@ def native_generate(model: LlamaCppModel, prompt: list[int], max_new_tokens: int
     return {"tokens": out, "first_s": first, "total_s": time.perf_counter() - t0}
 
 
-__all__ = ["LlamaCppModel", "LlamaCppEngine", "native_generate", "native_generate_rate", "default_threads"]
+__all__ = ["LlamaCppModel", "LlamaCppEngine", "split_points", "native_generate", "native_generate_rate", "default_threads"]
