@@ -189,9 +189,12 @@ def make_backend(
     device: str = "cpu",
     threads: int | None = None,
     max_sessions: int = 64,
+    prompt_batch: int = 512,
 ) -> TargetBackend:
     """The backend that runs `model`: `kind`, or the one its name asks for (`NAME@llama.cpp`;
-    `NAME@auto`: the one choice.py picks for this machine, kept as `backend.choice`), else transformers. `device` (transformers): "cpu" or "cuda"; `threads`: CPU threads."""
+    `NAME@auto`: the one choice.py picks for this machine, kept as `backend.choice`), else
+    transformers. `device` (transformers): "cpu" or "cuda"; `threads`: CPU threads;
+    `prompt_batch` (llama.cpp): the prompt tokens computed together."""
     choice = None
     if isinstance(model, str):
         from .choice import resolve_target
@@ -202,13 +205,14 @@ def make_backend(
             raise ValueError(f"model '{model}@{suffix}' names backend '{suffix}' but the config says '{kind}'")
         kind = kind if kind is not None else suffix
     kind = kind or "transformers"
-    backend = _make(kind, model, batching=batching, device=device, threads=threads, max_sessions=max_sessions)
+    backend = _make(kind, model, batching=batching, device=device, threads=threads, max_sessions=max_sessions,
+                    prompt_batch=prompt_batch)
     backend.choice = choice
     return backend
 
 
 def _make(kind: str, model: str | LoadedModel, *, batching: bool, device: str, threads: int | None,
-          max_sessions: int) -> TargetBackend:
+          max_sessions: int, prompt_batch: int) -> TargetBackend:
     if kind == "transformers":
         return TransformersBackend(model, batching=batching, device=device, threads=threads)
     if device != "cpu":
@@ -218,7 +222,7 @@ def _make(kind: str, model: str | LoadedModel, *, batching: bool, device: str, t
     if kind == "llama.cpp":
         from .llamacpp_target import LlamaCppTarget
 
-        return LlamaCppTarget(model, n_threads=threads, max_sessions=min(max_sessions, 32))
+        return LlamaCppTarget(model, n_threads=threads, max_sessions=min(max_sessions, 32), n_batch=prompt_batch)
     if kind == "vllm":
         return VllmBackend(model)
     raise ValueError(f"unknown backend '{kind}' (known: {', '.join(BACKENDS)})")

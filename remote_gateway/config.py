@@ -92,6 +92,8 @@ class GatewayConfig(BaseModel):
         None, description="what runs the target model (default: what the model name says, else transformers)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="transformers backend: cpu, or cuda (refused without CUDA)")
     threads: int | None = Field(None, ge=1, description="CPU threads for the model (default: every core this process may use)")
+    prompt_batch: int = Field(512, ge=1, le=8192, description="llama.cpp target: prompt tokens computed together "
+                              "(its n_batch and n_ubatch; the prompt's pieces, aligned at 0; later tokens go one a micro-batch)")
     host: str = Field("127.0.0.1", description="bind address")
     port: int = Field(8000, ge=0, le=65535)
     replica_id: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,32}$", description="prefix of this replica's session ids")

@@ -16,7 +16,7 @@ from .common import add_commands, err, fail
 
 def gateway_serve(
     config: Optional[Path] = typer.Option(None, help="Gateway config file (YAML); see samples/gateway.yaml."),
-    model: Optional[str] = typer.Option(None, help="Target model: NAME, NAME:bf16|fp32|int8, NAME@llama.cpp (default from the config)."),
+    model: Optional[str] = typer.Option(None, help="Target model: NAME, NAME:w8a8|bf16|fp32|int8, NAME@llama.cpp, NAME@auto (default from the config)."),
     host: Optional[str] = typer.Option(None, help="Bind address (default 127.0.0.1)."),
     port: Optional[int] = typer.Option(None, help="Port (default 8000)."),
     device: Optional[str] = typer.Option(None, help="Where the torch target runs: cpu, cuda, cuda:N (refused without CUDA)."),
@@ -39,7 +39,7 @@ def gateway_serve(
     keys = cfg.keyring()
     try:
         backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled, device=cfg.device,
-                               threads=cfg.threads, max_sessions=cfg.max_sessions)
+                               threads=cfg.threads, max_sessions=cfg.max_sessions, prompt_batch=cfg.prompt_batch)
         gw = Gateway(limits=cfg.limits(), batching=cfg.batching.config(), backend=backend, replica_id=cfg.replica_id)
     except TandemError as exc:
         fail(str(exc))
