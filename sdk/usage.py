@@ -76,5 +76,10 @@ class GenerationRecord:
     first_piece_s: float | None = None  # seconds to the first piece of text (the prompt's prefill included)
     first_piece_tokens: int = 0  # tokens the record held when that piece came
 
+    @property
+    def ttft_ms(self) -> float | None:
+        """Time to the first token a user sees (the first piece of text), in ms; None before it."""
+        return None if self.first_piece_s is None else round(self.first_piece_s * 1000, 1)
+
 
 __all__ = ["Usage", "Round", "GenerationRecord", "Piece", "ACCEPTED", "CLOUD", "LOCAL", "ORIGIN_NAMES", "ORIGIN_STYLES"]

@@ -31,6 +31,9 @@ def test_bench_speculative_through_the_link(tmp_path):
     # free drafting bounds what the run's own schedule is predicted to reach
     assert out["ceiling_speedup_vs_cloud"] >= out["predicted_speedup_vs_cloud"] - 1e-3
     assert out["predicted_s_per_token"]["ceiling"] <= out["predicted_s_per_token"]["speculative"] + 1e-6
+    # time to first token per mode, and what the gateway served (the name it was given here)
+    assert set(out["ttft_ms"]) == {"cloud", "local", "speculative"} and all(v > 0 for v in out["ttft_ms"].values())
+    assert out["target_served"] == "tiny-llama" and out["target_choice"] is None
 
 
 def test_bench_verify_cost_predicts_from_a_random_target():

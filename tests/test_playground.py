@@ -178,3 +178,4 @@ def test_summary_of_a_record():
     assert s["tokens_per_round"] == 2.5 and s["cloud_passes_per_token"] == 0.4 and s["tokens_per_s"] == 5.0
     assert s["acceptance_rate"] == 0.75 and (s["bytes_up"], s["bytes_down"]) == (100, 200)
     assert summarize(GenerationRecord(mode="local"))["tokens_per_round"] is None
+    assert s["ttft_ms"] is None and summarize(GenerationRecord(mode="cloud", first_piece_s=0.1234))["ttft_ms"] == 123.4

@@ -63,3 +63,4 @@ def test_cli_generate_json():
     data = json.loads(out.stdout)
     assert data["mode"] == "speculative" and data["text"]
     assert set(data["usage"]) >= {"local_tokens", "cloud_tokens", "accepted_tokens", "rounds", "bytes_up", "bytes_down", "wall_s", "fallbacks"}
+    assert 0 < data["usage"]["ttft_ms"] < data["usage"]["wall_s"] * 1000

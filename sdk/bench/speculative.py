@@ -179,6 +179,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         "efficiency": round(speedup / predicted_speedup, 3),
         "s_per_token": {m: round(v, 5) for m, v in spt.items()},
         "first_piece_s": {m: round(v["first_s"] / max(1, len(prompts)), 3) for m, v in totals.items()},
+        "ttft_ms": {m: round(v["first_s"] / max(1, len(prompts)) * 1000, 1) for m, v in totals.items()},  # the same, in ms
         "decode_s_per_token": {m: round(v, 5) for m, v in decode.items()},
         "decode_speedup_vs_cloud": round(decode["cloud"] / decode["speculative"], 3) if decode["speculative"] else None,
         "predicted_decode_speedup_vs_cloud": round(cal.step_s / (seconds / expected), 3) if seconds else None,

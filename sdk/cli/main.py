@@ -62,6 +62,7 @@ def _usage_table(record) -> Table:
         ("rounds", u.rounds),
         ("acceptance", f"{u.acceptance_rate:.1%}" if u.tested_tokens else "-"),
         ("bytes up / down", f"{u.bytes_up:,} / {u.bytes_down:,}"),
+        ("time to first token", f"{record.ttft_ms:,.0f} ms" if record.ttft_ms is not None else "-"),
         ("wall", f"{u.wall_s:.2f} s ({len(record.tokens) / u.wall_s:.1f} tok/s)" if u.wall_s else "-"),
         ("fallbacks", u.fallbacks),
     ]
@@ -113,7 +114,7 @@ def generate(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc), code=2)
     if as_json:
-        print(json.dumps({"text": record.text, "mode": record.mode, "usage": record.usage.to_dict(),
+        print(json.dumps({"text": record.text, "mode": record.mode, "usage": {**record.usage.to_dict(), "ttft_ms": record.ttft_ms},
                           "tokens": len(record.tokens), "finish_reason": record.finish_reason,
                           "decision": record.decision}, default=str))
     else:

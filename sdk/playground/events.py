@@ -51,6 +51,7 @@ def summarize(rec: GenerationRecord, elapsed_s: float | None = None, moved: tupl
     cloud_passes_per_token  target forward passes / tokens: a pass per round, or per token when
                             the cloud generates alone
     tokens_per_s            tokens / seconds so far (`elapsed_s`; the final wall time once done)
+    ttft_ms                 time to the first piece of text (None before it)
     """
     u, n = rec.usage, len(rec.tokens)
     wall = u.wall_s or elapsed_s or 0.0
@@ -67,6 +68,7 @@ def summarize(rec: GenerationRecord, elapsed_s: float | None = None, moved: tupl
         "cloud_passes_per_token": passes / n if n else None,
         "tokens_per_s": n / wall if wall > 0 else None,
         "wall_s": wall,
+        "ttft_ms": rec.ttft_ms,
     }
 
 

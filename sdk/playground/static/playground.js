@@ -385,6 +385,7 @@ function renderUsage(u) {
     ["acceptance", fmt.pct(u.acceptance_rate), "acceptance"],
     ["cloud passes per token", fmt.f2(u.cloud_passes_per_token), "passes"],
     ["bytes up / down", `${fmt.bytes(u.bytes_up)} / ${fmt.bytes(u.bytes_down)}`, "bytes"],
+    ["time to first token", u.ttft_ms === null || u.ttft_ms === undefined ? "–" : `${fmt.n(Math.round(u.ttft_ms))} ms`, "ttft"],
     ["tokens per second", fmt.f2(u.tokens_per_s), "tokens-per-s"],
     ["wall time", `${fmt.f2(u.wall_s)} s`, "wall"],
     ["fallbacks", fmt.n(u.fallbacks), "fallbacks"],
