@@ -264,6 +264,30 @@ def simulate(
     print_result(result, "bench simulate", as_json)
 
 
+def ttft(
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="The device model."),
+    target: str = typer.Option(DEFAULT_TARGET, help="The gateway's model (its own process)."),
+    prompt_tokens: int = typer.Option(700, min=1, max=32000, help="Prompt length in tokens, built from Spec-Bench text."),
+    prompts: Optional[Path] = typer.Option(None, help=PROMPTS_HELP),
+    reps: int = typer.Option(2, min=1, max=20, help="Runs per mode (the median is reported)."),
+    rtt_ms: Optional[float] = typer.Option(None, min=0, help="Put the gateway behind the link simulator with this round trip."),
+    split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Time to first token on a long prompt: cloud, speculative and local against the same gateway,
+    beside llama.cpp's own batched prefill of that prompt for the target and the device model."""
+    from ..bench.machine import split_cores as halves
+    from ..bench.ttft import bench_ttft
+
+    split = halves() is not None if split_cores is None else split_cores
+    try:
+        result = bench_ttft(drafter=drafter, target=target, texts=_prompts(prompts, None), prompt_tokens=prompt_tokens,
+                            split=split, rtt_ms=rtt_ms, reps=reps, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    except ValueError as exc:
+        fail(str(exc), 2)
+    print_result(result, "bench ttft", as_json)
+
+
 def register(bench_app: typer.Typer) -> None:
     add_commands(bench_app, {"simulate": simulate, "capacity": capacity, "verify-cost": verify_cost,
-                             "speculative": speculative, "modes": modes, "rtt-plot": rtt_plot})
+                             "speculative": speculative, "modes": modes, "rtt-plot": rtt_plot, "ttft": ttft})
