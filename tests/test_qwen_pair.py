@@ -109,3 +109,10 @@ def test_the_w8a8_target_is_lossless_under_the_llamacpp_drafter(tmp_path, monkey
     again = load_model(TARGET + ":w8a8", progress=False)  # from the saved copy
     assert list(generate_alone(again, again.tokenizer.prompt_tokens("Why is the sky blue?"), 24)) == out
     models._cache.pop(TARGET + ":w8a8")
+
+
+def test_llama_cpps_own_prefill_is_timed_on_the_real_file():
+    from tandem.sdk.bench.ttft import llama_cpp_prefill_ms, long_prompt
+
+    text, n = long_prompt(load_tokenizer(DRAFTER, progress=False), [CODE_PROMPT], 64)
+    assert n == 64 and llama_cpp_prefill_ms(DRAFTER + "@llama.cpp", text, None, 1) > 0
