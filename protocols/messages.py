@@ -349,6 +349,7 @@ class GatewayInfo(_Message):
     batching: bool = Field(False, description="verifies from different sessions share forward passes")
     target: dict | None = Field(None, description="how the target runs here: engine, why it was chosen for this "
                                 "machine, and the figures the choice was made on")
+    load_s: float | None = Field(None, description="seconds this gateway took to load its target and start (cold start)")
 
 
 ErrorCode = Literal[

@@ -103,6 +103,7 @@ class Gateway:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`clock` (seconds, monotonic) times session expiry and rate limits; tests pass a fake."""
+        t_load = time.monotonic()
         batching = batching or BatchingConfig()
         self.limits = limits or GatewayLimits()
         self.backend = backend or make_backend(None, model, batching=batching.enabled, max_sessions=self.limits.max_sessions)
@@ -131,6 +132,7 @@ class Gateway:
             self.lm, self.metrics, self.stats, max_draft_tokens=lim.max_draft_tokens, max_append_tokens=lim.max_append_tokens
         )
         self.ready = True
+        self.load_s = time.monotonic() - t_load  # the target loaded (a saved W8A8 copy, or quantised) and set up
 
     @property
     def model_name(self) -> str:
@@ -149,6 +151,7 @@ class Gateway:
             auth=self.auth_required,
             batching=self.batcher.packed,
             target=self.backend.choice.to_dict() if self.backend.choice is not None else None,
+            load_s=round(self.load_s, 2),
         )
 
     async def get_info(self, req: GetInfo | None = None, principal: Principal | None = None) -> GatewayInfo:

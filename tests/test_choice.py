@@ -39,7 +39,8 @@ def test_the_gateway_reports_how_its_target_runs():
     from tandem.remote_gateway.backends import make_backend
     from tandem.remote_gateway.service import Gateway
 
-    assert Gateway("tiny-llama").info().target is None  # named outright: nothing was chosen
+    plain = Gateway("tiny-llama").info()
+    assert plain.target is None and plain.load_s >= 0  # named outright: nothing was chosen
     backend = make_backend(None, "tiny-llama")
     backend.choice = rule("tiny-llama", {"available": False, "reason": "stand-in"})
     info = Gateway(backend=backend).info()

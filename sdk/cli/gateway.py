@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import json
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ def gateway_serve(
     replica_id: Optional[str] = typer.Option(None, help="This replica's id, the prefix of its session ids (a StatefulSet passes its pod name)."),
 ) -> None:
     """Serve the gateway over HTTP (uvicorn)."""
+    started = time.monotonic()
     from ...remote_gateway.app import serve
     from ...remote_gateway.backends import make_backend
     from ...remote_gateway.config import load_config
@@ -41,6 +44,7 @@ def gateway_serve(
         backend = make_backend(cfg.backend, cfg.model, batching=cfg.batching.enabled, device=cfg.device,
                                threads=cfg.threads, max_sessions=cfg.max_sessions, prompt_batch=cfg.prompt_batch)
         gw = Gateway(limits=cfg.limits(), batching=cfg.batching.config(), backend=backend, replica_id=cfg.replica_id)
+        gw.load_s = time.monotonic() - started  # the command's start to ready: the target's load included
     except TandemError as exc:
         fail(str(exc))
     auth = f"{len(keys)} API key(s)" if keys.required else "no API keys (auth: none)"
