@@ -279,10 +279,9 @@ class Gateway:
             raise
         try:
             if engine_len > 1:
-                # prefill everything but the last token (each verify starts by feeding it), in
-                # chunks so that other sessions' verifies interleave with a long prompt
+                # prefill everything but the last token (each verify starts by feeding it), in chunks so that
+                # other sessions' verifies interleave; a backend whose exact split fixes the pieces names them
                 async with session.lock:
-                    # a backend whose exact split fixes the prompt's pieces names them
                     chunk = max(1, getattr(self.backend, "prefill_chunk", None) or self.limits.prefill_chunk_tokens)
                     for upto in [*range(chunk, engine_len - 1, chunk), engine_len - 1]:
                         await self._run(self.backend.fill, engine, upto)
