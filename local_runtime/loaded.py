@@ -21,7 +21,7 @@ class Tokenizer:
     decode: Callable[[Sequence[int]], str]
     vocab: dict[str, int]
     eos_token_ids: list[int]
-    chat: Callable[[list[dict]], list[int]] | None = None
+    chat: Callable[..., list[int]] | None = None  # (messages, tools=None) -> prompt ids, the model's chat template
     bos_token_id: int | None = None
     special_ids: frozenset[int] = frozenset()  # control tokens: never part of generated text
     fingerprint: str = field(init=False)
@@ -49,6 +49,16 @@ class Tokenizer:
         if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
+
+
+def render_chat(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """A conversation (and the tools it may call) as prompt ids: the chat template when the model
+    has one, else the turns' text joined by blank lines (tools then cannot be offered)."""
+    if tok.chat is not None:
+        return tok.chat(messages, tools) if tools else tok.chat(messages)
+    if tools:
+        raise ValueError("tools need a model with a chat template, which renders them into the prompt")
+    return tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
 
 
 def tokenizer_fingerprint(vocab: dict[str, int], eos: Sequence[int], bos: int | None) -> str:
@@ -103,4 +113,4 @@ class LoadedModel:
         return total
 
 
-__all__ = ["LoadedModel", "Tokenizer", "tokenizer_fingerprint"]
+__all__ = ["LoadedModel", "Tokenizer", "tokenizer_fingerprint", "render_chat"]

@@ -19,6 +19,8 @@ and a drafter in one process share nothing by accident but the same name loads o
 
 from __future__ import annotations
 
+import json
+
 import functools
 import hashlib
 import importlib.util
@@ -378,6 +380,29 @@ def _gguf_conversion_bar(show: bool) -> Iterator[None]:
         gguf_utils.tqdm = bar
 
 
+def hf_messages(messages: list[dict]) -> list[dict]:
+    """Chat messages in the shape Hugging Face chat templates read: an assistant turn's calls as
+    {"type": "function", "function": {"name", "arguments": {...}}} (arguments as an object, which
+    the template writes out as JSON), tool results as role "tool"."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function", c)
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        pass  # the template writes what it was given
+                calls.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
 def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     eos: set[int] = set()
     if tok.eos_token_id is not None:
@@ -398,8 +423,9 @@ def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     chat = None
     if tok.chat_template is not None:
 
-        def chat(messages: list[dict]) -> list[int]:
-            out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        def chat(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+            extra = {"tools": [{"type": "function", "function": t} for t in tools]} if tools else {}
+            out = tok.apply_chat_template(hf_messages(messages), add_generation_prompt=True, tokenize=True, **extra)
             if isinstance(out, dict) or hasattr(out, "input_ids"):
                 out = out["input_ids"]
             return [int(t) for t in out]

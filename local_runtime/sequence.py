@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .draft import DEFAULT_DRAFT_SUPPORT, DEFAULT_TIE_MARGIN, Draft
+from .grammar import GrammarState, apply_mask
 from .sampling import logits_to_probs, sample_sparse, top2_margin, truncate_support
 
 
@@ -129,13 +130,17 @@ class Sequence(ABC):
         self.truncate_cache(0)
         return _as_tensor(self._evaluate(prefix_len))
 
-    def greedy_token(self, logits: torch.Tensor, prefix_len: int) -> int:
+    def greedy_token(self, logits: torch.Tensor, prefix_len: int, allowed: np.ndarray | None = None) -> int:
         """argmax of `logits`, the row predicting position `prefix_len`, with near-ties resolved
-        by the canonical recomputation (see the module docstring)."""
+        by the canonical recomputation (see the module docstring); over the tokens a grammar
+        admits when `allowed` is given (grammar.py)."""
+        if allowed is not None:
+            logits = apply_mask(logits, allowed)
         if top2_margin(logits) >= self.tie_margin:
             return int(torch.argmax(logits))
         self.tie_recomputes += 1
-        return int(torch.argmax(self.fresh_logits(prefix_len)))
+        fresh = self.fresh_logits(prefix_len)
+        return int(torch.argmax(fresh if allowed is None else apply_mask(fresh, allowed)))
 
     def draft(
         self,
@@ -145,28 +150,49 @@ class Sequence(ABC):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         support: int = DEFAULT_DRAFT_SUPPORT,
+        grammar: GrammarState | None = None,
+        max_len: int | None = None,
     ) -> Draft:
         """Propose k tokens after the sequence. They are appended to `tokens` (the caller
         truncates back to what the target accepts); the last one is not yet computed. A drafter's
-        greedy choice need not be canonical: the target decides."""
+        greedy choice need not be canonical: the target decides.
+
+        Under a `grammar` (already in line with the tokens generated so far; it advances over
+        the drafts, and the caller syncs it back) the drafter's logits are masked, and a token the
+        grammar forces is drafted without running the model: such forced drafts do not count
+        towards k, up to `max_len` drafts in all. The model then evaluates the forced tokens
+        together with the next one it drafts."""
         t0 = time.perf_counter()
         out = Draft.empty(sampled=temperature > 0)
-        if k == 0:
-            return out
-        row = self._next_row()
-        for i in range(k):
-            if temperature > 0:
-                ids, probs = truncate_support(logits_to_probs(_as_tensor(row), temperature, top_p), support)
-                tok = sample_sparse(ids, probs, generator)
-                q = float(probs[(ids == tok).nonzero()[0, 0]])
-                out.dists.append((ids.tolist(), probs.tolist()))
+        limit = k if max_len is None or grammar is None else max(k, max_len)
+        row, drafted = None, 0
+        while drafted < k and len(out) < limit:
+            mask = grammar.mask() if grammar is not None else None
+            if mask is not None and not mask.allowed.any():
+                break  # the grammar is complete: nothing can follow
+            if mask is not None and mask.only is not None:
+                tok, q = mask.only, 1.0
+                if temperature > 0:
+                    out.dists.append(([tok], [1.0]))
+                out.forced.append(True)
             else:
-                tok, q = greedy_pick(row)
+                if row is None or len(self.tokens) > self.cached:
+                    row = self._next_row() if not out.tokens else self._evaluate(len(self.tokens))
+                logits = _as_tensor(row) if mask is None else apply_mask(row, mask.allowed)
+                if temperature > 0:
+                    ids, probs = truncate_support(logits_to_probs(logits, temperature, top_p), support)
+                    tok = sample_sparse(ids, probs, generator)
+                    q = float(probs[(ids == tok).nonzero()[0, 0]])
+                    out.dists.append((ids.tolist(), probs.tolist()))
+                else:
+                    tok, q = greedy_pick(logits)
+                drafted += 1
+                out.forced.append(False)
             out.tokens.append(tok)
             out.probs.append(q)
             self.tokens.append(tok)
-            if i < k - 1:
-                row = self._evaluate(len(self.tokens))
+            if grammar is not None:
+                grammar.sync(grammar.tokens + [tok])
         out.seconds = time.perf_counter() - t0
         return out
 
@@ -181,24 +207,36 @@ def generate_alone(
     seed: int | None = None,
     tie_margin: float | None = None,
     eos_token_ids: list[int] | None = None,
+    grammar: GrammarState | None = None,
 ) -> Iterator[int]:
     """One model decoding by itself, one token per step: the reference speculative output is
     compared against, and the `local`/`cloud` modes. Yields token ids as they are chosen. Every
-    model brings its own engine (`new_engine`: torch, llama.cpp, the lean int8 loop, ...)."""
+    model brings its own engine (`new_engine`: torch, llama.cpp, the lean int8 loop, ...).
+    Under a `grammar` (at its start) the logits are masked; a forced token skips the model, and
+    the generation ends where the grammar admits nothing more."""
     engine = lm.new_engine(tie_margin=tie_margin)
     eos = set(lm.tokenizer.eos_token_ids if eos_token_ids is None else eos_token_ids)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    logits = engine.prefill(prompt)
+    engine.reset()
+    engine.append(prompt)
     for _ in range(max_new_tokens):
-        if temperature > 0:
-            probs = logits_to_probs(logits, temperature, top_p)
+        mask = grammar.mask() if grammar is not None else None
+        if mask is not None and not mask.allowed.any():
+            return
+        if mask is not None and mask.only is not None:
+            tok = mask.only
+        elif temperature > 0:
+            logits = engine.next_logits()
+            probs = logits_to_probs(logits if mask is None else apply_mask(logits, mask.allowed), temperature, top_p)
             tok = int(torch.multinomial(probs.float(), 1, generator=gen))
         else:
-            tok = engine.greedy_token(logits, len(engine.tokens))
+            tok = engine.greedy_token(engine.next_logits(), len(engine.tokens), None if mask is None else mask.allowed)
         yield tok
         if tok in eos:
             return
-        logits = engine.step(tok)
+        engine.append([tok])
+        if grammar is not None:
+            grammar.sync(grammar.tokens + [tok])
 
 
 __all__ = ["Sequence", "generate_alone", "greedy_pick", "Draft", "DEFAULT_TIE_MARGIN"]

@@ -166,6 +166,7 @@ class Conformance:
             self.check("append", "append", self._append, needs=("step", "next2"))
             self.check("verify_text in a text session", "verify_text", self._verify_text, needs=("info",))
             self.check("close", "close_session", self._close, needs=("s1",))
+            self.check("a constrained generation follows its grammar", "generate", self._constrained, needs=("info",))
             self._error_checks()
         finally:
             for sid in self.state.get("sessions", []):
@@ -298,6 +299,20 @@ class Conformance:
             _expect_error(self.post("verify_text", stale), "wrong_position")
         return f"{position} target tokens, {offset} characters"
 
+    def _constrained(self) -> str:
+        body = {"type": "generate", "version": PROTOCOL_VERSION, "prompt_text": "Yes or no?", "max_new_tokens": 16,
+                "constraint": {"kind": "regex", "source": "(yes|no)!"}}
+        op = BY_NAME["generate"]
+        with self.http.stream(op.method, op.path, content=json.dumps(body), headers={"content-type": "application/json"}) as r:
+            if r.status_code != 200:
+                r.read()
+                raise _Mismatch(f"HTTP {r.status_code}: {r.text[:200]}")
+            chunks = [GenerateChunk.model_validate_json(line) for line in r.iter_lines() if line.strip()]
+        text = "".join(c.text for c in chunks)
+        if text not in ("yes!", "no!") or chunks[-1].finish_reason != "eos":
+            raise _Mismatch(f"under the regex (yes|no)! the gateway wrote {text!r}, finish_reason {chunks[-1].finish_reason}")
+        return f"{text!r}, then end of sequence"
+
     def _close(self) -> str:
         s1 = self.state["s1"]
         closed = _parse(SessionClosed, self.post("close_session", {"type": "close", "version": PROTOCOL_VERSION,
@@ -334,6 +349,8 @@ class Conformance:
         self.check("max_new_tokens over the gateway's limit is 413", "open", self._budget_limit, needs=("info",))
         self.check("an unknown model is 404", "open", bad({**prompt, "model": "no-such-model-anywhere"}, code="unknown_model"))
         self.check("an unknown route is 404", "-", self._unknown_route)
+        self.check("a schema with an unknown keyword is 400", "open",
+                   bad({**prompt, "constraint": {"kind": "json_schema", "source": {"type": "object", "colour": 1}}}, says="colour"))
 
     def _stale(self) -> str:
         step = self.state["step"][0]

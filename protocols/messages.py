@@ -61,11 +61,21 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0
 
 
+class ToolCallMessage(BaseModel):
+    """A call an assistant turn made, as the chat template renders it back."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    arguments: dict | str = Field(description="the arguments object, or its JSON text")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=200_000)
+    tool_calls: list[ToolCallMessage] | None = Field(None, max_length=64, description="assistant turns: the calls it made")
 
 
 class SparseDist(BaseModel):
@@ -93,6 +103,25 @@ class SparseDist(BaseModel):
         return self
 
 
+class Constraint(BaseModel):
+    """Structured output: what the generated text must match. Both sides compile it with their
+    own tokenizer (local_runtime/grammar.py): the device drafts under it, the gateway masks the
+    target under it, so every token emitted follows it.
+
+    kind         source
+    json_schema  the JSON Schema (an object)
+    json_object  none: any JSON object
+    regex        the pattern (a string)
+    tool_call    {"tools": [{"name", "description", "parameters"}], "parallel": bool, "name": a tool to force}:
+                 one or more calls in the model's own tool-call envelope
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["json_schema", "json_object", "regex", "tool_call"]
+    source: dict | str | None = None
+
+
 class _Prompt(_Message):
     """A prompt in one of three forms: token ids in the target's tokenizer (with the fingerprint
     of the tokenizer that made them), chat messages the gateway renders with its own model's chat
@@ -110,6 +139,11 @@ class _Prompt(_Message):
     sampling: SamplingParams = SamplingParams()
     max_new_tokens: int = Field(256, ge=1, le=32_768)
     model: str | None = Field(None, description="target model name; the gateway's default if omitted")
+    constraint: Constraint | None = Field(None, description="structured output: every generated token follows this grammar")
+    tools: list[dict] | None = Field(
+        None, max_length=128, description="messages prompts: the tools ({name, description, parameters}) the chat "
+        "template renders into the system prompt",
+    )
 
     @model_validator(mode="after")
     def _one_prompt(self) -> "_Prompt":
@@ -391,6 +425,8 @@ __all__ = [
     "TokenLogprob",
     "SamplingParams",
     "ChatMessage",
+    "Constraint",
+    "ToolCallMessage",
     "SparseDist",
     "OpenSession",
     "SessionOpened",

@@ -50,7 +50,7 @@ async def generate(gw: SessionHost, req: GenerateRequest, principal: Principal) 
     granted = gw.limiter.reserve(principal, len(prompt), req.max_new_tokens)
     open_req = OpenSession(
         prompt_tokens=prompt, tokenizer_fingerprint=gw.lm.tokenizer.fingerprint, sampling=req.sampling,
-        max_new_tokens=granted, model=req.model,
+        max_new_tokens=granted, model=req.model, constraint=req.constraint,
     )
     try:
         opened = await gw.open_prompt(open_req, principal, prompt, charge="none")

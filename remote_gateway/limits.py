@@ -1,4 +1,4 @@
-"""Per-key rate limits: a token bucket per API key.
+"""The gateway's limits (`GatewayLimits`), and per-key rate limits: a token bucket per API key.
 
 A key may spend `tokens_per_minute` target tokens a minute, counted as the gateway's cost: the
 tokens a forward pass processes (prompt tokens at open, k + 1 per verify of k drafts, the appended
@@ -21,12 +21,43 @@ which the key's next request waits out.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from ..protocols.errors import gateway_error
 from .auth import Principal
+
+
+@dataclass
+class GatewayLimits:
+    max_sessions: int = 64
+    session_ttl_s: float = 300.0
+    max_draft_tokens: int = 32
+    max_prompt_tokens: int = 8192
+    max_new_tokens: int = 4096
+    max_body_bytes: int = 1_000_000
+    max_append_tokens: int = 256
+    max_sessions_per_key: int | None = None  # None: a quarter of max_sessions (keyed callers only)
+    tokens_per_minute_per_key: int | None = None  # None: unlimited
+    kv_cache_budget_mb: float | Literal["auto"] | None = "auto"  # auto: a quarter of RAM; None: no budget
+    prefill_chunk_tokens: int = 512  # long prompts are prefilled in chunks, so verifies interleave
+
+    def per_key_sessions(self) -> int:
+        return self.max_sessions_per_key or max(1, self.max_sessions // 4)
+
+    def kv_budget_bytes(self) -> int | None:
+        if self.kv_cache_budget_mb == "auto":
+            return default_kv_budget_bytes()
+        return None if self.kv_cache_budget_mb is None else int(self.kv_cache_budget_mb * 2**20)
+
+
+def default_kv_budget_bytes(share: float = 0.25) -> int:
+    """The default budget for all KV caches together: a quarter of this machine's memory (the
+    model's weights, the activations and everything else keep the rest)."""
+    return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclass
@@ -108,4 +139,4 @@ class RateLimiter:
             b.level = min(b.capacity, b.level + n)
 
 
-__all__ = ["TokenBucket", "RateLimiter"]
+__all__ = ["TokenBucket", "RateLimiter", "GatewayLimits", "default_kv_budget_bytes"]

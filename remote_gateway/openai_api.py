@@ -12,14 +12,14 @@ count against their key's session and token limits, and survive eviction (the se
 re-opened with what it generated so far). Greedy output (temperature 0) is exactly the target's
 own decoding. Sampling follows the OpenAI default (temperature 1) when none is given.
 
-Supported: model, messages (system/developer/user/assistant; text content or text parts),
-max_tokens / max_completion_tokens, temperature, top_p, seed, stop (up to 4 sequences), n=1,
-stream, stream_options.include_usage, logprobs / top_logprobs (the target's own log-probabilities,
-before temperature and top-p), response_format {"type": "text"}, presence_penalty and
-frequency_penalty of 0, an empty logit_bias; `user` and `metadata` are accepted and ignored.
-Everything else is refused with a 400 that names the field (`param`): tools and function calling,
-n > 1, non-zero penalties, logit_bias, audio, and response_format json_object / json_schema
-(this gateway has no constrained decoding, so it cannot promise valid JSON). Unknown fields are
+Supported: model, messages (system/developer/user/assistant/tool; text content or text parts;
+assistant tool_calls), max_tokens / max_completion_tokens, temperature, top_p, seed, stop (up to 4
+sequences), n=1, stream, stream_options.include_usage, logprobs / top_logprobs (the target's own
+log-probabilities, before temperature and top-p), tools / tool_choice / parallel_tool_calls and
+response_format text / json_object / json_schema (grammar-constrained: openai_tools.py),
+presence_penalty and frequency_penalty of 0, an empty logit_bias; `user` and `metadata` are
+accepted and ignored. Everything else is refused with a 400 that names the field (`param`): the
+legacy functions / function_call, n > 1, non-zero penalties, logit_bias, audio. Unknown fields are
 refused too, as OpenAI does, rather than silently ignored.
 
 A completion reserves its prompt and max_tokens from the key's token budget up front (or what is
@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..protocols.errors import GatewayError, gateway_error
 from ..protocols.messages import ErrorReply, GenerateRequest, SamplingParams
 from .auth import Principal
+from .openai_tools import ToolCallStream, message_calls, message_of, request_structure
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -60,18 +61,14 @@ class ChatMessageIn(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = Field(None, max_length=200_000)
+    tool_calls: list[dict] | None = Field(None, max_length=64)
+    tool_call_id: str | None = Field(None, max_length=128)
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     include_usage: bool = False
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    type: str
 
 
 class ChatCompletionRequest(BaseModel):
@@ -90,7 +87,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: ResponseFormat | None = None
+    response_format: dict | None = None
+    tools: list[dict] | None = Field(None, max_length=128)
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
@@ -100,11 +100,8 @@ class ChatCompletionRequest(BaseModel):
 
 # fields of OpenAI's API this gateway does not implement, and why (the 400 says so)
 UNSUPPORTED = {
-    "tools": "tool and function calling is not supported by this gateway",
-    "tool_choice": "tool and function calling is not supported by this gateway",
-    "parallel_tool_calls": "tool and function calling is not supported by this gateway",
-    "functions": "tool and function calling is not supported by this gateway",
-    "function_call": "tool and function calling is not supported by this gateway",
+    "functions": "the legacy function-calling fields are not supported: use tools and tool_choice",
+    "function_call": "the legacy function-calling fields are not supported: use tools and tool_choice",
     "audio": "audio output is not supported by this gateway",
     "modalities": "only text output is supported by this gateway",
     "prediction": "predicted outputs are not supported by this gateway",
@@ -123,9 +120,8 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 
     for field in req.model_extra or {}:
         refuse(field, UNSUPPORTED.get(field, "unknown field (not part of the chat completions API this gateway serves)"))
-    if req.response_format is not None and req.response_format.type != "text":
-        refuse("response_format", f"'{req.response_format.type}' needs constrained decoding, which this gateway does not "
-               "have; only {\"type\": \"text\"} is supported")
+    if req.response_format is not None and req.response_format.get("type") not in ("text", "json_object", "json_schema"):
+        refuse("response_format", f"type {req.response_format.get('type')!r}: give text, json_object or json_schema")
     for field in ("presence_penalty", "frequency_penalty"):
         if getattr(req, field):
             refuse(field, "penalties are not supported by this gateway (only 0)")
@@ -138,15 +134,16 @@ def refuse_unsupported(req: ChatCompletionRequest) -> None:
 def _messages(req: ChatCompletionRequest) -> list[dict]:
     out = []
     for i, m in enumerate(req.messages):
-        if m.role == "tool":
-            raise gateway_error("bad_request", f"messages.{i}: tool messages are not supported by this gateway")
         if isinstance(m.content, list):
             if any(p.type != "text" or p.text is None for p in m.content):
                 raise gateway_error("bad_request", f"messages.{i}.content: only text parts are supported")
             content = "".join(p.text for p in m.content)
         else:
             content = m.content or ""
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+        turn = {"role": "system" if m.role == "developer" else m.role, "content": content}
+        if calls := message_calls(m.tool_calls, f"messages.{i}"):
+            turn["tool_calls"] = calls
+        out.append(turn)
     return out
 
 
@@ -170,12 +167,14 @@ class _Completion:
         self.principal = principal
         tok = gateway.lm.tokenizer
         max_new = req.max_completion_tokens or req.max_tokens or min(DEFAULT_MAX_TOKENS, gateway.limits.max_new_tokens)
-        prompt = gateway.chat_prompt(_messages(req), max_new)  # every size check, before any request object
+        self.tools, constraint = request_structure(req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format)
+        self.tool_choice = req.tool_choice
+        prompt = gateway.chat_prompt(_messages(req), max_new, self.tools)  # every size check, before any request object
         temperature = 1.0 if req.temperature is None else req.temperature
         sampling = SamplingParams(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed)
         self.request = GenerateRequest(
             prompt_tokens=prompt, tokenizer_fingerprint=tok.fingerprint, sampling=sampling, max_new_tokens=max_new,
-            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+            top_logprobs=(req.top_logprobs or 0) if req.logprobs else None, constraint=constraint,
         )
         self.stops = _stops(req.stop)
         self.prompt_tokens = len(prompt)
@@ -297,10 +296,11 @@ def openai_router(gateway, principal_dep) -> APIRouter:
                 return text, entries
 
             text, entries = await until_disconnected(request, collect())
+            message, called = message_of(text, completion.tools, completion.tool_choice)
             return JSONResponse({
                 **base, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": completion.finish_reason, "logprobs": logprobs(entries)}],
+                "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if called else completion.finish_reason,
+                             "logprobs": logprobs(entries)}],
                 "usage": completion.usage(),
             })
 
@@ -309,15 +309,22 @@ def openai_router(gateway, principal_dep) -> APIRouter:
         def event(choices: list, **extra) -> str:
             return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
+        calls = ToolCallStream() if completion.tools and completion.tool_choice != "none" else None
+
         async def sse():
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])
             try:
                 async for piece, out in completion.pieces():
-                    yield event([{"index": 0, "delta": {"content": piece}, "finish_reason": None, "logprobs": logprobs(out)}])
+                    deltas = [{"content": piece}] if calls is None else calls.feed(piece)
+                    for i, delta in enumerate(deltas or ([{}] if out else [])):
+                        yield event([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": logprobs(out) if i == 0 else None}])
+                for delta in [] if calls is None else calls.feed("", final=True):
+                    yield event([{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}])
             except GatewayError as exc:
                 yield "data: " + json.dumps({"error": {"message": exc.message, "type": exc.code, "code": exc.code}}) + "\n\n"
                 return
-            yield event([{"index": 0, "delta": {}, "finish_reason": completion.finish_reason, "logprobs": None}])
+            reason = "tool_calls" if calls is not None and calls.has_calls else completion.finish_reason
+            yield event([{"index": 0, "delta": {}, "finish_reason": reason, "logprobs": None}])
             if include_usage:
                 yield event([], usage=completion.usage())
             yield "data: [DONE]\n\n"

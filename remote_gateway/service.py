@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
+from ..local_runtime.loaded import render_chat
 from ..local_runtime.models import DEFAULT_TARGET, LoadedModel
 from ..local_runtime.text import IncrementalDecoder
 from ..protocols.errors import GatewayError, gateway_error
@@ -51,42 +49,13 @@ from . import cloud
 from .auth import ANONYMOUS, Principal
 from .backends import make_backend
 from .batching import Batcher, BatchingConfig, Block
-from .limits import RateLimiter
+from .limits import GatewayLimits, RateLimiter
 from .metrics import GatewayMetrics
 from .sessions import Session, SessionStore
 from .target import TargetBackend
-from .verify import Verifier, replay_key
+from .verify import Verifier, replay_key, resumed_text_tokens, session_grammar
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GatewayLimits:
-    max_sessions: int = 64
-    session_ttl_s: float = 300.0
-    max_draft_tokens: int = 32
-    max_prompt_tokens: int = 8192
-    max_new_tokens: int = 4096
-    max_body_bytes: int = 1_000_000
-    max_append_tokens: int = 256
-    max_sessions_per_key: int | None = None  # None: a quarter of max_sessions (keyed callers only)
-    tokens_per_minute_per_key: int | None = None  # None: unlimited
-    kv_cache_budget_mb: float | Literal["auto"] | None = "auto"  # auto: a quarter of RAM; None: no budget
-    prefill_chunk_tokens: int = 512  # long prompts are prefilled in chunks, so verifies interleave
-
-    def per_key_sessions(self) -> int:
-        return self.max_sessions_per_key or max(1, self.max_sessions // 4)
-
-    def kv_budget_bytes(self) -> int | None:
-        if self.kv_cache_budget_mb == "auto":
-            return default_kv_budget_bytes()
-        return None if self.kv_cache_budget_mb is None else int(self.kv_cache_budget_mb * 2**20)
-
-
-def default_kv_budget_bytes(share: float = 0.25) -> int:
-    """The default budget for all KV caches together: a quarter of this machine's memory (the
-    model's weights, the activations and everything else keep the rest)."""
-    return int(share * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 class Gateway:
@@ -219,7 +188,7 @@ class Gateway:
             prompt, fingerprint = list(req.prompt_tokens), req.tokenizer_fingerprint
         else:
             if req.messages is not None:
-                prompt = self.render([m.model_dump() for m in req.messages])
+                prompt = self.render([m.model_dump(exclude_none=True) for m in req.messages], req.tools)
             else:
                 prompt = tok.prompt_tokens(req.prompt_text, chat=False)
             fingerprint = tok.fingerprint
@@ -252,6 +221,7 @@ class Gateway:
                 raise gateway_error("bad_request", "resume_tokens hold an end-of-sequence token: that generation has finished")
         if charge != "none":
             self.limiter.charge(principal, len(prompt) + len(resume), strict=charge == "strict")
+        grammar = session_grammar(self.lm, req, prompt, resume)
         engine = self.backend.new_engine(self.tie_margin)
         engine.append(prompt + resume)
         tok = self.lm.tokenizer
@@ -266,6 +236,8 @@ class Gateway:
             text_space=req.text_space,
             decoder=IncrementalDecoder(tok.decode, skip_ids=tok.special_ids),
             generated=len(resume),
+            grammar=grammar,
+            grammar_from=len(prompt) - resumed_text_tokens(self.lm, req),
         )
         if resume:
             session.decoder.push(resume)
@@ -321,17 +293,19 @@ class Gateway:
         self._check_text_offset(session, req.position, req.text_offset)
         return await self._locked(session, req, principal, lambda: session.generated, self.verifier.text_block)
 
-    def chat_prompt(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        """Chat messages as the target's prompt token ids, after every size check (so an
-        over-long chat answers 413 before any request object is built)."""
-        prompt = self.render(messages)
+    def chat_prompt(self, messages: list[dict], max_new_tokens: int, tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and tools) as the target's prompt token ids, after every size check (so
+        an over-long chat answers 413 before any request object is built)."""
+        prompt = self.render(messages, tools)
         self._check_prompt(prompt, self.lm.tokenizer.fingerprint, max_new_tokens)
         return prompt
 
-    def render(self, messages: list[dict]) -> list[int]:
-        """Chat messages as the target's prompt token ids (its chat template, when it has one)."""
-        tok = self.lm.tokenizer
-        return tok.chat(messages) if tok.chat else tok.prompt_tokens("\n\n".join(m["content"] for m in messages), chat=False)
+    def render(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Chat messages (and tools) as the target's prompt token ids (its chat template, when it has one)."""
+        try:
+            return render_chat(self.lm.tokenizer, messages, tools)
+        except ValueError as exc:
+            raise gateway_error("bad_request", f"tools: {exc}", detail={"param": "tools"}) from None
 
     async def append(self, req: AppendRequest, principal: Principal | None = None, *, charge: bool = True) -> AppendResult:
         """`assist` mode: take the device's tokens as they are, answer the target's next one.

@@ -63,6 +63,15 @@ class Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     waiting: int = 0  # requests holding or waiting for the lock
     gone: str | None = None  # why it ended: closed | finished | ttl | memory | capacity
+    grammar: Any = None  # structured output: a local_runtime GrammarState every emitted token follows
+    grammar_from: int = 0  # where in engine.tokens the grammar's tokens begin
+
+    def grammar_mask(self, upto: int, extra: list[int] = ()):
+        """What the grammar admits after engine.tokens[grammar_from:upto] + extra (None: no grammar)."""
+        if self.grammar is None:
+            return None
+        self.grammar.sync([*self.engine.tokens[self.grammar_from : upto], *extra])
+        return self.grammar.mask().allowed
 
     @property
     def position(self) -> int:

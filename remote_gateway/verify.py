@@ -19,12 +19,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..local_runtime.grammar import GrammarError, GrammarState, GrammarViolation, apply_mask, compile_constraint
 from ..local_runtime.sampling import logits_to_probs
 from ..local_runtime.speculative import cut_at_stop, verify_greedy_lazy, verify_sampled
 from ..protocols.errors import gateway_error
 from ..protocols.messages import (
     AppendRequest,
     AppendResult,
+    OpenSession,
     TokenLogprob,
     VerifyRequest,
     VerifyResult,
@@ -111,6 +113,11 @@ class Verifier:
             tokens = list(req.tokens)
         taken, reason = cut_at_stop(tokens, self.eos, session.max_new_tokens - session.generated)
         start = session.position
+        try:
+            session.grammar_mask(start, taken)
+        except GrammarViolation as exc:
+            session.grammar_mask(start)
+            raise gateway_error("bad_request", f"the appended tokens break the session's grammar: {exc}") from None
         session.engine.append(taken)
         if reason is not None:  # the device's own tokens end the generation: nothing to compute
             session.generated += len(taken)
@@ -140,7 +147,9 @@ class Verifier:
         rows = rows[-(len(draft) + 1) :]  # k + 1 rows: the distributions at each draft and after
         ties_before = engine.tie_recomputes
         if accept is None:
-            n, next_token = verify_greedy_lazy(draft, lambda i: engine.greedy_token(rows[i], start + i))
+            n, next_token = verify_greedy_lazy(
+                draft, lambda i: engine.greedy_token(rows[i], start + i, session.grammar_mask(start, draft[:i]))
+            )
         else:
             n, next_token = accept(rows)
         self.stats["tie_recomputes"] += engine.tie_recomputes - ties_before
@@ -157,6 +166,8 @@ class Verifier:
         s = session.sampling
 
         def accept(rows) -> tuple[int, int]:
+            if session.grammar is not None:  # each row masked by the grammar after the drafts before it
+                rows = torch.stack([apply_mask(row, mask) for row, mask in zip(rows, self._draft_masks(session, draft))])
             p = logits_to_probs(rows, s.temperature, s.top_p).numpy()
             q = np.zeros((len(draft), p.shape[1]), dtype=np.float64)
             for i, dist in enumerate(req.draft_dists or []):
@@ -165,15 +176,31 @@ class Verifier:
 
         return accept
 
+    def _draft_masks(self, session: Session, draft: list[int]) -> list:
+        """The grammar's mask before each draft token and after the last (k + 1 of them). Past a
+        draft token the grammar refuses, the masks repeat: that token is rejected anyway."""
+        start = session.position - len(draft)
+        masks = []
+        for i in range(len(draft) + 1):
+            try:
+                masks.append(session.grammar_mask(start, draft[:i]))
+            except GrammarViolation:
+                masks.append(masks[-1])
+        return masks
+
     def next_token(self, session: Session, row, prefix_len: int) -> int:
         """The target's own token after `prefix_len` tokens: greedy (with the near-tie rule) or
-        sampled (the bonus-token case of the sampling rule, with no drafts)."""
+        sampled (the bonus-token case of the sampling rule, with no drafts); under the session's
+        grammar, if it has one."""
+        allowed = session.grammar_mask(prefix_len)
         if session.sampling.greedy:
             ties = session.engine.tie_recomputes
-            choice = session.engine.greedy_token(row, prefix_len)
+            choice = session.engine.greedy_token(row, prefix_len, allowed)
             self.stats["tie_recomputes"] += session.engine.tie_recomputes - ties
             return choice
         s = session.sampling
+        if allowed is not None:
+            row = apply_mask(row, allowed)
         p = logits_to_probs(row[None], s.temperature, s.top_p).numpy()
         _, choice = verify_sampled([], np.zeros((0, p.shape[1])), p, [], float(session.rng.random()))
         return int(choice)
@@ -213,6 +240,27 @@ class Verifier:
         self.metrics.observe_verify(kind, drafted, accepted)
 
 
+def resumed_text_tokens(lm, req: OpenSession) -> int:
+    """How many of a session's prompt tokens are `resume_text` (output generated before it)."""
+    return len(lm.tokenizer.encode(req.resume_text)) if req.resume_text else 0
+
+
+def session_grammar(lm, req: OpenSession, prompt: list[int], resume: list[int]) -> GrammarState | None:
+    """A new session's grammar (None without a constraint), past what a resumed session already
+    generated; a constraint that does not compile answers 400 (413 over a size or time limit),
+    naming the request parameter it came from."""
+    if req.constraint is None:
+        return None
+    try:
+        grammar = compile_constraint(req.constraint, lm.tokenizer, lm.vocab_size)
+        grammar.sync(prompt[len(prompt) - resumed_text_tokens(lm, req) :] + resume)
+    except GrammarError as exc:
+        raise gateway_error("too_large" if exc.too_large else "bad_request", exc.message, detail={"param": exc.param}) from None
+    except GrammarViolation as exc:
+        raise gateway_error("bad_request", f"the resumed output does not follow the constraint: {exc}") from None
+    return grammar
+
+
 def token_text(tok, context: list[int], token: int) -> str:
     """The text `token` adds after `context` (a few tokens before it, so that pieces of one
     character decode together; a character still incomplete shows up with the token ending it)."""
@@ -242,4 +290,4 @@ def replay_key(req: VerifyRequest | VerifyTextRequest | AppendRequest) -> tuple:
     return ("tokens", req.position, tuple(req.draft_tokens))
 
 
-__all__ = ["Verifier", "token_text", "token_logprob", "replay_key"]
+__all__ = ["Verifier", "token_text", "token_logprob", "replay_key", "session_grammar", "resumed_text_tokens"]

@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Literal
 
 from ..local_runtime.models import DEFAULT_DRAFTER, DEFAULT_TARGET
 from ..protocols.errors import TandemError
-from ..protocols.messages import SamplingParams
+from ..protocols.messages import Constraint, SamplingParams
 from ..protocols.operations import GatewayHandler
 from ..protocols.transport import InProcessTransport, Transport
 from .auto import choose_mode
 from .estimates import LinkEstimate
+from .structured import Structure
 from .runs import (
     AssistRun,
     DeviceModel,
@@ -106,6 +107,17 @@ class Generation:
     @property
     def usage(self) -> Usage:
         return self.record.usage
+
+    @property
+    def tool_calls(self) -> list:
+        """The tool calls the model made (ToolCall: id, name, arguments as JSON text, error)."""
+        return self.record.tool_calls
+
+    @property
+    def parsed(self):
+        """The answer under a JSON response_format: a validated pydantic instance (for a model
+        class) or the parsed JSON; None if it did not parse (`record.parse_error` says why)."""
+        return self.record.parsed
 
 
 class Client:
@@ -263,7 +275,7 @@ class Client:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[dict],
         *,
         mode: Mode | None = None,
         max_new_tokens: int = 256,
@@ -275,23 +287,40 @@ class Client:
         token_router: str | None = None,
         assist_threshold: float | None = None,
         tags: frozenset[str] | set[str] | tuple[str, ...] = (),
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
+        parallel_tool_calls: bool = True,
+        response_format: type | dict | None = None,
+        constraint: Constraint | None = None,
     ) -> Generation:
-        """Generate for one prompt; iterate the returned Generation for text as it is accepted.
-        `tags` describe the request to the policy (e.g. {"private"}) in mode "auto"."""
+        """Generate for one prompt (a string, or a conversation: a list of {role, content,
+        tool_calls?} messages); iterate the returned Generation for text as it is accepted.
+        `tags` describe the request to the policy (e.g. {"private"}) in mode "auto".
+
+        Structured output, in every mode: `tools` ({name, description, parameters}, or OpenAI's
+        shape) are rendered into the prompt; `tool_choice` "required" or {"type": "function",
+        "function": {"name": ...}} forces calls (grammar-constrained), "auto" lets the model
+        choose; `response_format` (a pydantic model class, a JSON Schema, or OpenAI's
+        response_format) constrains the answer. Afterwards `gen.tool_calls` and `gen.parsed`.
+        `constraint` gives the grammar directly (any `protocols.messages.Constraint`: a regex, ...)."""
         mode = mode or self.mode
         if mode not in MODES:
             raise ValueError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+        structure = Structure.of(prompt, tools, tool_choice, parallel_tool_calls, response_format, constraint)
         d = self.defaults
         options = replace(
-            d, prompt=prompt, chat=chat, max_new_tokens=max_new_tokens,
+            d, prompt=structure.prompt, chat=chat, max_new_tokens=max_new_tokens,
+            messages=structure.messages, tools=structure.tools, constraint=structure.constraint,
             sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed),
             draft_len=d.draft_len if draft_len is None else draft_len,
             token_router=token_router or d.token_router,
             assist_threshold=d.assist_threshold if assist_threshold is None else assist_threshold,
         )
+        tags = frozenset(tags) | structure.tags
+        done = lambda rec: (structure.finish(rec), self._observe(rec))  # noqa: E731
         if mode == "auto":
-            return Generation(mode, lambda rec: self._run_auto(rec, options, frozenset(tags)), on_done=self._observe)
-        return Generation(mode, lambda rec: self._run(mode, options, rec), on_done=self._observe)
+            return Generation(mode, lambda rec: self._run_auto(rec, options, tags), on_done=done)
+        return Generation(mode, lambda rec: self._run(mode, options, rec), on_done=done)
 
     async def generate(self, prompt: str, **kwargs) -> GenerationRecord:
         return await self.stream(prompt, **kwargs).collect()

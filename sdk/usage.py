@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import asdict, dataclass, field, fields
 
 ACCEPTED, CLOUD, LOCAL = "accepted", "cloud", "local"
@@ -41,6 +43,7 @@ class Usage:
     bytes_down: int = 0
     wall_s: float = 0.0
     fallbacks: int = 0  # times the cloud was unreachable and the device carried on alone
+    forced_tokens: int = 0  # accepted drafts a grammar forced (drafted without the device model)
 
     def __add__(self, other: "Usage") -> "Usage":
         return Usage(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
@@ -75,6 +78,10 @@ class GenerationRecord:
     decision: dict | None = None  # auto mode: what was chosen, and the predictions it was chosen on
     first_piece_s: float | None = None  # seconds to the first piece of text (the prompt's prefill included)
     first_piece_tokens: int = 0  # tokens the record held when that piece came
+    tool_calls: list = field(default_factory=list)  # the calls the model made (grammar.ToolCall), with tools
+    content: str | None = None  # with tools: the text before the first call
+    parsed: Any = None  # under a JSON response_format: the validated answer
+    parse_error: str | None = None  # why the answer did not parse or validate (the model's output stays in text)
 
     @property
     def ttft_ms(self) -> float | None:

@@ -50,7 +50,8 @@ class AssistRun(SessionRun):
 
             self.tap = HiddenStateTap(self.device.model)
         self.text_space = text_space
-        self.base = self.tok.prompt_tokens(o.prompt, o.chat)
+        self.grammar = None if text_space else o.grammar(self.device)  # across tokenizers: the target's only
+        self.base = o.prompt_ids(self.tok)
         self.engine.append(self.base)
         self.pending: list[int] = []  # device tokens the gateway has not seen yet
         self.synced_text = 0  # text space: characters of the device's text the gateway has seen
@@ -61,7 +62,7 @@ class AssistRun(SessionRun):
         """A session for the prompt plus everything generated so far (a re-open starts there)."""
         if self.text_space:
             return self.options.open_text(self.decoder.text, self.remaining)
-        return self.options.open_tokens(self.base + self.rec.tokens, self.tok.fingerprint, self.remaining)
+        return self.options.open_tokens(self.base, self.rec.tokens, self.tok.fingerprint, self.remaining)
 
     def after_rejoin(self) -> None:
         self.pending, self.synced_text, self.cloud_position = [], len(self.decoder.text), 0
@@ -82,8 +83,9 @@ class AssistRun(SessionRun):
         from ...routing.base import TokenContext, token_to_cloud
 
         engine, rec = self.engine, self.rec
+        allowed = self.allowed()
         logits = await asyncio.to_thread(engine.next_logits)
-        t = self.choose(logits)
+        t = self.choose(logits, allowed)
         score = self.router.score(TokenContext(logits, hidden=self.tap.last_row() if self.tap else None, tokens=engine.tokens), t)
         ask = token_to_cloud(score, self.options.assist_threshold) or len(self.pending) >= MAX_PENDING
         if ask and self.text_space and self.decoder.pending_text():

@@ -43,6 +43,7 @@ class SessionRun(ABC):
         self.session_id: str | None = None
         self.decoder = IncrementalDecoder(self.tok.decode, skip_ids=self.tok.special_ids)
         self.eos = frozenset(self.tok.eos_token_ids)
+        self.grammar = None  # the device's copy of a constraint's grammar, where the run drafts under it
         self._generator = None
         if options.sampling.seed is not None:
             import torch
@@ -123,8 +124,12 @@ class SessionRun(ABC):
             if self.remaining <= 0:
                 self.finished, self.rec.finish_reason = True, "length"
                 return
+            allowed = self.allowed()
+            if allowed is not None and not allowed.any():  # the grammar is complete
+                self.finished, self.rec.finish_reason = True, "eos"
+                return
             logits = await asyncio.to_thread(self.engine.next_logits)
-            token = self.choose(logits)
+            token = self.choose(logits, allowed)
             self.engine.append([token])
             self.rec.tokens.append(token)
             self.rec.usage.local_tokens += 1
@@ -134,12 +139,23 @@ class SessionRun(ABC):
                 self.finished, self.rec.finish_reason = True, "eos"
                 return
 
-    def choose(self, logits: Any) -> int:
-        """The device's own next token: its argmax, or a sample at the run's temperature."""
+    def allowed(self) -> Any:
+        """What the grammar admits after the committed tokens (None: no grammar on the device)."""
+        if self.grammar is None:
+            return None
+        self.grammar.sync(self.rec.tokens)
+        return self.grammar.mask().allowed
+
+    def choose(self, logits: Any, allowed: Any = None) -> int:
+        """The device's own next token: its argmax, or a sample at the run's temperature (over
+        what the grammar admits, given `allowed`)."""
         import torch
 
+        from ...local_runtime.grammar import apply_mask
         from ...local_runtime.sampling import logits_to_probs
 
+        if allowed is not None:
+            logits = apply_mask(logits, allowed)
         if self.sampling.greedy:
             return int(torch.argmax(logits))
         probs = logits_to_probs(logits, self.sampling.temperature, self.sampling.top_p)

@@ -61,6 +61,7 @@ class GatewayLink:
         self.probe_timeout_s = probe_timeout_s
         self.estimate = estimate if estimate is not None else LinkEstimate()
         self._fingerprint: str | None = None
+        self.max_draft_tokens: int | None = None  # the gateway's limit on one verify's drafts, once known
         self._rtt_samples = 0
 
     async def request(self, msg: Any) -> Any:
@@ -102,9 +103,10 @@ class GatewayLink:
         the gateway stays away."""
         if self._fingerprint is None:
             try:
-                self._fingerprint = (await self.transport.info()).tokenizer_fingerprint
+                info = await self.transport.info()
             except TransportError:
                 return True
+            self._fingerprint, self.max_draft_tokens = info.tokenizer_fingerprint, info.max_draft_tokens
         return self._fingerprint == fingerprint
 
     @property

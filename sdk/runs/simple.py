@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from ...local_runtime.text import IncrementalDecoder
 from ...protocols.errors import TandemError
-from ...protocols.messages import ChatMessage, GenerateRequest
+from ...protocols.messages import GenerateRequest
 from ..usage import CLOUD, LOCAL, GenerationRecord, Piece
 from .link import GatewayLink, unreachable
 from .options import DeviceModel, RunOptions
@@ -16,17 +16,22 @@ from .options import DeviceModel, RunOptions
 
 async def run_local(options: RunOptions, device: DeviceModel, rec: GenerationRecord) -> AsyncIterator[str]:
     tok = device.tokenizer
-    async for piece in _alone(device, tok.prompt_tokens(options.prompt, options.chat), options.max_new_tokens, options, rec):
+    async for piece in _alone(device, options.prompt_ids(tok), options.max_new_tokens, options, rec):
         yield piece
 
 
-async def _alone(device: DeviceModel, ids: list[int], n: int, options: RunOptions, rec: GenerationRecord) -> AsyncIterator[str]:
-    """The device model decoding n tokens after `ids` by itself."""
+async def _alone(device: DeviceModel, ids: list[int], n: int, options: RunOptions, rec: GenerationRecord,
+                 done: list[int] = ()) -> AsyncIterator[str]:
+    """The device model decoding n tokens after `ids` by itself (`done`: the end of `ids` already
+    generated, which a constraint's grammar has seen)."""
     from ...local_runtime.sequence import generate_alone
 
     tok = device.tokenizer
     s = options.sampling
-    tokens = generate_alone(device.model, ids, n, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
+    grammar = options.grammar(device)
+    if grammar is not None and done:  # the device finishes a generation under way
+        grammar.sync(done)
+    tokens = generate_alone(device.model, ids, n, temperature=s.temperature, top_p=s.top_p, seed=s.seed, grammar=grammar)
     decoder = IncrementalDecoder(tok.decode, skip_ids=tok.eos_token_ids)
     done = object()
     while (t := await asyncio.to_thread(next, tokens, done)) is not done:
@@ -48,8 +53,8 @@ async def run_cloud(options: RunOptions, link: GatewayLink, rec: GenerationRecor
     device shares the target's tokenizer (the text then goes on exactly; the device decodes it),
     else as `resume_text`. If the gateway cannot be reached, or a request asked again streams
     nothing, and the options allow it, the device model finishes the answer from the text so far."""
-    req = GenerateRequest(**_prompt(options), sampling=options.sampling, max_new_tokens=options.max_new_tokens,
-                          model=options.target)
+    req = GenerateRequest(**options.gateway_prompt(), sampling=options.sampling, max_new_tokens=options.max_new_tokens,
+                          model=options.target, constraint=options.constraint)
     text = ""
     decoder: IncrementalDecoder | None = None  # the device's, once a stream resumes by token ids
     with link.counting(rec.usage):
@@ -85,8 +90,8 @@ async def run_cloud(options: RunOptions, link: GatewayLink, rec: GenerationRecor
             req, decoder = await _resume(options, link, rec, text, device, remaining)
     rec.usage.fallbacks += 1
     tok = device.tokenizer
-    resume = tok.prompt_tokens(options.prompt, options.chat) + (tok.encode(text) if text else [])
-    async for piece in _alone(device, resume, options.max_new_tokens - len(rec.tokens), options, rec):
+    done = tok.encode(text) if text else []
+    async for piece in _alone(device, options.prompt_ids(tok) + done, options.max_new_tokens - len(rec.tokens), options, rec, done):
         yield piece
 
 
@@ -94,19 +99,15 @@ async def _resume(options: RunOptions, link: GatewayLink, rec: GenerationRecord,
                   device: DeviceModel | None, remaining: int) -> tuple[GenerateRequest, IncrementalDecoder | None]:
     """The request that continues a cut stream after what it sent (`rec.tokens`, whose text is
     `text`), and the decoder its text then comes from (None: the gateway's chunks carry it)."""
-    common = dict(sampling=options.sampling, max_new_tokens=remaining, model=options.target)
+    common = dict(sampling=options.sampling, max_new_tokens=remaining, model=options.target, constraint=options.constraint)
     tok = device.tokenizer if device is not None else None
-    if tok is not None and await link.shares_tokenizer(tok.fingerprint):
+    # under a constraint the text form resumes the gateway's grammar after what was sent
+    if tok is not None and options.constraint is None and await link.shares_tokenizer(tok.fingerprint):
         decoder = IncrementalDecoder(tok.decode, skip_ids=tok.special_ids)
         decoder.push(rec.tokens)  # the gateway decoded these by the same rule, into `text`
-        ids = tok.prompt_tokens(options.prompt, options.chat) + rec.tokens
+        ids = options.prompt_ids(tok) + rec.tokens
         return GenerateRequest(prompt_tokens=ids, tokenizer_fingerprint=tok.fingerprint, **common), decoder
-    return GenerateRequest(**_prompt(options), resume_text=text or None, **common), None
-
-
-def _prompt(options: RunOptions) -> dict:
-    """The prompt as the gateway renders it: chat messages (its own template) or raw text."""
-    return dict(messages=[ChatMessage(role="user", content=options.prompt)]) if options.chat else dict(prompt_text=options.prompt)
+    return GenerateRequest(**options.gateway_prompt(), resume_text=text or None, **common), None
 
 
 __all__ = ["run_local", "run_cloud"]

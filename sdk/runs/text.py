@@ -33,7 +33,7 @@ class TextSpeculation(SessionRun):
             )
         o = self.options
         self.controller = self.draft_controller()
-        self.base = self.tok.prompt_tokens(o.prompt, o.chat)
+        self.base = o.prompt_ids(self.tok)
         self.engine.append(self.base)
         self.gen: list[int] = []  # the drafter's tokens for `committed`
         self.committed = ""

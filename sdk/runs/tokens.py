@@ -25,13 +25,17 @@ from .base import SessionRun
 from .link import session_lost
 
 
+MAX_FORCED_DRAFT = 32  # drafts in one verify when a grammar forces some of them (the gateway's default limit)
+
+
 class TokenSpeculation(SessionRun):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         o = self.options
         self.controller = self.draft_controller()
-        self.prompt_ids = self.tok.prompt_tokens(o.prompt, o.chat)
+        self.prompt_ids = o.prompt_ids(self.tok)
         self.engine.append(self.prompt_ids)
+        self.grammar = o.grammar(self.device)
         self.pre = self._no_draft()  # drafts that survived the last round (pipelining)
 
     def _no_draft(self) -> Draft:
@@ -42,15 +46,22 @@ class TokenSpeculation(SessionRun):
         return len(self.prompt_ids) + len(self.rec.tokens)
 
     def open_msg(self) -> OpenSession:
-        return self.options.open_tokens(self.prompt_ids + self.rec.tokens, self.tok.fingerprint, self.remaining)
+        return self.options.open_tokens(self.prompt_ids, self.rec.tokens, self.tok.fingerprint, self.remaining)
 
     def before_offline(self) -> None:
         self.engine.truncate(self.position)
         self.pre = self._no_draft()
 
     def _draft(self, k: int) -> Draft:
+        """k drafts after everything in the engine; under a grammar, forced tokens come free on
+        top of k, up to what one verify may carry."""
         s = self.sampling
-        return self.engine.draft(k, temperature=s.temperature, top_p=s.top_p, generator=self._generator)
+        if self.grammar is None:
+            return self.engine.draft(k, temperature=s.temperature, top_p=s.top_p, generator=self._generator)
+        self.grammar.sync(self.engine.tokens[len(self.prompt_ids) :])
+        room = min(self.link.max_draft_tokens or MAX_FORCED_DRAFT, MAX_FORCED_DRAFT, self.remaining - 1)
+        return self.engine.draft(min(k, room), temperature=s.temperature, top_p=s.top_p, generator=self._generator,
+                                 grammar=self.grammar, max_len=room)
 
     async def _draft_while(self, pending: asyncio.Future, limit: int) -> Draft:
         """Draft one token at a time until the verify answers (or `limit` tokens)."""
@@ -89,7 +100,7 @@ class TokenSpeculation(SessionRun):
         verify_s = time.perf_counter() - t1
         kept = min(result.accepted, len(result.tokens))
         survived = (
-            extra is not None and extra.tokens and result.accepted == k and not result.finished
+            extra is not None and extra.tokens and result.accepted == len(draft) and not result.finished
             and result.next_token == extra.tokens[0]
         )
         if survived:
@@ -99,7 +110,8 @@ class TokenSpeculation(SessionRun):
             engine.append(result.tokens[kept:])
             self.pre = self._no_draft()
         rec.usage.local_tokens += len(fresh) + (len(extra) if extra else 0)
-        self.account(k, result.accepted, result.tokens, k, draft_s, verify_s, self.controller)
+        rec.usage.forced_tokens += sum(draft.forced[:kept])
+        self.account(len(draft), result.accepted, result.tokens, len(draft), draft_s, verify_s, self.controller)
         # the accepted drafts, then the target's own token(s), each coloured by who produced it
         for tokens, origin in ((result.tokens[:kept], ACCEPTED), (result.tokens[kept:], CLOUD)):
             if tokens:
