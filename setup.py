@@ -6,7 +6,7 @@ else about the distribution is in pyproject.toml."""
 from setuptools import find_namespace_packages, setup
 
 ROOTS = ("protocols", "local_runtime", "remote_gateway", "routing", "sdk")
-DATA = ("*.npz", "*.npy", "*.json", "*.csv", "*.html", "*.css", "*.js", "*.svg", "*.png", "*.md", "*.yaml")
+DATA = ("*.npz", "*.npy", "*.json", "*.jsonl", "*.csv", "*.html", "*.css", "*.js", "*.svg", "*.png", "*.md", "*.yaml")
 
 package_dir = {f"tandem.{root}": root for root in ROOTS}
 packages = [

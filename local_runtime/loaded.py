@@ -51,6 +51,29 @@ class Tokenizer:
         return ids
 
 
+def hf_messages(messages: list[dict]) -> list[dict]:
+    """Chat messages in the shape Hugging Face chat templates read: an assistant turn's calls as
+    {"type": "function", "function": {"name", "arguments": {...}}} (arguments as an object, which
+    the template writes out as JSON), tool results as role "tool"."""
+    out = []
+    for m in messages:
+        m = {k: v for k, v in m.items() if v is not None}
+        if m.get("tool_calls"):
+            calls = []
+            for c in m["tool_calls"]:
+                fn = c.get("function", c)
+                args = fn.get("arguments", {})
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except ValueError:
+                        pass  # the template writes what it was given
+                calls.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
+            m["tool_calls"] = calls
+        out.append(m)
+    return out
+
+
 def render_chat(tok: Tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
     """A conversation (and the tools it may call) as prompt ids: the chat template when the model
     has one, else the turns' text joined by blank lines (tools then cannot be offered)."""
@@ -113,4 +136,4 @@ class LoadedModel:
         return total
 
 
-__all__ = ["LoadedModel", "Tokenizer", "tokenizer_fingerprint", "render_chat"]
+__all__ = ["LoadedModel", "Tokenizer", "tokenizer_fingerprint", "render_chat", "hf_messages"]

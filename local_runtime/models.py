@@ -19,7 +19,6 @@ and a drafter in one process share nothing by accident but the same name loads o
 
 from __future__ import annotations
 
-import json
 
 import functools
 import hashlib
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..protocols.errors import ModelLoadError
-from .loaded import LoadedModel, Tokenizer, tokenizer_fingerprint
+from .loaded import LoadedModel, Tokenizer, hf_messages, tokenizer_fingerprint
 from .packaged import PARTED, cache_dir
 from .packaged import assemble as assemble_parts
 from .tiny import tiny_model, byte_tokenizer, tiny_llama, tiny_qwen2
@@ -378,29 +377,6 @@ def _gguf_conversion_bar(show: bool) -> Iterator[None]:
         yield
     finally:
         gguf_utils.tqdm = bar
-
-
-def hf_messages(messages: list[dict]) -> list[dict]:
-    """Chat messages in the shape Hugging Face chat templates read: an assistant turn's calls as
-    {"type": "function", "function": {"name", "arguments": {...}}} (arguments as an object, which
-    the template writes out as JSON), tool results as role "tool"."""
-    out = []
-    for m in messages:
-        m = {k: v for k, v in m.items() if v is not None}
-        if m.get("tool_calls"):
-            calls = []
-            for c in m["tool_calls"]:
-                fn = c.get("function", c)
-                args = fn.get("arguments", {})
-                if isinstance(args, str):
-                    try:
-                        args = json.loads(args)
-                    except ValueError:
-                        pass  # the template writes what it was given
-                calls.append({"type": "function", "function": {"name": fn["name"], "arguments": args}})
-            m["tool_calls"] = calls
-        out.append(m)
-    return out
 
 
 def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:

@@ -12,6 +12,9 @@
     ├── GraphError                a task graph that cannot run (lists every problem)
     ├── GraphRunError             a task graph run that could not complete (has `.report`)
     ├── PlacementError            no device may run a task (its constraints exclude every one)
+    ├── GrammarError (ValueError)  a structured-output constraint that cannot compile (names the
+    │                             request parameter; `.too_large` past a size or time limit)
+    ├── GrammarViolation (ValueError)  tokens a constraint's grammar does not admit
     ├── TransportError            the gateway could not be reached or did not answer in time
     └── GatewayError              the gateway answered with an error (has `.code` and `.status`)
         ├── UnknownSessionError   the session id is not (or no longer) known to the gateway      404
@@ -43,6 +46,22 @@ class TandemError(Exception):
 
 class ModelLoadError(TandemError):
     pass
+
+
+class GrammarError(TandemError, ValueError):
+    """A constraint that cannot be compiled. `param` names the request field it came from,
+    `path` the place in a schema; `too_large` marks a grammar over a size or time limit (413)."""
+
+    def __init__(self, message: str, *, param: str = "constraint", path: str | None = None, too_large: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.path = path
+        self.too_large = too_large
+
+
+class GrammarViolation(TandemError, ValueError):
+    """Tokens that the grammar does not admit (a device or a request that did not follow it)."""
 
 
 class BackendUnavailable(TandemError):
@@ -208,6 +227,8 @@ __all__ = [
     "GraphError",
     "GraphRunError",
     "PlacementError",
+    "GrammarError",
+    "GrammarViolation",
     "TransportError",
     "GatewayError",
     "UnknownSessionError",

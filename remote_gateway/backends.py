@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..local_runtime.grammar import apply_mask
 from ..local_runtime.invariant import MAX_ROWS, make_batch_invariant
 from ..local_runtime.models import LoadedModel, load_model
 from ..local_runtime.sequence import Sequence
@@ -101,9 +102,9 @@ class VllmSequence(Sequence):
     def pending(self) -> list[int]:
         return self.tokens[self.cached :]
 
-    def greedy_token(self, logits: torch.Tensor, prefix_len: int) -> int:
+    def greedy_token(self, logits: torch.Tensor, prefix_len: int, allowed=None) -> int:
         # vLLM's logits define the target here; there is no second code path to agree with
-        return int(torch.argmax(logits))
+        return int(torch.argmax(logits if allowed is None else apply_mask(logits, allowed)))
 
 
 class VllmBackend(TargetBackend):

@@ -309,7 +309,7 @@ def openai_router(gateway, principal_dep) -> APIRouter:
         def event(choices: list, **extra) -> str:
             return "data: " + json.dumps({**base, "object": "chat.completion.chunk", "choices": choices, **extra}) + "\n\n"
 
-        calls = ToolCallStream() if completion.tools and completion.tool_choice != "none" else None
+        calls = ToolCallStream([t["name"] for t in completion.tools]) if completion.tools and completion.tool_choice != "none" else None
 
         async def sse():
             yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])

@@ -16,16 +16,15 @@ from __future__ import annotations
 import secrets
 from typing import Any
 
-from ..local_runtime.grammar import (
+from ..local_runtime.constraints import (
     CALL_CLOSE,
-    GrammarError,
     call_arguments,
     call_head,
     constraint_for,
     parse_tool_calls,
     plain_tools,
 )
-from ..protocols.errors import gateway_error
+from ..protocols.errors import GrammarError, gateway_error
 from ..protocols.messages import Constraint
 
 CALL_OPEN = "<tool_call>"
@@ -66,7 +65,7 @@ def message_of(text: str, tools: list[dict] | None, tool_choice: Any) -> tuple[d
     """The assistant message for a whole completion, and whether it holds tool calls."""
     if not tools or tool_choice == "none":
         return {"role": "assistant", "content": text}, False
-    content, calls = parse_tool_calls(text)
+    content, calls = parse_tool_calls(text, names=[t["name"] for t in tools])
     if not calls:
         return {"role": "assistant", "content": text}, False
     return {"role": "assistant", "content": content or None, "tool_calls": [
@@ -80,7 +79,8 @@ class ToolCallStream:
     first delta with its index, id and name, then fragments of its arguments as they grow.
     Assembled, the deltas equal `message_of` on the whole text (ids aside)."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: list[str] | None = None) -> None:
+        self.names = names or []
         self.text = ""
         self.sent = 0  # content characters sent
         self.calls: list[dict] = []  # per call: id, name, arguments sent so far
@@ -91,7 +91,12 @@ class ToolCallStream:
         deltas: list[dict] = []
         start = self.text.find(CALL_OPEN)
         if start < 0:
-            safe = len(self.text) if final else _content_safe(self.text)
+            bare = self.sent == 0 and self.text.lstrip().startswith("{")  # maybe a call written without its envelope
+            if bare and final:
+                _, calls = parse_tool_calls(self.text, names=self.names)
+                if calls and not calls[0].error:
+                    return self._whole(calls[0])
+            safe = len(self.text) if final else (0 if bare else _content_safe(self.text))
             if safe > self.sent:
                 deltas.append({"content": self.text[self.sent : safe]})
                 self.sent = safe
@@ -118,6 +123,12 @@ class ToolCallStream:
                 deltas.append({"tool_calls": [{"index": i, "function": {"arguments": args[len(sent):]}}]})
                 self.calls[i]["sent"] = args
         return deltas
+
+    def _whole(self, call) -> list[dict]:
+        self.calls.append({"id": new_call_id(), "name": call.name, "sent": call.arguments})
+        return [{"tool_calls": [{"index": 0, "id": self.calls[0]["id"], "type": "function",
+                                 "function": {"name": call.name, "arguments": ""}}]},
+                {"tool_calls": [{"index": 0, "function": {"arguments": call.arguments}}]}]
 
     @property
     def has_calls(self) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -35,7 +35,7 @@ from ..protocols.operations import GatewayHandler
 from ..protocols.transport import InProcessTransport, Transport
 from .auto import choose_mode
 from .estimates import LinkEstimate
-from .structured import Structure
+from .structured import LOCAL_ONLY_TAG, Structure
 from .runs import (
     AssistRun,
     DeviceModel,
@@ -46,7 +46,8 @@ from .runs import (
     run_cloud,
     run_local,
 )
-from .usage import GenerationRecord, Usage
+from .generation import Generation
+from .usage import GenerationRecord
 
 if TYPE_CHECKING:
     from ..local_runtime.models import LoadedModel
@@ -55,69 +56,6 @@ if TYPE_CHECKING:
 Mode = Literal["local", "cloud", "speculative", "assist", "auto"]
 MODES: tuple[str, ...] = ("local", "cloud", "speculative", "assist", "auto")
 
-
-
-class Generation:
-    """One generation: iterate it (async) for text as it is accepted; afterwards `text`,
-    `tokens` and `usage` hold the whole of it. Tokens already streamed stay in `record` even if
-    the generation fails half-way."""
-
-    def __init__(
-        self, mode: str, run: Callable[[GenerationRecord], AsyncIterator[str]],
-        on_done: Callable[[GenerationRecord], None] | None = None,
-    ) -> None:
-        self.record = GenerationRecord(mode=mode)
-        self._run = run
-        self._on_done = on_done
-        self._started = False
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        if self._started:
-            raise TandemError("a Generation can be iterated once")
-        self._started = True
-        return self._timed()
-
-    async def _timed(self) -> AsyncIterator[str]:
-        t0 = time.perf_counter()
-        try:
-            async for piece in self._run(self.record):
-                if self.record.first_piece_s is None:
-                    self.record.first_piece_s = time.perf_counter() - t0
-                    self.record.first_piece_tokens = len(self.record.tokens)
-                self.record.text += piece
-                yield piece
-        finally:
-            self.record.usage.wall_s = time.perf_counter() - t0
-        if self._on_done is not None:
-            self._on_done(self.record)
-
-    async def collect(self) -> GenerationRecord:
-        async for _ in self:
-            pass
-        return self.record
-
-    @property
-    def text(self) -> str:
-        return self.record.text
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.record.tokens
-
-    @property
-    def usage(self) -> Usage:
-        return self.record.usage
-
-    @property
-    def tool_calls(self) -> list:
-        """The tool calls the model made (ToolCall: id, name, arguments as JSON text, error)."""
-        return self.record.tool_calls
-
-    @property
-    def parsed(self):
-        """The answer under a JSON response_format: a validated pydantic instance (for a model
-        class) or the parsed JSON; None if it did not parse (`record.parse_error` says why)."""
-        return self.record.parsed
 
 
 class Client:
@@ -318,6 +256,10 @@ class Client:
         )
         tags = frozenset(tags) | structure.tags
         done = lambda rec: (structure.finish(rec), self._observe(rec))  # noqa: E731
+        if LOCAL_ONLY_TAG in tags:  # what it carries must not leave the device: no mode or policy overrides this
+            gen = Generation("local", lambda rec: self._run("local", options, rec), on_done=done)
+            gen.record.decision = {"mode": "local", "why": f"tagged {LOCAL_ONLY_TAG}"}
+            return gen
         if mode == "auto":
             return Generation(mode, lambda rec: self._run_auto(rec, options, tags), on_done=done)
         return Generation(mode, lambda rec: self._run(mode, options, rec), on_done=done)

@@ -16,13 +16,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ..local_runtime.grammar import constraint_for, parse_tool_calls, plain_tools, schema_of
+from ..local_runtime.constraints import constraint_for, parse_tool_calls, plain_tools, schema_of
 from ..protocols.messages import Constraint
 from .usage import GenerationRecord
 
 # a request with tools or a schema says so to the policy, whose rules may act on it
 STRUCTURED_TAG = "structured"
 TOOLS_TAG = "tools"
+# a request so tagged never leaves the device: the client runs it in local mode, whatever else says
+LOCAL_ONLY_TAG = "local_only"
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class Structure:
     def finish(self, rec: GenerationRecord) -> None:
         """Read the output: tool calls (with tools), the parsed answer (with a JSON format)."""
         if self.tools and self.tool_choice != "none":
-            content, rec.tool_calls = parse_tool_calls(rec.text)
+            content, rec.tool_calls = parse_tool_calls(rec.text, names=[t["name"] for t in self.tools])
             rec.content = content if rec.tool_calls else rec.text
         kind, _ = schema_of(self.response_format)
         if kind == "text":
@@ -91,4 +93,4 @@ def _call(c: Any) -> dict:
     return {"name": fn["name"], "arguments": fn.get("arguments", {})}
 
 
-__all__ = ["Structure", "STRUCTURED_TAG", "TOOLS_TAG"]
+__all__ = ["Structure", "STRUCTURED_TAG", "TOOLS_TAG", "LOCAL_ONLY_TAG"]

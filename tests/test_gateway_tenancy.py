@@ -389,9 +389,9 @@ def test_the_guarded_protocol_drops_a_reader_that_stalls():
 
 def test_openai_fields_the_gateway_does_not_implement_are_refused_by_name(tiny_server):
     base = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
+    for field, value in [("functions", [{"name": "f"}]), ("tool_choice", "required"),
                          ("n", 2), ("logit_bias", {"5": 1.0}), ("presence_penalty", 0.5), ("frequency_penalty", 1.0),
-                         ("response_format", {"type": "json_object"}), ("audio", {}), ("frobnicate", 1)]:
+                         ("response_format", {"type": "xml"}), ("audio", {}), ("frobnicate", 1)]:
         r = httpx.post(tiny_server + "/v1/chat/completions", json={**base, field: value})
         assert r.status_code == 400, (field, r.text)
         err = r.json()["error"]

@@ -131,7 +131,7 @@ def test_a_deeply_nested_schema_is_refused():
     deep = {"type": "object"}
     for _ in range(40):
         deep = {"type": "object", "properties": {"x": deep}}
-    from tandem.local_runtime.grammar import GrammarError, check_schema
+    from tandem.local_runtime.constraints import GrammarError, check_schema
 
     with pytest.raises(GrammarError, match="deeper"):
         check_schema(deep)
@@ -152,3 +152,13 @@ def test_tool_call_stream_splits_content_and_calls():
     message, called = message_of(text, [{"name": "add"}], "auto")
     assert called and content == message["content"] == "Let me look."
     assert [args[0], args[1]] == [c["function"]["arguments"] for c in message["tool_calls"]] == ['{"a": 12}', "{}"]
+
+
+def test_a_call_written_without_its_envelope_is_read_as_a_call():
+    text = '{"name": "add", "arguments": {"a": 3}}'
+    stream = ToolCallStream(["add"])
+    deltas = [d for ch in text for d in stream.feed(ch)] + stream.feed("", final=True)
+    assert not any("content" in d for d in deltas) and stream.has_calls
+    message, called = message_of(text, [{"name": "add"}], "auto")
+    assert called and message["tool_calls"][0]["function"]["arguments"] == '{"a": 3}'
+    assert message_of('{"name": "other", "arguments": {}}', [{"name": "add"}], "auto")[1] is False

@@ -8,14 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from tandem.local_runtime.grammar import (
-    GrammarError,
-    GrammarViolation,
-    compile_constraint,
-    constraint_for,
-    parse_tool_calls,
-    token_bytes,
-)
+from tandem.local_runtime.constraints import constraint_for, parse_tool_calls
+from tandem.local_runtime.grammar import GrammarError, GrammarViolation, compile_constraint, token_bytes
 from tandem.local_runtime.models import LoadedModel, Tokenizer, load_model, tiny_llama
 from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.errors import GatewayError

@@ -82,9 +82,11 @@ class MlcEngine(Sequence):
         return ids, probs + [1.0] * (len(ids) - len(probs))
 
     def draft(self, k: int, *, temperature: float = 0.0, top_p: float = 1.0, generator: Any = None,
-              support: int | None = None) -> Draft:
+              support: int | None = None, grammar: Any = None, max_len: int | None = None) -> Draft:
         if temperature > 0:
             raise BackendUnavailable("the mlc backend drafts greedily only (it exposes no draft distribution)")
+        if grammar is not None:
+            raise BackendUnavailable("the mlc backend exposes no logits to mask: structured output needs another drafter backend")
         t0 = time.perf_counter()
         ids, probs = self._complete(k) if k else ([], [])
         self.tokens.extend(ids)

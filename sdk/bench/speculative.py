@@ -130,7 +130,7 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
         for i, prompt in enumerate(prompts):
             runs = {}
             for mode in ("cloud", "local", "speculative"):
-                runs[mode], timing = await _timed(client, prompt, mode, max_new_tokens)
+                runs[mode], timing = await timed(client, prompt, mode, max_new_tokens)
                 for key, value in timing.items():
                     totals[mode][key] += value
             spec, ref = runs["speculative"], runs["cloud"]
@@ -210,10 +210,10 @@ async def _bench_speculative(drafter, target, gateway, prompts, max_new_tokens, 
     return out
 
 
-async def _timed(client: Client, prompt: str, mode: str, max_new_tokens: int):
+async def timed(client: Client, prompt: str, mode: str, max_new_tokens: int, **kwargs):
     """One generation, streamed: its record, and its seconds and tokens in all, up to the first
     piece of text (the prompt's prefill and the first round), and after it (the decode phase)."""
-    gen = client.stream(prompt, mode=mode, max_new_tokens=max_new_tokens)
+    gen = client.stream(prompt, mode=mode, max_new_tokens=max_new_tokens, **kwargs)
     t0 = time.perf_counter()
     first, first_tokens = None, 0
     async for _piece in gen:

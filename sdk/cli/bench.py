@@ -288,6 +288,39 @@ def ttft(
     print_result(result, "bench ttft", as_json)
 
 
+def structured(
+    drafter: str = typer.Option(DEFAULT_DRAFTER, help="The device model."),
+    target: str = typer.Option(DEFAULT_TARGET, help="The gateway's model."),
+    schemas: Optional[Path] = typer.Option(None, help="JSONL, one {\"prompt\": ..., \"schema\": {...}} a line (default: the bundled sample)."),
+    limit: Optional[int] = typer.Option(None, min=1, help="The first N lines only."),
+    max_new_tokens: int = typer.Option(128, min=1),
+    draft_len: str = typer.Option("auto", help="A fixed draft length, or 'auto'."),
+    rtt_ms: Optional[float] = typer.Option(None, min=0, help="Put the gateway behind the link simulator with this round trip."),
+    split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Speculative decoding under a JSON Schema vs cloud mode under the same schema (valid,
+    mismatches, speed-up), and vs the same prompts without it (tokens per round, forced share)."""
+    from ..bench.machine import split_cores as halves
+    from ..bench.structured import bench_structured, load_schemas
+
+    try:
+        items = load_schemas(schemas, limit)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(str(exc), 2)
+    k = "auto" if draft_len == "auto" else int(draft_len) if draft_len.isdigit() else fail("--draft-len: a number or 'auto'", 2)
+
+    def progress(i, n, rec, ok):
+        err.print(f"[{i}/{n}] {len(rec.tokens)} tokens, {rec.usage.rounds} rounds, {rec.usage.forced_tokens} forced, "
+                  f"{'valid' if ok else '[red]not valid[/]'}")
+
+    split = halves() is not None if split_cores is None else split_cores
+    result = run(bench_structured(drafter=drafter, target=target, items=items, max_new_tokens=max_new_tokens, draft_len=k,
+                                  rtt_ms=rtt_ms, split=split, progress=progress))
+    print_result(result, "bench structured", as_json)
+
+
 def register(bench_app: typer.Typer) -> None:
     add_commands(bench_app, {"simulate": simulate, "capacity": capacity, "verify-cost": verify_cost,
-                             "speculative": speculative, "modes": modes, "rtt-plot": rtt_plot, "ttft": ttft})
+                             "speculative": speculative, "modes": modes, "rtt-plot": rtt_plot, "ttft": ttft,
+                             "structured": structured})
