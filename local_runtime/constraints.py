@@ -163,8 +163,8 @@ def parse_tool_calls(text: str, id_prefix: str = "call_", names: Sequence[str] |
     """(the text before the first call, the calls) from a model's output in the tool-call
     envelope. `arguments` is the JSON text as the model wrote it. A call that does not parse is
     kept, with its raw text and the error. Small models sometimes write a call without the
-    envelope: an answer that is nothing but {"name": <one of `names`>, "arguments": {...}} is
-    read as that call too."""
+    envelope: an answer that is nothing but {"name": <one of `names`>, "arguments": {...}} (in
+    a code fence or not) is read as that call too."""
     start = text.find("<tool_call>")
     if start < 0:
         bare = _bare_call(text, names)
@@ -187,17 +187,25 @@ def parse_tool_calls(text: str, id_prefix: str = "call_", names: Sequence[str] |
     return text[:start].rstrip(), calls
 
 
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+
+
 def _bare_call(text: str, names: Sequence[str] | None) -> tuple[str, str] | None:
+    """(name, arguments) when the whole answer is one call written without the envelope: a JSON
+    object {"name": a known tool, "arguments": {...}}, maybe in a ```json fence (as
+    Qwen2.5-Coder often writes it). The arguments are then re-serialised compactly."""
     body = text.strip()
-    head = call_head(body) if names and body.startswith("{") and body.endswith("}") else None
-    if head is None or head[0] not in names:
+    if m := _FENCE.match(body):
+        body = m.group(1)
+    if not names or not (body.startswith("{") and body.endswith("}")):
         return None
-    args = call_arguments(body[head[1]:] + CALL_CLOSE, complete=True)
     try:
-        json.loads(args)
+        obj = json.loads(body)
     except ValueError:
         return None
-    return head[0], args
+    if not isinstance(obj, dict) or obj.get("name") not in names or not isinstance(obj.get("arguments", {}), dict):
+        return None
+    return obj["name"], json.dumps(obj.get("arguments", {}), ensure_ascii=False)
 
 
 # -- what an API call asks for, as a constraint ------------------------------------------------------------

@@ -247,6 +247,16 @@ class GrammarState:
             self._mask = Mask(allowed, int(ids[0]) if len(ids) == 1 else None)
         return self._mask
 
+    def fast_forward(self) -> int | None:
+        """The first token of what the grammar forces next as bytes (llguidance's fast-forward:
+        say `", "key": ` after a value), tokenised canonically; None when nothing is forced.
+        Unlike `Mask.only` other tokenisations of those bytes stay admitted, so a draft of it
+        is a good guess, not a certainty."""
+        if self.ended:
+            return None
+        ff = self._m.compute_ff_tokens()
+        return int(ff[0]) if ff and self.mask().allowed[ff[0]] else None
+
     @property
     def accepting(self) -> bool:
         """The output so far is complete under the grammar."""

@@ -159,9 +159,10 @@ class Sequence(ABC):
 
         Under a `grammar` (already in line with the tokens generated so far; it advances over
         the drafts, and the caller syncs it back) the drafter's logits are masked, and a token the
-        grammar forces is drafted without running the model: such forced drafts do not count
-        towards k, up to `max_len` drafts in all. The model then evaluates the forced tokens
-        together with the next one it drafts."""
+        grammar forces is drafted without running the model: the only token it admits (always
+        accepted), or the first of the bytes it forces (its fast-forward, a guess with q = 1).
+        Such drafts do not count towards k, up to `max_len` drafts in all; the model evaluates
+        them together with the next token it drafts itself."""
         t0 = time.perf_counter()
         out = Draft.empty(sampled=temperature > 0)
         limit = k if max_len is None or grammar is None else max(k, max_len)
@@ -170,8 +171,9 @@ class Sequence(ABC):
             mask = grammar.mask() if grammar is not None else None
             if mask is not None and not mask.allowed.any():
                 break  # the grammar is complete: nothing can follow
-            if mask is not None and mask.only is not None:
-                tok, q = mask.only, 1.0
+            guess = None if mask is None else mask.only if mask.only is not None else grammar.fast_forward()
+            if guess is not None:  # forced by the grammar: no model run (a fast-forward guess may still be rejected)
+                tok, q = guess, 1.0
                 if temperature > 0:
                     out.dists.append(([tok], [1.0]))
                 out.forced.append(True)

@@ -91,7 +91,8 @@ class ToolCallStream:
         deltas: list[dict] = []
         start = self.text.find(CALL_OPEN)
         if start < 0:
-            bare = self.sent == 0 and self.text.lstrip().startswith("{")  # maybe a call written without its envelope
+            lead = self.text.lstrip()[:3]  # maybe a call written without its envelope (held back until the end)
+            bare = self.sent == 0 and (lead.startswith("{") or "```".startswith(lead) or lead == "```")
             if bare and final:
                 _, calls = parse_tool_calls(self.text, names=self.names)
                 if calls and not calls[0].error:

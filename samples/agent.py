@@ -108,7 +108,7 @@ async def main_async(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--question", default="Read invoice.txt and tell me the total after the discount. Use the calculator.")
+    ap.add_argument("--question", default="How much do 3 licences at 149.50 EUR each cost after a 10% discount? Use the calculator.")
     ap.add_argument("--folder", help="The folder read_file may read (default: a temporary one with two example files).")
     ap.add_argument("--drafter", default=DEFAULT_DRAFTER)
     ap.add_argument("--target", default=DEFAULT_TARGET)

@@ -111,7 +111,7 @@ def test_a_local_only_tool_keeps_later_turns_on_the_device():
     client = ScriptedClient([call("add", a=1, b=2), call("secret", name="x"), call("add", a=3, b=4), "done"])
     result = run(Agent(client, [add, secret], mode="speculative").run("?"))
     assert [LOCAL_ONLY_TAG in t["tags"] for t in client.turns] == [False, False, True, True]
-    assert result.local_only_from == 2 and [s.mode for s in result.trace] == ["speculative", "speculative", "local"]
+    assert result.local_only_from == 3 and [s.mode for s in result.trace] == ["speculative", "speculative", "local"]
 
 
 def test_the_client_runs_a_local_only_request_locally(tiny_gateway):

@@ -162,3 +162,11 @@ def test_a_call_written_without_its_envelope_is_read_as_a_call():
     message, called = message_of(text, [{"name": "add"}], "auto")
     assert called and message["tool_calls"][0]["function"]["arguments"] == '{"a": 3}'
     assert message_of('{"name": "other", "arguments": {}}', [{"name": "add"}], "auto")[1] is False
+    fenced = '```json\n{\n  "name": "add",\n  "arguments": {\n    "a": 3\n  }\n}\n```'
+    message, called = message_of(fenced, [{"name": "add"}], "auto")
+    assert called and message["tool_calls"][0]["function"]["arguments"] == '{"a": 3}'
+    stream = ToolCallStream(["add"])
+    deltas = [d for ch in fenced for d in stream.feed(ch)] + stream.feed("", final=True)
+    assert stream.has_calls and "".join(c["function"].get("arguments", "") for d in deltas for c in d.get("tool_calls", [])) == '{"a": 3}'
+    plain = ToolCallStream(["add"])
+    assert plain.feed("Hello") == [{"content": "Hello"}] and plain.feed("", final=True) == []

@@ -218,3 +218,18 @@ def test_sampled_speculative_under_a_grammar_is_the_masked_target_distribution()
     chi2, pvalue = stats.chisquare(obs, exp * obs.sum() / exp.sum())
     assert pvalue > 1e-3, (chi2, pvalue)
     gateway.close()
+
+
+def test_bench_structured_end_to_end_on_tiny_models(tmp_path):
+    """The command's fields, on a tiny pair (figures not asserted: the models are random)."""
+    from tandem.sdk.bench.structured import bench_structured, load_schemas
+
+    path = tmp_path / "schemas.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "schema": SCHEMA}) for p in ["Hello", "Once upon"]) + "\n")
+    out = run(bench_structured(drafter="tiny-llama:int8", target="tiny-llama", items=load_schemas(path), max_new_tokens=64))
+    assert out["n"] == 2 and out["valid"] == 2 and out["mismatches"] == 0
+    assert out["forced_share"] > 0 and out["tokens_per_round"] > 0 and out["tokens_per_round_unconstrained"] > 0
+    assert set(out) >= {"speedup_vs_cloud", "cpu_flags", "target_served"}
+    path.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="a line is"):
+        load_schemas(path)

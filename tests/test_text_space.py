@@ -208,3 +208,21 @@ class TestRealTokenizers:
             ids = list(generate_alone(target, target.tokenizer.prompt_tokens(p, chat=True), 32))
             assert rec.tokens == ids
             assert rec.text == target.tokenizer.text(ids)
+
+
+def test_a_constraint_across_tokenizers_holds_the_target(text_gateway, pair_drafter):
+    """Text-space pairs: only the target is constrained; the output is cloud mode's under the
+    same grammar, and follows it."""
+    from tandem.protocols.messages import Constraint
+
+    constraint = Constraint(kind="regex", source="(the|a) [a-z ]{2,30}\\.")
+
+    async def go():
+        async with Client(drafter=pair_drafter, gateway=InProcessTransport(text_gateway), draft_len=4) as c:
+            return [await c.generate("The weather", mode=m, max_new_tokens=40, chat=False, constraint=constraint)
+                    for m in ("cloud", "speculative")]
+
+    cloud, spec = run(go())
+    import re
+
+    assert spec.text == cloud.text and re.fullmatch("(the|a) [a-z ]{2,30}\\.", spec.text), spec.text

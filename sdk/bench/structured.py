@@ -106,7 +106,7 @@ async def _run(drafter: str, target: str, url: str, items: list[dict], max_new_t
     return out
 
 
-async def bench_structured(*, drafter: str, target: str, items: list[dict], max_new_tokens: int = 128, draft_len="auto",
+async def bench_structured(*, drafter: str, target: str, items: list[dict], max_new_tokens: int = 128, draft_len=6,
                            rtt_ms: float | None = None, split: bool = False, progress=None) -> dict:
     with placed(split) as (device_cores, gateway_cores):
         with gateway_link(target, "inproc", rtt_ms, gateway_cores) as url:

@@ -294,7 +294,8 @@ def structured(
     schemas: Optional[Path] = typer.Option(None, help="JSONL, one {\"prompt\": ..., \"schema\": {...}} a line (default: the bundled sample)."),
     limit: Optional[int] = typer.Option(None, min=1, help="The first N lines only."),
     max_new_tokens: int = typer.Option(128, min=1),
-    draft_len: str = typer.Option("auto", help="A fixed draft length, or 'auto'."),
+    draft_len: str = typer.Option("6", help="Device-model drafts per round (forced drafts come on top), fixed so both runs "
+                                             "draft alike; or 'auto'."),
     rtt_ms: Optional[float] = typer.Option(None, min=0, help="Put the gateway behind the link simulator with this round trip."),
     split_cores: Optional[bool] = typer.Option(None, "--split-cores/--shared-cores", help=SPLIT_HELP),
     as_json: bool = typer.Option(False, "--json"),

@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from ...protocols.errors import TandemError
+from ...protocols.messages import Constraint
 from ..client import DEFAULT_DRAFTER, DEFAULT_TARGET, Client
 from . import bench, dag, device, gateway, playground, route
 from .common import err, fail, origin_legend, origin_writer
@@ -66,6 +67,8 @@ def _usage_table(record) -> Table:
         ("wall", f"{u.wall_s:.2f} s ({len(record.tokens) / u.wall_s:.1f} tok/s)" if u.wall_s else "-"),
         ("fallbacks", u.fallbacks),
     ]
+    if u.forced_tokens:
+        rows.insert(3, ("forced by the grammar", u.forced_tokens))
     for k, v in rows:
         table.add_row(k, str(v))
     return table
@@ -86,6 +89,8 @@ def generate(
     raw: bool = typer.Option(False, help="Complete the prompt as raw text, without a chat template."),
     policy: Optional[Path] = typer.Option(None, help="A routing policy (YAML) for --mode auto."),
     tag: list[str] = typer.Option([], "--tag", help="A tag describing the request to the policy (repeatable), e.g. --tag privacy."),
+    schema: Optional[Path] = typer.Option(None, help="Hold the answer to this JSON Schema (a .json file), in any mode."),
+    regex: Optional[str] = typer.Option(None, help="Hold the answer to this regular expression, in any mode."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming."),
     no_color: bool = typer.Option(False, "--no-color", help="Plain text even on a terminal (so does NO_COLOR=1)."),
 ) -> None:
@@ -95,12 +100,22 @@ def generate(
 
     k = _draft_len(draft_len)
     write = origin_writer(color=not no_color)
+    structure = {}
+    if schema is not None and regex is not None:
+        fail("give --schema or --regex, not both", code=2)
+    if schema is not None:
+        try:
+            structure["response_format"] = json.loads(schema.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            fail(f"--schema {schema}: {exc}", code=2)
+    if regex is not None:
+        structure["constraint"] = Constraint(kind="regex", source=regex)
 
     async def run():
         async with Client(drafter=drafter, target=target, gateway=gateway, mode=mode.value, draft_len=k, policy=policy) as client:
             gen = client.stream(
                 prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=not raw,
-                tags=frozenset(tag),
+                tags=frozenset(tag), **structure,
             )
             async for piece in gen:
                 if not as_json:
@@ -116,7 +131,8 @@ def generate(
     if as_json:
         print(json.dumps({"text": record.text, "mode": record.mode, "usage": {**record.usage.to_dict(), "ttft_ms": record.ttft_ms},
                           "tokens": len(record.tokens), "finish_reason": record.finish_reason,
-                          "decision": record.decision}, default=str))
+                          "decision": record.decision, **({"parsed": record.parsed, "parse_error": record.parse_error}
+                                                          if schema is not None else {})}, default=str))
     else:
         sys.stdout.write("\n")
         if write.colored:
