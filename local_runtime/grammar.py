@@ -128,6 +128,7 @@ class _Wrapped:
 
 
 _lock = threading.Lock()
+_compiling = threading.Lock()
 _tokenizers: LRUCache = LRUCache(maxsize=8)
 # compiled matchers by (tokenizer, grammar hash); weighed by their grammar's size
 _compiled: LRUCache = LRUCache(maxsize=16 * 2**20, getsizeof=lambda entry: entry[1])
@@ -159,9 +160,11 @@ def compile_constraint(c: Constraint, tok: Any, n_vocab: int) -> "GrammarState":
         entry = _compiled.get(key)
     if entry is None:
         llg = _llg()
-        t0 = time.perf_counter()
-        matcher = llg.LLMatcher(ll_tokenizer(tok, n_vocab), source, log_level=0, limits=llg.LLParserLimits(verbose_errors=False))
-        took = time.perf_counter() - t0
+        with _compiling:  # one compile at a time: a flood of new grammars takes one core, not all
+            t0 = time.perf_counter()
+            matcher = llg.LLMatcher(ll_tokenizer(tok, n_vocab), source, log_level=0,
+                                    limits=llg.LLParserLimits(verbose_errors=False))
+            took = time.perf_counter() - t0
         if matcher.is_error():
             raise _compile_error(c, matcher.get_error())
         if took > MAX_COMPILE_S:
@@ -172,7 +175,9 @@ def compile_constraint(c: Constraint, tok: Any, n_vocab: int) -> "GrammarState":
             while len(_compiled) >= MAX_COMPILED:
                 _compiled.popitem()
             _compiled[key] = entry
-    return GrammarState(entry[0].deep_copy(), n_vocab, tok.eos_token_ids)
+    with _lock:  # sessions open on several threads; the cached matcher is only ever copied
+        matcher = entry[0].deep_copy()
+    return GrammarState(matcher, n_vocab, tok.eos_token_ids)
 
 
 def _param(c: Constraint) -> str:

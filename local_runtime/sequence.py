@@ -161,17 +161,20 @@ class Sequence(ABC):
         the drafts, and the caller syncs it back) the drafter's logits are masked, and a token the
         grammar forces is drafted without running the model: the only token it admits (always
         accepted), or the first of the bytes it forces (its fast-forward, a guess with q = 1).
-        Such drafts do not count towards k, up to `max_len` drafts in all; the model evaluates
-        them together with the next token it drafts itself."""
+        Such drafts do not count towards k, and a draft goes on through what the grammar forces
+        after the k-th, up to `max_len` drafts in all; the model evaluates them together with the
+        next token it drafts itself."""
         t0 = time.perf_counter()
         out = Draft.empty(sampled=temperature > 0)
         limit = k if max_len is None or grammar is None else max(k, max_len)
         row, drafted = None, 0
-        while drafted < k and len(out) < limit:
+        while len(out) < limit and (drafted < k or grammar is not None):
             mask = grammar.mask() if grammar is not None else None
             if mask is not None and not mask.allowed.any():
                 break  # the grammar is complete: nothing can follow
             guess = None if mask is None else mask.only if mask.only is not None else grammar.fast_forward()
+            if guess is None and drafted >= k:
+                break  # k drafts of the model's own, and the grammar forces nothing more
             if guess is not None:  # forced by the grammar: no model run (a fast-forward guess may still be rejected)
                 tok, q = guess, 1.0
                 if temperature > 0:

@@ -219,9 +219,9 @@ class Gateway:
                 raise gateway_error("bad_request", f"resume_tokens ({len(resume)}) already use up max_new_tokens ({req.max_new_tokens})")
             if set(resume) & set(self.lm.tokenizer.eos_token_ids):
                 raise gateway_error("bad_request", "resume_tokens hold an end-of-sequence token: that generation has finished")
+        grammar = await asyncio.to_thread(session_grammar, self.lm, req, prompt, resume)  # compiling may take a while
         if charge != "none":
             self.limiter.charge(principal, len(prompt) + len(resume), strict=charge == "strict")
-        grammar = session_grammar(self.lm, req, prompt, resume)
         engine = self.backend.new_engine(self.tie_margin)
         engine.append(prompt + resume)
         tok = self.lm.tokenizer

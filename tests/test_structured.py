@@ -233,3 +233,23 @@ def test_bench_structured_end_to_end_on_tiny_models(tmp_path):
     path.write_text('{"prompt": "x"}\n')
     with pytest.raises(ValueError, match="a line is"):
         load_schemas(path)
+
+
+def test_generate_command_holds_the_answer_to_a_schema_or_regex(tmp_path):
+    from typer.testing import CliRunner
+
+    from tandem.sdk.cli import app
+
+    bounded = {**SCHEMA, "properties": {**SCHEMA["properties"], "name": {"type": "string", "maxLength": 6},
+                                        "age": {"type": "integer", "minimum": 0, "maximum": 120}}}
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps(bounded))
+    base = ["generate", "Hello", "--raw", "--drafter", "tiny-llama-b", "--target", "tiny-llama", "--max-new-tokens", "48"]
+    out = CliRunner().invoke(app, [*base, "--schema", str(schema), "--json"])
+    assert out.exit_code == 0, out.output
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(data["parsed"]) == {"name", "age", "pet"} and data["parse_error"] is None
+    out = CliRunner().invoke(app, [*base, "--mode", "local", "--regex", "(yes|no)!", "--json"])
+    assert json.loads(out.stdout.strip().splitlines()[-1])["text"] in ("yes!", "no!")
+    bad = CliRunner().invoke(app, [*base, "--schema", str(tmp_path / "missing.json")])
+    assert bad.exit_code == 2 and "missing.json" in bad.output
