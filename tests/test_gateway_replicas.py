@@ -141,7 +141,12 @@ def test_cli_runs_nginx_in_front_of_the_replicas(nginx, two_in_process):
         assert sse.status_code == 200 and sse.text.rstrip().endswith("data: [DONE]")  # SSE passes through
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the command stops nginx and exits
-        _, stderr = proc.communicate(timeout=15)
+        try:
+            _, stderr = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # no leaked pipes into later tests; the failure is this test's
+            proc.communicate()
+            raise
     assert proc.returncode == 0, stderr
     assert "nginx: http://127.0.0.1" in stderr
 

@@ -117,7 +117,7 @@ class NginxProcess:
     keyword arguments go to it). Everything it writes stays in a folder of its own: the config,
     the pid file, the temporary files, the error log (`log`, or this process's stderr when
     `quiet` is off). Entering waits until the port accepts connections; leaving stops it
-    (SIGQUIT: a graceful stop, then SIGKILL) and removes the folder.
+    (SIGTERM: nginx's fast shutdown, then SIGKILL) and removes the folder.
 
     Started as root, nginx runs its workers as `nobody`; the folder is made readable to them, and
     nginx gives them the temporary folders it creates in it."""
@@ -173,7 +173,7 @@ class NginxProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            stop_process(self.proc, signal.SIGQUIT, 5)  # nginx: graceful shutdown
+            stop_process(self.proc, signal.SIGTERM, 5)  # nginx: fast shutdown (what its own Ctrl-C does)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
