@@ -147,3 +147,33 @@ def words_server(words_pair):
     with serve_in_thread(create_app(gw)) as url:
         yield url
     gw.close()
+
+
+def vocab8_model(seed: int):
+    """A tiny random model over an 8-token vocabulary (letters a..h, no end of sequence): small
+    enough to compare a sampled distribution with the exact one."""
+    from tandem.local_runtime.models import LoadedModel, Tokenizer, tiny_llama
+
+    tok = Tokenizer(
+        encode=lambda s: [ord(c) - 97 for c in s],
+        decode=lambda ids: "".join(chr(97 + i) for i in ids),
+        vocab={chr(97 + i): i for i in range(8)},
+        eos_token_ids=[],
+    )
+    model = tiny_llama(seed, hidden=32, layers=1, heads=2, vocab=8, init_range=0.6)
+    return LoadedModel(name=f"vocab8-{seed}", model=model, tokenizer=tok, source="random init")
+
+
+def chi_square_pvalue(observed, expected) -> float:
+    """Pearson's test of observed counts against expected ones, with cells expected under 5
+    pooled (so the chi-square approximation holds) and impossible cells left out."""
+    import numpy as np
+    from scipy import stats
+
+    observed, expected = np.asarray(observed, dtype=float), np.asarray(expected, dtype=float)
+    keep, rare = expected >= 5, (expected < 5) & (expected > 0)
+    obs = np.append(observed[keep], observed[rare].sum())
+    exp = np.append(expected[keep], expected[rare].sum())
+    if exp[-1] == 0:
+        obs, exp = obs[:-1], exp[:-1]
+    return float(stats.chisquare(obs, exp * obs.sum() / exp.sum())[1])

@@ -5,15 +5,14 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
-from tandem.local_runtime.models import LoadedModel, Tokenizer, load_model, tiny_llama
+from tandem.local_runtime.models import load_model
 from tandem.local_runtime.sequence import generate_alone
 from tandem.protocols.transport import InProcessTransport
 from tandem.remote_gateway.service import Gateway
 from tandem.sdk import Client
 
-from .conftest import assert_speculative_is_target, run
+from .conftest import assert_speculative_is_target, chi_square_pvalue, run, vocab8_model
 
 PROMPTS = ["Hello there", "The quick brown fox", "1 2 3 4", "Once upon a time, in a land far away,"]
 
@@ -45,21 +44,10 @@ def test_int8_drafter_is_mostly_accepted(tiny_gateway_of, target_name):
     assert len(rec.tokens) / rec.usage.rounds > 2.0
 
 
-def _vocab8_model(seed: int) -> LoadedModel:
-    tok = Tokenizer(
-        encode=lambda s: [ord(c) - 97 for c in s],
-        decode=lambda ids: "".join(chr(97 + i) for i in ids),
-        vocab={chr(97 + i): i for i in range(8)},
-        eos_token_ids=[],
-    )
-    model = tiny_llama(seed, hidden=32, layers=1, heads=2, vocab=8, init_range=0.6)
-    return LoadedModel(name=f"vocab8-{seed}", model=model, tokenizer=tok, source="random init")
-
-
 def test_sampled_speculative_reproduces_target_distribution():
     """Through the real engines, messages and gateway: the joint distribution of the first two
     tokens over 8x8 outcomes equals the target's exact one (chi-square)."""
-    target, drafter = _vocab8_model(0), _vocab8_model(1)
+    target, drafter = vocab8_model(0), vocab8_model(1)
     prompt = [1, 2, 3]
     temperature = 1.0
     with torch.inference_mode():
@@ -83,13 +71,8 @@ def test_sampled_speculative_reproduces_target_distribution():
     observed = np.array([counts[(a, b)] for a in range(8) for b in range(8)], dtype=float)
     expected = joint.reshape(-1) * N
     # pool rare cells so the chi-square approximation holds
-    keep = expected >= 5
-    obs = np.append(observed[keep], observed[~keep].sum())
-    exp = np.append(expected[keep], expected[~keep].sum())
-    if exp[-1] == 0:
-        obs, exp = obs[:-1], exp[:-1]
-    chi2, pvalue = stats.chisquare(obs, exp * obs.sum() / exp.sum())
-    assert pvalue > 1e-3, (chi2, pvalue)
+    pvalue = chi_square_pvalue(observed, expected)
+    assert pvalue > 1e-3, pvalue
     gateway.close()
 
 
