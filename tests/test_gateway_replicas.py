@@ -3,6 +3,7 @@ config routes every request of a session to it, and when a replica dies mid-gene
 clients re-open their sessions on a survivor: every answer is still the target's own."""
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -126,7 +127,8 @@ def test_cli_runs_nginx_in_front_of_the_replicas(nginx, two_in_process):
     port = free_port()
     urls = [arg for url in two_in_process.values() for arg in ("--replica", url)]
     proc = subprocess.Popen([sys.executable, "-m", "tandem.sdk.cli", "gateway", "nginx", *urls,
-                             "--listen", f"127.0.0.1:{port}", "--run"], stderr=subprocess.PIPE, text=True)
+                             "--listen", f"127.0.0.1:{port}", "--run"], stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own group: a failed stop can take nginx down too
     try:
         deadline, seen = time.monotonic() + 30, set()
         while time.monotonic() < deadline and seen != {"ra", "rb"}:
@@ -144,8 +146,8 @@ def test_cli_runs_nginx_in_front_of_the_replicas(nginx, two_in_process):
         try:
             _, stderr = proc.communicate(timeout=15)
         except subprocess.TimeoutExpired:
-            proc.kill()  # no leaked pipes into later tests; the failure is this test's
-            proc.communicate()
+            os.killpg(proc.pid, signal.SIGKILL)  # the command and its nginx: no leaked pipes into later tests
+            proc.communicate(timeout=15)
             raise
     assert proc.returncode == 0, stderr
     assert "nginx: http://127.0.0.1" in stderr

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import json
+import signal
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -125,6 +125,14 @@ def _run_nginx(replicas: dict[str, str], host: str, port: int) -> None:
     except RuntimeError as exc:
         fail(f"nginx did not start: {exc}")
     err.print(f"nginx: {lb.url} -> {', '.join(f'{r}={u}' for r, u in replicas.items())} (Ctrl-C stops it)")
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    # Ctrl-C and a process manager's SIGTERM stop it, even where this process was started with
+    # SIGINT ignored (a shell's background job)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupt)
     try:
         code = lb.proc.wait()
     except KeyboardInterrupt:
