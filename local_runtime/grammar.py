@@ -216,10 +216,13 @@ class GrammarState:
         grammar does not admit (the state then holds the tokens before it). An end-of-sequence
         token is taken where the output is complete, and ends it; the matcher itself never sees
         it, so rolling back over it is only bookkeeping."""
-        mine, n = self.tokens, 0
-        limit = min(len(mine), len(tokens))
-        while n < limit and mine[n] == tokens[n]:
-            n += 1
+        mine = self.tokens
+        if len(tokens) >= len(mine) and list(tokens[: len(mine)]) == mine:
+            n = len(mine)  # the usual case, going forward: one comparison in C, not a loop per token
+        else:
+            n, limit = 0, min(len(mine), len(tokens))
+            while n < limit and mine[n] == tokens[n]:
+                n += 1
         if n < len(mine):
             undo = len(mine) - n - (1 if self.ended else 0)
             if undo and not self._m.rollback(undo):
