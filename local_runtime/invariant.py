@@ -121,12 +121,13 @@ def _device(model) -> str:
     return str(next(model.parameters()).device)
 
 
-def make_batch_invariant(model) -> bool:
+def make_batch_invariant(model, *, probed: bool = False) -> bool:
     """Make `model` batch-invariant if this machine's kernels allow it: probe every distinct
     linear shape, then swap in `RowPaddedLinear` and the per-query attention. Returns whether it
     did; a model it cannot serve (soft-capped attention, an attention other than sdpa, kernels
     whose rows depend on the row count) keeps (or gets back) plain Linear and sdpa, and the
-    near-tie rule. A model moved to another device is probed again there."""
+    near-tie rule. A model moved to another device is probed again there. `probed`: the GEMM
+    probes passed before for these weights on this machine (a saved verdict), skip them."""
     if _invariant.get(model) == _device(model):
         return True
     cfg = getattr(model.config, "text_config", None) or model.config
@@ -139,13 +140,13 @@ def make_batch_invariant(model) -> bool:
     shapes: dict[tuple, torch.nn.Linear] = {}
     for m in linears:
         shapes.setdefault((tuple(m.weight.shape), m.weight.dtype, m.bias is not None), m)
-    for (shape, dtype, _), m in shapes.items() if reason is None else ():
+    for (shape, dtype, _), m in shapes.items() if reason is None and not probed else ():
         bad = probe_linear(m.weight, m.bias)
         if bad is not None:
             reason = (f"a {shape[1]}x{shape[0]} {str(dtype).removeprefix('torch.')} GEMM on {_device(model)} "
                       f"sums {bad} rows in another order than a block")
             break
-    if reason is None:
+    if reason is None and not probed:
         reason = _probe_exact_linears(model)
     if reason is not None:
         log.info("batch invariance is off (the near-tie rule stays): %s", reason)

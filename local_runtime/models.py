@@ -21,10 +21,8 @@ from __future__ import annotations
 
 
 import functools
-import hashlib
 import importlib.util
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +32,9 @@ from typing import Any
 
 from ..protocols.errors import ModelLoadError
 from .loaded import LoadedModel, Tokenizer, hf_messages, tokenizer_fingerprint
-from .packaged import PARTED, cache_dir
+from .packaged import PARTED
 from .packaged import assemble as assemble_parts
+from .saved import converted_model, hf_tokenizer, remembered
 from .tiny import tiny_model, byte_tokenizer, tiny_llama, tiny_qwen2
 
 log = logging.getLogger(__name__)
@@ -174,7 +173,10 @@ def load_model(name: str, *, progress: bool = True) -> LoadedModel:
             bf16 = _load_base(base, progress=progress, dtype="bfloat16")
             # bfloat16 rounds so coarsely that near ties are common: where this machine's kernels
             # allow it, the model is made batch-invariant and needs no near-tie recomputation
-            make_batch_invariant(bf16.model)
+            # (the probe's verdict is saved per file and machine: saved.py)
+            source = Path(bf16.source)
+            if remembered("batch-invariance", source, lambda: make_batch_invariant(bf16.model)):
+                make_batch_invariant(bf16.model, probed=True)
             lm = LoadedModel(name=name, model=bf16.model, tokenizer=bf16.tokenizer, source=bf16.source + " (bfloat16 weights)")
         elif variant == "fp32":
             lm = LoadedModel(name=name, model=lm.model, tokenizer=lm.tokenizer, source=lm.source)
@@ -255,54 +257,9 @@ def _load_tokenizer(name: str, progress: bool) -> Tokenizer:
     if not path.exists():
         raise ModelLoadError(f"no tokenizer for '{name}': nothing at {path}")
     with _status(progress, f"loading the tokenizer of {name} ..."):
-        hf_tok = _hf_tokenizer(path)
+        hf_tok = hf_tokenizer(path)
     _fix_chat_template(hf_tok, path)
-    return _wrap_hf_tokenizer(hf_tok, None)
-
-
-def _hf_tokenizer(path: Path) -> Any:
-    """transformers' tokenizer for a model directory or GGUF file.
-
-    A GGUF's tokenizer is converted from its metadata, which for a 151,936-token vocabulary takes
-    ~20 s; the converted tokenizer is saved in the cache the first time (keyed by the file's
-    identity and the transformers version) and loads from there in about a second."""
-    import transformers
-    from transformers import AutoTokenizer
-
-    if not path.is_file():
-        return AutoTokenizer.from_pretrained(str(path))
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}".encode()).hexdigest()
-    saved = cache_dir() / "tokenizers" / key[:24]
-    if saved.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(str(saved))
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring the damaged tokenizer cache %s: %s", saved, exc)
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    _save_tokenizer(tok, saved)
-    return tok
-
-
-def _save_tokenizer(tok: Any, saved: Path) -> None:
-    """Save into a temporary directory and rename it into place: readers never see half of one."""
-    import shutil
-    import tempfile
-
-    try:
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=saved.name + "."))
-    except OSError as exc:  # a read-only cache costs load time, nothing else
-        log.warning("could not cache a tokenizer under %s: %s", saved.parent, exc)
-        return
-    try:
-        tok.save_pretrained(str(tmp))
-        shutil.rmtree(saved, ignore_errors=True)  # a damaged copy; a good one from a racing process is as good as ours
-        os.replace(tmp, saved)
-    except OSError as exc:
-        log.warning("could not cache a tokenizer at %s: %s", saved, exc)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return _wraphf_tokenizer(hf_tok, None)
 
 
 def _fix_chat_template(hf_tok, path: Path) -> None:
@@ -340,8 +297,12 @@ def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -
         where = str(path)
     with _status(progress, f"loading {name} from {path.name} ..."), _gguf_conversion_bar(progress or not path.is_file()):
         try:
-            hf_tok = _hf_tokenizer(path)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+            hf_tok = hf_tokenizer(path)
+
+            def convert() -> Any:
+                return AutoModelForCausalLM.from_pretrained(where, dtype=getattr(torch, dtype), **kwargs)
+
+            model = converted_model(path, dtype, convert) if path.is_file() else convert()
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"could not load model '{name}' from {path}: {exc}") from exc
     model.eval()
@@ -352,11 +313,11 @@ def _load_hf(name: str, path: Path, *, progress: bool, dtype: str = "float32") -
 
 def _tokenizer_for(path: Path, model: Any, hf_tok: Any = None) -> Tokenizer:
     """The tokenizer of the model loaded from `path` (its generation config adds end tokens)."""
-    hf_tok = _hf_tokenizer(path) if hf_tok is None else hf_tok
+    hf_tok = hf_tokenizer(path) if hf_tok is None else hf_tok
     if hf_tok.chat_template is None and "gemma" in (model.config.model_type or ""):
         hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
     _fix_chat_template(hf_tok, path)
-    return _wrap_hf_tokenizer(hf_tok, model)
+    return _wraphf_tokenizer(hf_tok, model)
 
 
 @contextmanager
@@ -379,7 +340,7 @@ def _gguf_conversion_bar(show: bool) -> Iterator[None]:
         gguf_utils.tqdm = bar
 
 
-def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
+def _wraphf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     eos: set[int] = set()
     if tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))

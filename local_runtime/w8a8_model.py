@@ -18,10 +18,7 @@ A damaged or foreign file is ignored with one warning and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ContextManager
@@ -30,19 +27,17 @@ import torch
 
 from .loaded import LoadedModel, Tokenizer
 from .packaged import cache_root
+from .saved import all_tensors, assign, file_key, finish, read_payload, skeleton, write_model
 from .quant_w8a8 import W8A8Linear, W8A8Weights, quantize_model_w8a8, weight_qmax
 
 log = logging.getLogger("tandem.models")
 
-FORMAT = 1  # bumped when what is saved changes
+FORMAT = 2  # bumped when what is saved changes
 
 
 def cache_key(source: Path) -> str:
     """What the saved model depends on: the weights file, torch, this CPU's int8 arithmetic."""
-    st = source.stat()
-    parts = [str(source.resolve()), str(st.st_size), str(st.st_mtime_ns), torch.__version__, str(weight_qmax()),
-             torch.backends.cpu.get_cpu_capability(), str(FORMAT)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+    return file_key(source, torch.__version__, weight_qmax(), torch.backends.cpu.get_cpu_capability(), FORMAT)
 
 
 def cache_file(source: Path) -> Path:
@@ -95,41 +90,20 @@ def _clone(model: Any) -> Any:
 
 def _write(path: Path, model: Any, linears: dict[str, tuple[W8A8Weights, str]]) -> None:
     inside = tuple(n + "." for n in linears)
-    rest = {n: t for n, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-            if not n.startswith(inside)}
-    payload = {
-        "format": FORMAT,
-        "config": model.config.to_json_string(use_diff=False),
-        "generation_config": None if model.generation_config is None else model.generation_config.to_json_string(),
-        "linears": {n: {"weight_q": w.weight_q, "weight_scale": w.weight_scale, "bias": w.bias, "kernel": k}
-                    for n, (w, k) in linears.items()},
-        "rest": {n: t.detach() for n, t in rest.items()},
-    }
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        log.warning("could not save the W8A8 model at %s (the next start quantises again): %s", path, exc)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rest = {n: t for n, t in all_tensors(model).items() if not n.startswith(inside)}
+    write_model(path, model, rest, w8a8_format=FORMAT,
+                linears={n: {"weight_q": w.weight_q, "weight_scale": w.weight_scale, "bias": w.bias, "kernel": k}
+                         for n, (w, k) in linears.items()})
 
 
 def _read(path: Path, status: Callable[[str], ContextManager]) -> Any | None:
     """The model saved at `path`, or None (with a warning) when the file cannot be used."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     try:
         with status(f"loading the W8A8 weights from {path.name} ..."):
-            payload = torch.load(path, mmap=True, weights_only=True)
-            if payload.get("format") != FORMAT:
-                raise ValueError(f"format {payload.get('format')}, expected {FORMAT}")
-            cfg = json.loads(payload["config"])
-            cfg.pop("quantization_config", None)  # the GGUF's: the weights here are ours
-            config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-            with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config)
+            payload = read_payload(path)
+            if payload.get("w8a8_format") != FORMAT:
+                raise ValueError(f"W8A8 format {payload.get('w8a8_format')}, expected {FORMAT}")
+            model = skeleton(payload)
             for name, spec in payload["linears"].items():
                 parent, _, attr = name.rpartition(".")
                 w = W8A8Weights(weight_q=spec["weight_q"], weight_scale=spec["weight_scale"], act_scale=torch.tensor(1.0),
@@ -137,28 +111,12 @@ def _read(path: Path, status: Callable[[str], ContextManager]) -> Any | None:
                                 outlier_weight=torch.zeros(0, spec["weight_q"].shape[0]), bias=spec["bias"],
                                 in_mult=torch.ones(spec["weight_q"].shape[1]), dynamic=True)
                 setattr(model.get_submodule(parent), attr, W8A8Linear(w, spec["kernel"]))
-            for name, tensor in payload["rest"].items():
-                _assign(model, name, tensor)
-            left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-            if left:
-                raise ValueError(f"no saved value for {', '.join(left[:3])}")
-            if payload["generation_config"] is not None:
-                model.generation_config = GenerationConfig.from_dict(json.loads(payload["generation_config"]))
-            model.eval()
-            return model
+            for name, tensor in payload["tensors"].items():
+                assign(model, name, tensor)
+            return finish(model, payload)
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("ignoring the saved W8A8 model %s (quantising again): %s", path.name, exc)
         return None
-
-
-def _assign(model: Any, name: str, tensor: torch.Tensor) -> None:
-    """Put `tensor` at parameter or buffer `name` of `model` (replacing a meta placeholder)."""
-    parent, _, attr = name.rpartition(".")
-    module = model.get_submodule(parent)
-    if attr in module._parameters:
-        module._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
-    else:
-        module._buffers[attr] = tensor
 
 
 __all__ = ["load_w8a8", "cache_file", "cache_key", "FORMAT"]

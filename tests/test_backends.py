@@ -86,24 +86,33 @@ def _drafter(kind, lm, stats, gguf):
         from tandem.local_runtime.backends.llamacpp import LlamaCppModel
 
         return LlamaCppModel(lm.name, gguf, lm.tokenizer, n_ctx=512, n_threads=2)
+    if kind == "cpu-int8+llama.cpp":
+        from tandem.local_runtime.backends.cpu_int8 import CpuInt8Prefill
+        from tandem.local_runtime.backends.llamacpp import LlamaCppModel
+        from tandem.local_runtime.backends.split_prefill import attach
+
+        model = LlamaCppModel(lm.name, gguf, lm.tokenizer, n_ctx=512, n_threads=2)
+        model = attach(model, lm, CpuInt8Prefill(lm, chunk=16, act_absmax=stats, n_outliers=4, compile=False))
+        assert model.state_prefill is not None  # the probe passed: prompts are prefilled in int8
+        return model
     raise AssertionError(kind)
 
 
-BACKENDS = ["torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp"]
+BACKENDS = ["torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp", "cpu-int8+llama.cpp"]
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
 @pytest.mark.parametrize("draft_len", [1, 4])
 def test_greedy_speculative_equals_target_alone_on_every_backend(target_gateway, drafter_lm, act_stats, kind, draft_len, request):
-    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    gguf = request.getfixturevalue("tiny_gguf") if "llama.cpp" in kind else None
     drafter = _drafter(kind, drafter_lm, act_stats, gguf)
     assert_speculative_is_target(target_gateway, drafter, PROMPTS, 24, draft_len, label=kind)
 
 
-@pytest.mark.parametrize("kind", ["cpu-int8", "onnx", "torch-int8", "llama.cpp"])
+@pytest.mark.parametrize("kind", ["cpu-int8", "onnx", "torch-int8", "llama.cpp", "cpu-int8+llama.cpp"])
 def test_engines_follow_the_interface_and_roll_back(drafter_lm, act_stats, kind, request):
     """Draft, roll back, draft again: the same tokens as a fresh engine on the same prefix."""
-    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    gguf = request.getfixturevalue("tiny_gguf") if "llama.cpp" in kind else None
     model = _drafter(kind, drafter_lm, act_stats, gguf)
     engine = drafter_engine(model)
     assert isinstance(engine, DraftingEngine)
@@ -121,7 +130,7 @@ def test_engines_follow_the_interface_and_roll_back(drafter_lm, act_stats, kind,
 
 @pytest.mark.parametrize("kind", ["torch-int8", "llama.cpp"])
 def test_drafting_engines_agree_with_the_torch_engine(drafter_lm, act_stats, kind, request):
-    gguf = request.getfixturevalue("tiny_gguf") if kind == "llama.cpp" else None
+    gguf = request.getfixturevalue("tiny_gguf") if "llama.cpp" in kind else None
     """llama.cpp on float32 weights against the float engine; the lean loop against the engine
     over the same int8 weights (`NAME:int8`, per-output-channel scales)."""
     engine = drafter_engine(_drafter(kind, drafter_lm, act_stats, gguf))

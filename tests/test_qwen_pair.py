@@ -75,12 +75,13 @@ def test_the_cached_tokenizer_is_the_converted_one(tmp_path, monkeypatch):
     """A GGUF's tokenizer is converted once and then loaded from the cache: the same ids, template
     and special tokens either way."""
     from tandem.local_runtime import models
+    from tandem.local_runtime.saved import hf_tokenizer
 
     path = resolve_gguf(DRAFTER, progress=False)
     monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path))
-    converted = models._hf_tokenizer(path)
+    converted = hf_tokenizer(path)
     assert len(list((tmp_path / "models" / "tokenizers").iterdir())) == 1
-    cached = models._hf_tokenizer(path)
+    cached = hf_tokenizer(path)
     a, b = models._wrap_hf_tokenizer(converted, None), models._wrap_hf_tokenizer(cached, None)
     assert a.fingerprint == b.fingerprint and a.eot_token_id == b.eot_token_id and a.special_ids == b.special_ids
     for text in ("Why is the sky blue?", "def f(x):\n    return x ** 2  # Übersetzung, 空"):

@@ -13,6 +13,8 @@ Drafting backends (`DraftingEngine`, what the speculative loop drives), picked b
     cpu-int8, onnx   `Engine` whose prompt prefill runs on that prefill backend
     torch-int8       a lean static-cache decode loop with int8 weights, compiled
     llama.cpp        llama.cpp on the same GGUF file, its own KV cache and rollback
+    cpu-int8+llama.cpp  llama.cpp decoding after a `cpu-int8` prompt prefill, whose keys and
+                     values are written into llama.cpp's sequence state (split_prefill.py)
     mlc              MLC LLM's engine (installed separately; see the README)
 
 A drafter is named `MODEL@BACKEND` (`smollm2-135m@llama.cpp`) or `Client(drafter_backend=...)`.
@@ -32,7 +34,7 @@ if TYPE_CHECKING:
     from ..prefill import PrefillBackend
 
 PREFILL_BACKENDS = ("reference-fp32", "cpu-int8", "onnx")
-DRAFTING_BACKENDS = ("torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp", "mlc")
+DRAFTING_BACKENDS = ("torch", "cpu-int8", "onnx", "torch-int8", "llama.cpp", "cpu-int8+llama.cpp", "mlc")
 _ALIASES = {"llamacpp": "llama.cpp", "llama_cpp": "llama.cpp", "reference": "torch", "fp32": "torch"}
 
 
@@ -138,12 +140,16 @@ def load_drafter(name: str, backend: str | None = None, *, progress: bool = True
             from .lean import StaticInt8Model
 
             _drafters[key] = StaticInt8Model(load_model(name, progress=progress))
-        elif backend == "llama.cpp":
+        elif backend in ("llama.cpp", "cpu-int8+llama.cpp"):
             from .llamacpp import LlamaCppModel
 
-            _drafters[key] = LlamaCppModel(
-                name, gguf_path(name, progress=progress), load_tokenizer(name, progress=progress)
-            )
+            model = LlamaCppModel(name, gguf_path(name, progress=progress), load_tokenizer(name, progress=progress))
+            if backend == "cpu-int8+llama.cpp":
+                from .split_prefill import attach
+
+                lm = load_model(name, progress=progress)
+                model = attach(model, lm, prefill_backend("cpu-int8", lm))
+            _drafters[key] = model
         else:
             from .mlc import MlcModel
 

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +18,7 @@ import torch
 from ..prefill import ChunkedPrefill, PrefillResult, calibrate
 from ..prefill_calibration import calibration_samples
 from ..quant_w8a8 import DEFAULT_SMOOTH
+from ..saved import remembered
 from .base import tensor_bytes
 
 if TYPE_CHECKING:
@@ -47,7 +50,10 @@ class CpuInt8Prefill:
     ) -> None:
         self.lm = lm
         if act_absmax is None:
-            act_absmax = calibrate(lm.model, calibration_samples(lm.tokenizer))
+            samples = calibration_samples(lm.tokenizer)
+            # measured once per weights file and machine (saved.py): ~11 s for the 0.5B model
+            act_absmax = remembered("calibration", Path(lm.source), lambda: calibrate(lm.model, samples),
+                                    hashlib.sha256(repr(samples).encode()).hexdigest())
         self.act_absmax = act_absmax
         self.runner = ChunkedPrefill(
             lm.model, mode="w8a8", chunk=chunk, act_absmax=act_absmax, n_outliers=n_outliers,

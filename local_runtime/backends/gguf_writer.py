@@ -38,6 +38,14 @@ def _permute_for_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
 _ARCHES = {"llama": ("llama", False), "mistral": ("llama", False), "qwen2": ("qwen2", True)}
 
 
+def rotates_halves(model_type: str) -> bool:
+    """Whether llama.cpp's graph for a transformers model type rotates halves, as transformers
+    does (else adjacent pairs, and a GGUF's q/k rows are permuted to match)."""
+    if model_type not in _ARCHES:
+        raise ValueError(f"no llama.cpp architecture known for model type '{model_type}'")
+    return _ARCHES[model_type][1]
+
+
 def write_llama_gguf(lm: "LoadedModel", path: str | Path) -> Path:
     """Write `lm` (a Llama-family transformers model) as a float32 GGUF at `path`."""
     try:
@@ -124,4 +132,4 @@ def write_llama_gguf(lm: "LoadedModel", path: str | Path) -> Path:
     return path
 
 
-__all__ = ["write_llama_gguf"]
+__all__ = ["write_llama_gguf", "rotates_halves"]

@@ -14,6 +14,7 @@ argmax over the last row, which is what llama.cpp's own generation loop does.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import time
 import weakref
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...protocols.errors import BackendUnavailable
-from ..draft import DEFAULT_TIE_MARGIN
+from ..draft import DEFAULT_TIE_MARGIN, MIN_BACKEND_PREFILL
 from ..sequence import Sequence
 from .base import missing_extra
 
@@ -31,8 +32,11 @@ if TYPE_CHECKING:
     import torch
 
     from ..loaded import Tokenizer
+    from .split_prefill import StatePrefill
 
 DEFAULT_N_CTX = 4096
+
+log = logging.getLogger("tandem.backends")
 
 # Every open model, closed at interpreter exit while llama_cpp's module is still whole: left to
 # Llama.__del__ during teardown, its free functions are already None and it prints a traceback.
@@ -101,6 +105,8 @@ class LlamaCppModel:
             n_threads_batch=self.n_threads, logits_all=False, verbose=False, flash_attn=flash_attn,
         )
         _open_models.add(self)
+        # set by split_prefill.attach: prompts prefilled by another backend into this context
+        self.state_prefill: "StatePrefill | None" = None
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
         ours = max(tokenizer.vocab.values()) + 1 if tokenizer.vocab else 0
@@ -177,6 +183,8 @@ class LlamaCppEngine(Sequence):
         llama_cpp = self._llama_cpp
         if upto > self.lm.n_ctx:
             raise BackendUnavailable(f"sequence of {upto} tokens exceeds the llama.cpp context ({self.lm.n_ctx})")
+        if start == 0 and upto - 1 >= MIN_BACKEND_PREFILL and self.lm.state_prefill is not None:
+            start = self._prefill_elsewhere(upto - 1)
         if self.lm.prompt_batched:
             if self.batched_upto is None:
                 self.batched_upto = max(0, upto - 1)  # the first forward is the prompt
@@ -192,6 +200,18 @@ class LlamaCppEngine(Sequence):
                 raise RuntimeError(f"llama_decode failed with code {rc}")
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.lm.n_vocab,))
+
+    def _prefill_elsewhere(self, upto: int) -> int:
+        """The prompt's first `upto` tokens on the model's other prefill backend; where llama.cpp
+        goes on from (`upto`, or 0 when that backend failed: it is dropped with one warning)."""
+        try:
+            self.lm.state_prefill.write(self._ctx, self.tokens[:upto])
+        except BackendUnavailable as exc:
+            log.warning("%s: prompts prefill on llama.cpp itself from now on (%s)", self.lm.name, exc)
+            self.lm.state_prefill = None
+            self._crop(0)
+            return 0
+        return upto
 
 
 def native_generate_rate(
