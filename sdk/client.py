@@ -139,6 +139,7 @@ class Client:
         self._link: GatewayLink | None = None
         self._owned_gateway = None
         self._drafter = None if isinstance(drafter, str) or drafter is None else drafter
+        self.drafter_load_s: float | None = None  # seconds the device model took to load (cold start)
 
     # -- resources -------------------------------------------------------------------------------
 
@@ -186,7 +187,9 @@ class Client:
                 raise TandemError("this mode needs a device model: pass drafter=NAME")
             from ..local_runtime.backends import load_drafter
 
+            started = time.perf_counter()
             self._drafter = load_drafter(self.drafter_name, self.drafter_backend, progress=self.progress)
+            self.drafter_load_s = time.perf_counter() - started
         return self._drafter
 
     @property

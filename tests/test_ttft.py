@@ -25,4 +25,5 @@ def test_ttft_per_mode_beside_the_engines_prefill(monkeypatch):
     assert out["prompt_tokens"] == 120 and out["mismatches"] == 0 and out["target_served"] == "tiny-llama"
     assert all(out[f"{m}_ttft_ms"] > 0 for m in ("cloud", "speculative", "local"))
     assert out["cloud_over_target_prefill"] == round(out["cloud_ttft_ms"] / 50.0, 3)
+    assert out["device_load_s"] >= 0  # the device model's cold start beside the gateway's
     assert measured == ["tiny-llama", "tiny-llama"]  # the target's engine, then the device's

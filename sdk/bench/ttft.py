@@ -11,6 +11,8 @@ target and for the device model, in one run.
                     llama-server's prompt processing costs: the target's on the gateway's cores
                     once the gateway has stopped, the drafter's on the device's
     mismatches      runs whose speculative tokens differ from cloud mode's (greedy: none may)
+    gateway_load_s  the gateway's cold start (process start to ready, as `/v1/info` reports it)
+    device_load_s   the device model's load on the device, its backend's set-up included
 
 Speculative TTFT is max(device prefill, cloud prefill + RTT): the device drafts its first block
 only once its own prompt is in, and the gateway verifies it once its prompt is in.
@@ -65,7 +67,7 @@ async def _modes(drafter: str, target: str, url: str, texts: list[str], prompt_t
     mismatches = 0
     async with Client(drafter=drafter, target=target if url == "inproc" else None, gateway=url, progress=False) as client:
         text, n = long_prompt(client.drafter.tokenizer, texts, prompt_tokens)
-        served = (await client.transport.info()).model
+        info = await client.transport.info()
         await client.generate("Hello", max_new_tokens=2, chat=False, mode="speculative")  # both sides warm
         for rep in range(reps):
             tokens = {}
@@ -76,7 +78,7 @@ async def _modes(drafter: str, target: str, url: str, texts: list[str], prompt_t
                 if progress:
                     progress(f"[{rep + 1}/{reps}] {mode}: first token after {rec.ttft_ms:,.0f} ms")
             mismatches += tokens["speculative"] != tokens["cloud"]
-    return {"served": served, "text": text, "prompt_tokens": n, "mismatches": mismatches,
+    return {"served": info.model, "gateway_load_s": info.load_s, "device_load_s": client.drafter_load_s, "text": text, "prompt_tokens": n, "mismatches": mismatches,
             "ttft": {m: statistics.median(v) for m, v in ttft.items()}}
 
 
@@ -99,6 +101,7 @@ def bench_ttft(*, drafter: str, target: str, texts: list[str], prompt_tokens: in
         "cloud_over_target_prefill": round(t["cloud"] / target_ms, 3),
         "local_over_device_prefill": round(t["local"] / device_ms, 3),
         "speculative_over_cloud": round(t["speculative"] / t["cloud"], 3),
+        "gateway_load_s": run["gateway_load_s"], "device_load_s": round(run["device_load_s"], 2),
         "mismatches": run["mismatches"], **out,
     }
 
