@@ -19,7 +19,7 @@ import math
 import time
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -32,9 +32,16 @@ if TYPE_CHECKING:
     import torch
 
     from ..loaded import Tokenizer
-    from .split_prefill import StatePrefill
 
 DEFAULT_N_CTX = 4096
+
+
+class StateWriter(Protocol):
+    """Writes a prompt's keys and values into a llama.cpp context's sequence state
+    (`split_prefill.StatePrefill`, typed here by shape so the two modules do not import each
+    other)."""
+
+    def write(self, ctx, tokens: list[int]) -> None: ...
 
 log = logging.getLogger("tandem.backends")
 
@@ -106,7 +113,7 @@ class LlamaCppModel:
         )
         _open_models.add(self)
         # set by split_prefill.attach: prompts prefilled by another backend into this context
-        self.state_prefill: "StatePrefill | None" = None
+        self.state_prefill: StateWriter | None = None
         self.n_ctx = self.llm.n_ctx()
         self.n_vocab = self.llm.n_vocab()
         ours = max(tokenizer.vocab.values()) + 1 if tokenizer.vocab else 0
