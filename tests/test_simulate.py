@@ -55,8 +55,27 @@ def test_one_cloud_stream_steps_once_a_pass():
 
 def test_streams_share_a_pass():
     st = simulate_replica(_req(8), COSTS, GatewayRules(), k=4, rng=np.random.default_rng(0))
-    assert st.n["tokens"] == 160 and st.n["passes"] == 8 + 20  # 8 fills, then 20 passes of all 8 streams
+    # 8 fills; the first stream's batch is formed as its fill ends (before the others are filled, as the
+    # gateway's batcher does), then the 20 passes of all 8 streams but the first one's last
+    assert st.n["tokens"] == 160 and st.n["passes"] == 8 + 1 + 20
     assert st.itl.quantile(0.5) == pytest.approx(COSTS.pass_s(8) + 8 * 0.001, rel=0.02)
+
+
+def test_a_long_prompts_later_chunk_delays_only_the_pass_already_formed():
+    # the model worker runs jobs in the order they were handed over (the gateway's one-thread
+    # executor): 7 short prompts and one of 2 chunks (all at t=0); the first stream's batch is formed
+    # before the long prompt's second chunk is handed over, the other six steps only after that
+    # pass, so one stream waits out the chunk and six start after it
+    costs = PassCosts(COSTS.rows, COSTS.seconds, 0.0, 0.0, prefill_s_per_token=0.002)
+    req = _req(8, prompt=10)
+    req.prompt[-1] = 1000  # 999 rows to fill: 512 + 487
+    st = simulate_replica(req, costs, GatewayRules(), k=4, rng=np.random.default_rng(0))
+    # 9 fills; the first stream alone; the other six short ones with it; 19 with the long one; its last alone
+    assert st.n["tokens"] == 160 and st.n["passes"] == 9 + 1 + 1 + 19 + 1
+    chunk = 487 * 0.002
+    stalled = 1 / (7 * 20)  # the one gap of one stream among the 7 x 20 + 19 gaps after first tokens
+    assert st.itl.quantile(1 - stalled / 2) > chunk  # that gap is there ...
+    assert st.itl.quantile(0.99) == pytest.approx(COSTS.pass_s(8), rel=0.02)  # ... and only that one
 
 
 def test_a_verify_at_full_acceptance_brings_k_plus_one_tokens_and_waits_an_rtt_and_the_drafting():

@@ -16,8 +16,14 @@ One replica (the real gateway's rules and the measured pass costs, `costmodel.Pa
                 token it holds (a prefill of all of them). No idle session: the request is
                 rejected
     a prompt    fills in chunks of `prefill_chunk_tokens`, each a job of its own on the model
-                worker (as the gateway's open runs them), in turn with the passes; all of it but
-                its last token, which the first step feeds
+                worker (as the gateway's open runs them); all of it but its last token, which the
+                first step feeds
+    the worker  runs jobs in the order they were handed to it (the gateway's one-thread
+                executor): a chunk when its open or its previous chunk is done, a pass when the
+                batcher forms it, i.e. once its previous pass is over, from the steps queued by
+                then; a step that arrives later waits for the next pass even while the worker is
+                busy with prompts (so a long prompt's later chunk stalls only the pass formed
+                before it was handed over)
     a pass      every ready session, up to `max_batch` and `max_batch_tokens` rows: a cloud
                 stream adds one row, a device's verify k + 1; it takes pass_s(rows) plus each
                 request's handling
@@ -155,6 +161,7 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
     stream_s = pass_s[1] + costs.stream_overhead_s  # a lone stream's step
     verify_s = pass_s[k + 1] + costs.verify_overhead_s  # a lone device's verify
     i, t, n_live = 0, 0.0, 0
+    batch_free = 0.0  # when the batcher's last pass ended: it forms the next one from then on
     reopens: list = []  # (when, order, state) of evicted sessions their devices will re-open
     kv_budget = rules.limits.kv_budget_bytes()
     while True:
@@ -195,6 +202,7 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
                 j = who[s]
                 t = _alone(st, s, nxt, ready, last, remaining, held, bool(hybrid[s]), stream_s, verify_s,
                            req.rtt[j] + k * req.draft_s[j], req.rtt[j] / 2, req.alpha[j], k, rng, itl_v, itl_w)
+                batch_free = t
                 if remaining[s] <= 0:
                     tpot_v.append([(last[s] - first_at[s]) / max(1, req.answer[j] - 1)])
                     live[s], ready[s] = False, np.inf
@@ -208,10 +216,15 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
                 break
             t = nxt
             continue
-        if len(due) > 1:
-            due = due[np.argsort(ready[due], kind="stable")]
-        if prefill[due[0]] > 0:  # the oldest job is a prompt: a chunk of it fills, a pass of its own
-            s = int(due[0])
+        # The model worker runs jobs in the order they were handed to it. A prompt's chunk is handed
+        # over when its open (or its previous chunk) is done; a pass when the batcher forms it, which
+        # is once its previous pass is over, from the steps queued by then. Steps that arrive later
+        # wait for the next pass, even while the worker is still busy with prompts.
+        filling, stepping = due[prefill[due] > 0], due[prefill[due] <= 0]
+        form = max(batch_free, float(ready[stepping].min())) if len(stepping) else np.inf
+        oldest_fill = filling[np.argmin(ready[filling])] if len(filling) else -1
+        if len(filling) and ready[oldest_fill] < form:  # a chunk of that prompt fills, a pass of its own
+            s = int(oldest_fill)
             rows = int(min(prefill[s], chunk))
             end = t + costs.prefill_s(rows, pass_s[min(rows, max_rows)])
             prefill[s] -= rows
@@ -221,7 +234,8 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
             ready[s] = end + (req.rtt[j] + k * req.draft_s[j] if prefill[s] <= 0 and hybrid[s] else 0.0)
             t = end
             continue
-        due = due[prefill[due] <= 0][:max_batch]
+        due = stepping[ready[stepping] <= form]
+        due = due[np.argsort(ready[due], kind="stable")][:max_batch]
         h = hybrid[due]
         rows = np.where(h, k + 1, 1)
         total = int(rows.sum())
@@ -253,6 +267,7 @@ def simulate_replica(req: Requests, costs: PassCosts, rules: GatewayRules, k: in
         st.n["tokens"] += int(g.sum())
         # when each comes back: a stream in the next pass; a device after an RTT and k drafts
         ready[due] = end + np.where(h, rtt + k * req.draft_s[r_idx], 0.0)
+        batch_free = end
         done = due[remaining[due] <= 0]
         if len(done):
             tpot_v.append((last[done] - first_at[done]) / np.maximum(1, req.answer[who[done]] - 1))
