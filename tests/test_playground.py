@@ -90,10 +90,17 @@ def test_modes_local_and_cloud(playground):
     local = generate(url, prompt="tell me", mode="local", max_new_tokens=20)
     assert {d["origin"] for n, d in local if n == "piece"} == {"local"}
     assert local[-1][1]["usage"]["cloud_passes_per_token"] == 0
+    assert local[-1][1]["usage"]["cloud_tokens_per_s"] is None  # no cloud run yet: the page says so
     cloud = generate(url, prompt="tell me", mode="cloud", max_new_tokens=20)
     assert {d["origin"] for n, d in cloud if n == "piece"} == {"cloud"}
     u = cloud[-1][1]["usage"]
     assert u["cloud_passes_per_token"] == 1 and u["tokens_per_round"] is None
+    # the cloud-alone rate is remembered: every later run's usage (and the state) carries it
+    assert u["cloud_tokens_per_s"] == u["tokens_per_s"] > 0
+    assert httpx.get(url + "/api/state").json()["cloud_tokens_per_s"] == u["tokens_per_s"]
+    spec = generate(url, prompt="tell me", max_new_tokens=20)
+    assert all(d["cloud_tokens_per_s"] == u["tokens_per_s"] for n, d in spec if n == "usage")
+    assert spec[-1][1]["usage"]["cloud_tokens_per_s"] == u["tokens_per_s"]
 
 
 def test_auto_reports_its_decision(playground):

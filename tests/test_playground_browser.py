@@ -191,3 +191,13 @@ def test_stop_ends_the_generation_and_the_next_one_runs(page):
     assert driver.execute_script("return window.playground.runs") == run
     finished(driver, start(driver, "a short one", max_tokens=10))  # the playground is free again
     assert usage(driver, "tokens") == "10"
+
+
+def test_the_usage_panel_shows_the_cloud_alone_rate_beside_a_hybrid_run(page):
+    driver, _ = page
+    finished(driver, start(driver, "tell me about the sea", mode="cloud", max_tokens=20))
+    cloud = usage(driver, "cloud-alone")
+    assert cloud.endswith("tok/s") and float(cloud.split()[0]) > 0
+    finished(driver, start(driver, "tell me about the sea", max_tokens=20))
+    spec = usage(driver, "cloud-alone")
+    assert spec.startswith(cloud) and "this run" in spec and spec.endswith("x)")

@@ -102,6 +102,9 @@ class Playground:
         self.defaults = defaults or Defaults()
         self._busy = asyncio.Lock()
         self._policies: dict[tuple[str, float], Any] = {}
+        # the rate of the last finished cloud-mode run on this gateway (tokens/s, None before one):
+        # the usage panel shows it beside every other mode's, the baseline a hybrid run must beat
+        self.cloud_tokens_per_s: float | None = None
 
     # -- state and link ---------------------------------------------------------------------------
 
@@ -121,6 +124,7 @@ class Playground:
             "busy": self._busy.locked(),
             "link": self.link_state(),
             "defaults": vars(self.defaults),
+            "cloud_tokens_per_s": self.cloud_tokens_per_s,
         }
 
     def link_state(self) -> dict[str, Any]:
@@ -185,7 +189,17 @@ class Playground:
             )
             events = generation_events(gen, estimate=self.client.estimate.to_dict, transport=self.client.transport)
             async for event in events:
+                usage = event.data.get("usage") if event.name == "done" else event.data if event.name == "usage" else None
+                if usage is not None:
+                    self._with_cloud_rate(event, usage)
                 yield event
+
+    def _with_cloud_rate(self, event: Event, usage: dict[str, Any]) -> None:
+        """Remember a finished cloud run's rate; give every usage summary the last one known."""
+        if event.name == "done" and usage.get("mode") == "cloud" and event.data.get("finish_reason") in ("length", "stop"):
+            if usage.get("tokens") and usage.get("tokens_per_s"):
+                self.cloud_tokens_per_s = usage["tokens_per_s"]
+        usage["cloud_tokens_per_s"] = self.cloud_tokens_per_s
 
     async def aclose(self) -> None:
         await self.client.aclose()

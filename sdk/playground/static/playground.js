@@ -366,6 +366,14 @@ const fmt = {
   bytes: (v) => (v >= 1e6 ? `${(v / 1e6).toFixed(2)} MB` : v >= 1e3 ? `${(v / 1e3).toFixed(1)} kB` : `${v} B`),
 };
 
+// the last cloud-mode run's rate on this gateway, and this run's rate over it (other modes)
+function cloudAlone(u) {
+  const c = u.cloud_tokens_per_s;
+  if (c === null || c === undefined) return "– (run mode cloud once)";
+  if (u.mode === "cloud" || !u.tokens_per_s) return `${fmt.f2(c)} tok/s`;
+  return `${fmt.f2(c)} tok/s (this run ${fmt.f2(u.tokens_per_s / c)}x)`;
+}
+
 function renderUsage(u) {
   const usage = $("usage");
   if (!u) {
@@ -387,6 +395,7 @@ function renderUsage(u) {
     ["bytes up / down", `${fmt.bytes(u.bytes_up)} / ${fmt.bytes(u.bytes_down)}`, "bytes"],
     ["time to first token", u.ttft_ms === null || u.ttft_ms === undefined ? "–" : `${fmt.n(Math.round(u.ttft_ms))} ms`, "ttft"],
     ["tokens per second", fmt.f2(u.tokens_per_s), "tokens-per-s"],
+    ["cloud alone, last run", cloudAlone(u), "cloud-alone"],
     ["wall time", `${fmt.f2(u.wall_s)} s`, "wall"],
     ["fallbacks", fmt.n(u.fallbacks), "fallbacks"],
   ];
