@@ -259,7 +259,7 @@ def _load_tokenizer(name: str, progress: bool) -> Tokenizer:
     with _status(progress, f"loading the tokenizer of {name} ..."):
         hf_tok = hf_tokenizer(path)
     _fix_chat_template(hf_tok, path)
-    return _wraphf_tokenizer(hf_tok, None)
+    return _wrap_hf_tokenizer(hf_tok, None)
 
 
 def _fix_chat_template(hf_tok, path: Path) -> None:
@@ -317,7 +317,7 @@ def _tokenizer_for(path: Path, model: Any, hf_tok: Any = None) -> Tokenizer:
     if hf_tok.chat_template is None and "gemma" in (model.config.model_type or ""):
         hf_tok.chat_template = GEMMA_CHAT_TEMPLATE
     _fix_chat_template(hf_tok, path)
-    return _wraphf_tokenizer(hf_tok, model)
+    return _wrap_hf_tokenizer(hf_tok, model)
 
 
 @contextmanager
@@ -340,7 +340,7 @@ def _gguf_conversion_bar(show: bool) -> Iterator[None]:
         gguf_utils.tqdm = bar
 
 
-def _wraphf_tokenizer(tok: Any, model: Any) -> Tokenizer:
+def _wrap_hf_tokenizer(tok: Any, model: Any) -> Tokenizer:
     eos: set[int] = set()
     if tok.eos_token_id is not None:
         eos.add(int(tok.eos_token_id))
