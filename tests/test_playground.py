@@ -177,6 +177,16 @@ def test_without_a_simulated_link_the_controls_say_why(words_pair, tiny_gateway)
         assert r.status_code == 409 and "not behind the link simulator" in r.json()["error"]
 
 
+def test_a_cloud_run_that_ends_on_any_finish_reason_sets_the_cloud_rate(words_pair, tiny_gateway):
+    from tandem.sdk.playground.events import Event
+
+    pg = Playground(Client(drafter=words_pair[1], gateway=tiny_gateway, progress=False), None, gateway="inproc")
+    for reason, rate in (("eos", 5.0), ("length", 6.0), (None, 7.0)):  # None: the run failed
+        usage = {"mode": "cloud", "tokens": 10, "tokens_per_s": rate}
+        pg._with_cloud_rate(Event("done", {"finish_reason": reason, "usage": usage}), usage)
+    assert pg.cloud_tokens_per_s == 6.0 and usage["cloud_tokens_per_s"] == 6.0
+
+
 def test_summary_of_a_record():
     rec = GenerationRecord(mode="speculative", tokens=list(range(10)),
                            usage=Usage(accepted_tokens=6, cloud_tokens=4, tested_tokens=8, rounds=4, wall_s=2.0),

@@ -196,7 +196,7 @@ class Playground:
 
     def _with_cloud_rate(self, event: Event, usage: dict[str, Any]) -> None:
         """Remember a finished cloud run's rate; give every usage summary the last one known."""
-        if event.name == "done" and usage.get("mode") == "cloud" and event.data.get("finish_reason") in ("length", "stop"):
+        if event.name == "done" and usage.get("mode") == "cloud" and event.data.get("finish_reason") is not None:
             if usage.get("tokens") and usage.get("tokens_per_s"):
                 self.cloud_tokens_per_s = usage["tokens_per_s"]
         usage["cloud_tokens_per_s"] = self.cloud_tokens_per_s
