@@ -78,8 +78,9 @@ async def _modes(drafter: str, target: str, url: str, texts: list[str], prompt_t
                 if progress:
                     progress(f"[{rep + 1}/{reps}] {mode}: first token after {rec.ttft_ms:,.0f} ms")
             mismatches += tokens["speculative"] != tokens["cloud"]
-    return {"served": info.model, "gateway_load_s": info.load_s, "device_load_s": client.drafter_load_s, "text": text, "prompt_tokens": n, "mismatches": mismatches,
-            "ttft": {m: statistics.median(v) for m, v in ttft.items()}}
+    load_s = client.drafter_load_s
+    return {"served": info.model, "gateway_load_s": info.load_s, "device_load_s": round(load_s, 2) if load_s is not None else None,
+            "text": text, "prompt_tokens": n, "mismatches": mismatches, "ttft": {m: statistics.median(v) for m, v in ttft.items()}}
 
 
 def bench_ttft(*, drafter: str, target: str, texts: list[str], prompt_tokens: int, split: bool = True,
@@ -101,7 +102,7 @@ def bench_ttft(*, drafter: str, target: str, texts: list[str], prompt_tokens: in
         "cloud_over_target_prefill": round(t["cloud"] / target_ms, 3),
         "local_over_device_prefill": round(t["local"] / device_ms, 3),
         "speculative_over_cloud": round(t["speculative"] / t["cloud"], 3),
-        "gateway_load_s": run["gateway_load_s"], "device_load_s": round(run["device_load_s"], 2),
+        "gateway_load_s": run["gateway_load_s"], "device_load_s": run["device_load_s"],
         "mismatches": run["mismatches"], **out,
     }
 

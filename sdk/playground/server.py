@@ -189,7 +189,7 @@ class Playground:
             )
             events = generation_events(gen, estimate=self.client.estimate.to_dict, transport=self.client.transport)
             async for event in events:
-                usage = event.data.get("usage") if event.name == "done" else event.data if event.name == "usage" else None
+                usage = {"usage": event.data, "done": event.data.get("usage")}.get(event.name)
                 if usage is not None:
                     self._with_cloud_rate(event, usage)
                 yield event
